@@ -1,0 +1,117 @@
+//! The command line. Doc comments here are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// strait moves a running VM between hosts that share nothing.
+#[derive(Debug, Parser)]
+#[command(name = "strait", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one disk image to a VMM over a vhost-user-blk socket.
+    Serve(ServeArgs),
+    /// Talk to a running engine over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The disk image to serve (a raw file; it is not resized).
+    #[arg(long)]
+    pub disk: PathBuf,
+    /// Path of the vhost-user socket the VMM connects to (created; must not exist).
+    #[arg(long)]
+    pub vhost_socket: PathBuf,
+    /// Path of the JSON control socket (created with mode 0600; must not exist).
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Number of virtqueues offered to the guest.
+    #[arg(long, default_value_t = strait_vhost_blk::DEFAULT_QUEUES)]
+    pub queues: u16,
+    /// CPU cores to run one executor each on, e.g. `0,1` or `0-3`. Queues are spread over
+    /// them round-robin. Default: core 0 only.
+    #[arg(long, value_parser = parse_core_list)]
+    pub cores: Option<Vec<usize>>,
+    /// Serve the disk read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
+    #[arg(long)]
+    pub read_only: bool,
+    /// The serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    /// Default: derived from the image's device and inode numbers.
+    #[arg(long)]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Path of the engine's control socket.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Print the raw JSON result instead of the human-readable form.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum CtlCommand {
+    /// The served disk, its queues, negotiated features and whether a VMM is connected.
+    Status,
+    /// Per-queue request counts, throughput, latency percentiles and error counters.
+    Stats,
+}
+
+/// Parses `0,2,4-7` into `[0, 2, 4, 5, 6, 7]`.
+pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
+    let mut cores = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (parse_core(a)?, parse_core(b)?),
+            None => {
+                let core = parse_core(part)?;
+                (core, core)
+            }
+        };
+        if first > last {
+            return Err(format!("core range {part} runs backwards"));
+        }
+        for core in first..=last {
+            if cores.contains(&core) {
+                return Err(format!("core {core} is listed twice"));
+            }
+            cores.push(core);
+        }
+    }
+    if cores.is_empty() {
+        return Err("the core list is empty".to_string());
+    }
+    Ok(cores)
+}
+
+fn parse_core(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a core number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists_parse() {
+        assert_eq!(parse_core_list("0"), Ok(vec![0]));
+        assert_eq!(parse_core_list("0,2,4-6"), Ok(vec![0, 2, 4, 5, 6]));
+        assert!(parse_core_list("3-1").is_err());
+        assert!(parse_core_list("1,1").is_err());
+        assert!(parse_core_list("x").is_err());
+        assert!(parse_core_list("").is_err());
+    }
+}

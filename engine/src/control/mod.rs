@@ -1,0 +1,75 @@
+//! The JSON control API of `strait serve`: a Unix-socket server that answers newline-delimited
+//! JSON requests by asking a [`Handler`], and the blocking client that `strait ctl` and the
+//! tests use. The wire format is in `protocol.rs` and, as a versioned schema, in
+//! `docs/api.md`.
+
+use std::io;
+use std::path::PathBuf;
+
+mod client;
+mod protocol;
+mod server;
+
+pub use client::{ControlClient, CLIENT_TIMEOUT, MAX_RESPONSE_BYTES};
+pub use protocol::{
+    parse_request, read_line_bounded, Command, ErrorCode, Framed, Request, RequestError,
+    API_VERSION, MAX_DISCARD_BYTES, MAX_REQUEST_BYTES,
+};
+pub use server::{
+    ControlServer, CONNECTION_IDLE_TIMEOUT, CONNECTION_WRITE_TIMEOUT, MAX_CONNECTIONS,
+};
+
+/// What the engine plugs into the control server: the answers to the commands that depend
+/// on its state. `version` and `help` are answered by the server itself.
+///
+/// The server calls these from its connection threads, concurrently, so they must be cheap
+/// (read counters, do not wait on I/O). A panic is caught and answered with an `internal`
+/// error; the server keeps serving.
+pub trait Handler: Send + Sync + 'static {
+    /// Result object of the `status` command.
+    fn status(&self) -> serde_json::Value;
+    /// Result object of the `stats` command.
+    fn stats(&self) -> serde_json::Value;
+}
+
+/// What can fail in the control server or client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot inspect control socket path {path}")]
+    Inspect { path: PathBuf, source: io::Error },
+    #[error("control socket {path} is in use: another server answers on it")]
+    InUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it with the control socket")]
+    NotASocket { path: PathBuf },
+    #[error("cannot probe the existing control socket {path}")]
+    Probe { path: PathBuf, source: io::Error },
+    #[error("cannot remove the stale control socket {path}")]
+    RemoveStale { path: PathBuf, source: io::Error },
+    #[error("cannot bind the control socket {path}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set mode 0600 on the control socket {path}")]
+    SetPermissions { path: PathBuf, source: io::Error },
+    #[error("cannot set up the control socket {path}")]
+    Setup { path: PathBuf, source: io::Error },
+    #[error("cannot start the control server thread for {path}")]
+    Spawn { path: PathBuf, source: io::Error },
+    #[error("cannot connect to control socket {path}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("cannot send a request on control socket {path}")]
+    Send { path: PathBuf, source: io::Error },
+    #[error("cannot read a response from control socket {path}")]
+    Receive { path: PathBuf, source: io::Error },
+    #[error("control socket {path} closed the connection before answering")]
+    Closed { path: PathBuf },
+    #[error("a response on control socket {path} is longer than {limit_bytes} bytes")]
+    ResponseTooLarge { path: PathBuf, limit_bytes: usize },
+    #[error("a response on control socket {path} is not valid JSON")]
+    BadResponse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("a response on control socket {path} breaks the protocol: {reason}")]
+    Protocol { path: PathBuf, reason: String },
+    #[error("the engine refused the request ({code}): {message}")]
+    Remote { code: String, message: String },
+}

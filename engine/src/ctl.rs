@@ -1,0 +1,519 @@
+//! `strait ctl`: asks a running engine over its control socket and prints the answer, as a
+//! human-readable summary or, with `--json`, as the raw `result` object (pretty-printed).
+//!
+//! The renderers tolerate missing fields and print what is there, so that `strait ctl`
+//! keeps working against an engine whose status or stats carry fewer (or more) fields.
+
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::cli::{CtlArgs, CtlCommand};
+use crate::control::{ControlClient, ControlError};
+
+/// What can fail in `strait ctl`.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot connect to control socket {path}: is `strait serve` running?")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("cannot set up the connection to control socket {path}")]
+    Client { path: PathBuf, source: ControlError },
+    #[error("`{command}` on control socket {path} failed")]
+    Call {
+        command: &'static str,
+        path: PathBuf,
+        source: ControlError,
+    },
+    #[error("cannot write the `{command}` output to stdout")]
+    Output {
+        command: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Runs `strait ctl`.
+pub fn run(args: CtlArgs) -> Result<(), CtlError> {
+    let command = match args.command {
+        CtlCommand::Status => "status",
+        CtlCommand::Stats => "stats",
+    };
+    let mut client = ControlClient::connect(&args.control).map_err(|err| match err {
+        ControlError::Connect { path, source } => CtlError::Connect { path, source },
+        source => CtlError::Client {
+            path: args.control.clone(),
+            source,
+        },
+    })?;
+    let result = client.call(command).map_err(|source| CtlError::Call {
+        command,
+        path: args.control.clone(),
+        source,
+    })?;
+    let text = if args.json {
+        // Pretty: `jq` reads it as well as one line, and a person can read it too.
+        serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string()) + "\n"
+    } else {
+        match args.command {
+            CtlCommand::Status => render_status(&result),
+            CtlCommand::Stats => render_stats(&result),
+        }
+    };
+    // This is the command's output, so it goes to stdout; writing through the handle (not
+    // `println!`) turns a closed pipe (`strait ctl stats | head -1`) into an error we can
+    // handle instead of a panic.
+    match io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        // The reader has all it wanted.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(CtlError::Output { command, source }),
+    }
+}
+
+/// Width of the label column of `render_status`.
+const LABEL_WIDTH: usize = 11;
+
+/// Renders a `status` result as an aligned block of `label  value` lines.
+pub fn render_status(status: &Value) -> String {
+    let mut out = String::new();
+    let mut heading = String::from("strait engine");
+    if let Some(version) = str_field(status, "engine_version") {
+        let _ = write!(heading, " {version}");
+    }
+    if let Some(api) = status.get("api_version").and_then(Value::as_u64) {
+        let _ = write!(heading, " (control API {api})");
+    }
+    if let Some(uptime) = f64_field(status, "uptime_s") {
+        let _ = write!(heading, ", up {}", format_duration(uptime));
+    }
+    line(&mut out, &heading);
+
+    if let Some(disk) = status.get("disk") {
+        render_disk(&mut out, disk);
+    }
+    if let Some(queues) = render_queues(status) {
+        labelled(&mut out, "queues", &queues);
+    }
+    if let Some(connected) = status.get("vmm_connected").and_then(Value::as_bool) {
+        let text = if connected {
+            "connected"
+        } else {
+            "not connected"
+        };
+        labelled(&mut out, "VMM", text);
+    }
+    if let Some(features) = status.get("features") {
+        render_features(&mut out, features);
+    }
+    out
+}
+
+fn render_disk(out: &mut String, disk: &Value) {
+    labelled(out, "disk", str_field(disk, "path").unwrap_or("?"));
+    let mut size = Vec::new();
+    if let Some(bytes) = disk.get("size_bytes").and_then(Value::as_u64) {
+        size.push(format!("{bytes} bytes ({})", format_bytes_binary(bytes)));
+    }
+    if let Some(block) = disk.get("block_size_bytes").and_then(Value::as_u64) {
+        size.push(format!("{block}-byte blocks"));
+    }
+    if !size.is_empty() {
+        labelled(out, "  size", &size.join(", "));
+    }
+    let mut mode = Vec::new();
+    if let Some(read_only) = disk.get("read_only").and_then(Value::as_bool) {
+        mode.push(if read_only { "read-only" } else { "read-write" });
+    }
+    if let Some(direct) = disk.get("direct_io").and_then(Value::as_bool) {
+        mode.push(if direct { "direct I/O" } else { "buffered I/O" });
+    }
+    if !mode.is_empty() {
+        labelled(out, "  mode", &mode.join(", "));
+    }
+    if let Some(serial) = str_field(disk, "serial") {
+        labelled(out, "  serial", serial);
+    }
+}
+
+/// "2 × 256 descriptors on cores 0,1", or what part of it the status carries.
+fn render_queues(status: &Value) -> Option<String> {
+    let count = status.get("queues").and_then(Value::as_u64);
+    let size = status.get("queue_size").and_then(Value::as_u64);
+    let cores = status.get("cores").and_then(Value::as_array).map(|cores| {
+        cores
+            .iter()
+            .map(|core| core.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let mut text = match (count, size) {
+        (Some(count), Some(size)) => format!("{count} × {size} descriptors"),
+        (Some(count), None) => count.to_string(),
+        (None, Some(size)) => format!("{size} descriptors each"),
+        (None, None) if cores.is_none() => return None,
+        (None, None) => String::new(),
+    };
+    if let Some(cores) = cores {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        let _ = write!(text, "on cores {cores}");
+    }
+    Some(text)
+}
+
+fn render_features(out: &mut String, features: &Value) {
+    let mut label = "features";
+    for name in ["offered", "acked", "protocol"] {
+        if let Some(list) = features.get(name).and_then(Value::as_array) {
+            let names: Vec<String> = list
+                .iter()
+                .map(|feature| match feature.as_str() {
+                    Some(name) => name.to_string(),
+                    None => feature.to_string(),
+                })
+                .collect();
+            let names = if names.is_empty() {
+                "(none)".to_string()
+            } else {
+                names.join(" ")
+            };
+            labelled(out, label, &format!("{:<9} {names}", format!("{name}:")));
+            label = "";
+        }
+    }
+    if let Some(logging) = features.get("dirty_logging").and_then(Value::as_bool) {
+        let text = format!("dirty logging {}", if logging { "on" } else { "off" });
+        labelled(out, label, &text);
+    }
+}
+
+/// One column of the stats table: its heading, width and how to get its text from a queue
+/// (or totals) object.
+struct Column {
+    heading: &'static str,
+    width: usize,
+    cell: fn(&Value) -> String,
+}
+
+const STATS_COLUMNS: [Column; 10] = [
+    Column {
+        heading: "queue",
+        width: 5,
+        cell: |row| u64_cell(row, &["index"]),
+    },
+    Column {
+        heading: "core",
+        width: 4,
+        cell: |row| u64_cell(row, &["core"]),
+    },
+    Column {
+        heading: "requests",
+        width: 12,
+        cell: |row| u64_cell(row, &["requests"]),
+    },
+    Column {
+        heading: "IOPS",
+        width: 10,
+        cell: |row| f64_cell(row, "iops", 1.0, 1),
+    },
+    Column {
+        heading: "read MB/s",
+        width: 10,
+        cell: |row| f64_cell(row, "read_bytes_per_s", BYTES_PER_MB, 2),
+    },
+    Column {
+        heading: "write MB/s",
+        width: 10,
+        cell: |row| f64_cell(row, "write_bytes_per_s", BYTES_PER_MB, 2),
+    },
+    Column {
+        heading: "p50 us",
+        width: 8,
+        cell: |row| u64_cell(row, &["latency_us", "p50"]),
+    },
+    Column {
+        heading: "p99 us",
+        width: 8,
+        cell: |row| u64_cell(row, &["latency_us", "p99"]),
+    },
+    Column {
+        heading: "p99.9 us",
+        width: 8,
+        cell: |row| u64_cell(row, &["latency_us", "p999"]),
+    },
+    Column {
+        heading: "errors",
+        width: 7,
+        cell: error_cell,
+    },
+];
+
+/// Throughput is shown in decimal megabytes, as disk vendors and `fio` quote it.
+const BYTES_PER_MB: f64 = 1e6;
+
+/// Renders a `stats` result as a table: one row per queue and a total row.
+pub fn render_stats(stats: &Value) -> String {
+    let mut out = String::new();
+    let mut heading = Vec::new();
+    if let Some(uptime) = f64_field(stats, "uptime_s") {
+        heading.push(format!("up {}", format_duration(uptime)));
+    }
+    if let Some(interval) = f64_field(stats, "interval_s") {
+        heading.push(format!("rates over the last {}", format_duration(interval)));
+    }
+    if !heading.is_empty() {
+        line(&mut out, &heading.join(", "));
+    }
+    let cells: Vec<String> = STATS_COLUMNS
+        .iter()
+        .map(|column| format!("{:>width$}", column.heading, width = column.width))
+        .collect();
+    line(&mut out, &cells.join("  "));
+    let queues = stats.get("queues").and_then(Value::as_array);
+    for queue in queues.into_iter().flatten() {
+        stats_row(&mut out, queue, None);
+    }
+    if let Some(totals) = stats.get("totals") {
+        stats_row(&mut out, totals, Some("total"));
+    }
+    out
+}
+
+fn stats_row(out: &mut String, row: &Value, label: Option<&str>) {
+    let cells: Vec<String> = STATS_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(index, column)| {
+            let text = match (index, label) {
+                (0, Some(label)) => label.to_string(),
+                (1, Some(_)) => String::new(),
+                _ => (column.cell)(row),
+            };
+            format!("{text:>width$}", width = column.width)
+        })
+        .collect();
+    line(out, &cells.join("  "));
+}
+
+/// Shown where a field is missing.
+const MISSING: &str = "-";
+
+fn u64_cell(row: &Value, path: &[&str]) -> String {
+    let value = path.iter().try_fold(row, |value, key| value.get(key));
+    match value {
+        Some(Value::Number(number)) => number.to_string(),
+        _ => MISSING.to_string(),
+    }
+}
+
+fn f64_cell(row: &Value, key: &str, divisor: f64, decimals: usize) -> String {
+    match f64_field(row, key) {
+        Some(value) => format!("{:.decimals$}", value / divisor),
+        None => MISSING.to_string(),
+    }
+}
+
+/// The sum of every counter in the row's `errors` object.
+fn error_cell(row: &Value) -> String {
+    match row.get("errors").and_then(Value::as_object) {
+        Some(errors) => sum_counters(errors).to_string(),
+        None => MISSING.to_string(),
+    }
+}
+
+fn sum_counters(counters: &Map<String, Value>) -> u64 {
+    counters
+        .values()
+        .filter_map(Value::as_u64)
+        .fold(0, u64::saturating_add)
+}
+
+fn str_field<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+    object.get(key).and_then(Value::as_str)
+}
+
+fn f64_field(object: &Value, key: &str) -> Option<f64> {
+    object.get(key).and_then(Value::as_f64)
+}
+
+fn line(out: &mut String, text: &str) {
+    out.push_str(text.trim_end());
+    out.push('\n');
+}
+
+fn labelled(out: &mut String, label: &str, value: &str) {
+    line(out, &format!("{label:<LABEL_WIDTH$} {value}"));
+}
+
+/// `12.5s`, `5m 03s`, `2h 05m 03s`, `3d 04h 05m`.
+fn format_duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return format!("{seconds}s");
+    }
+    if seconds < 60.0 {
+        return format!("{seconds:.1}s");
+    }
+    // Whole seconds from here on; the fraction no longer matters to a reader.
+    let total = seconds as u64;
+    let (days, hours, minutes, secs) = (
+        total / 86_400,
+        total / 3_600 % 24,
+        total / 60 % 60,
+        total % 60,
+    );
+    match (days, hours) {
+        (0, 0) => format!("{minutes}m {secs:02}s"),
+        (0, _) => format!("{hours}h {minutes:02}m {secs:02}s"),
+        _ => format!("{days}d {hours:02}h {minutes:02}m"),
+    }
+}
+
+/// `1.00 GiB`: disk sizes are powers of two, so binary units read round.
+fn format_bytes_binary(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+// A failed unwrap is a failed test, which is what a test should do.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample_status() -> Value {
+        json!({
+            "engine_version": "0.1.0", "api_version": 1,
+            "disk": {"path": "/x/disk.img", "size_bytes": 1073741824u64, "read_only": false,
+                     "block_size_bytes": 512, "direct_io": true, "serial": "strait-abc"},
+            "queues": 2, "queue_size": 256, "cores": [0, 1], "vmm_connected": true,
+            "features": {"offered": ["VERSION_1", "FLUSH"], "acked": ["VERSION_1"],
+                         "protocol": ["MQ", "LOG_SHMFD"], "dirty_logging": false},
+            "uptime_s": 12.5
+        })
+    }
+
+    fn sample_queue(index: u64) -> Value {
+        json!({
+            "index": index, "core": index, "requests": 100, "reads": 50, "writes": 40,
+            "flushes": 5, "discards": 2, "write_zeroes": 1, "get_id": 2,
+            "bytes_read": 204800, "bytes_written": 163840, "iops": 32.2,
+            "read_bytes_per_s": 1000.0, "write_bytes_per_s": 2_500_000.0,
+            "latency_us": {"p50": 40, "p90": 80, "p99": 200, "p999": 900, "max": 1500},
+            "errors": {"bad_descriptor": 0, "out_of_range": 1, "unsupported": 0,
+                       "read_only": 0, "io": 2}
+        })
+    }
+
+    #[test]
+    fn status_renders_every_field() {
+        let text = render_status(&sample_status());
+        let expected = "\
+strait engine 0.1.0 (control API 1), up 12.5s
+disk        /x/disk.img
+  size      1073741824 bytes (1.00 GiB), 512-byte blocks
+  mode      read-write, direct I/O
+  serial    strait-abc
+queues      2 × 256 descriptors on cores 0,1
+VMM         connected
+features    offered:  VERSION_1 FLUSH
+            acked:    VERSION_1
+            protocol: MQ LOG_SHMFD
+            dirty logging off
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn status_tolerates_missing_fields() {
+        assert_eq!(render_status(&json!({})), "strait engine\n");
+        let text = render_status(&json!({
+            "disk": {"read_only": true}, "cores": [3], "vmm_connected": false,
+            "features": {"acked": []}
+        }));
+        let expected = "\
+strait engine
+disk        ?
+  mode      read-only
+queues      on cores 3
+VMM         not connected
+features    acked:    (none)
+";
+        assert_eq!(text, expected);
+        // Not even an object: still no panic.
+        assert_eq!(render_status(&json!([1, 2])), "strait engine\n");
+    }
+
+    #[test]
+    fn stats_render_as_a_table() {
+        let mut totals = sample_queue(0);
+        let object = totals.as_object_mut().unwrap();
+        object.remove("index");
+        object.remove("core");
+        object.insert("requests".to_string(), json!(200));
+        let stats = json!({
+            "uptime_s": 12.5, "interval_s": 3.1,
+            "queues": [sample_queue(0), sample_queue(1)],
+            "totals": totals,
+        });
+        let text = render_stats(&stats);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(lines[0], "up 12.5s, rates over the last 3.1s");
+        assert_eq!(
+            lines[1],
+            "queue  core      requests        IOPS   read MB/s  write MB/s    p50 us    p99 us  p99.9 us   errors"
+        );
+        let row: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            row,
+            ["1", "1", "100", "32.2", "0.00", "2.50", "40", "200", "900", "3"]
+        );
+        let total: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!(
+            total,
+            ["total", "200", "32.2", "0.00", "2.50", "40", "200", "900", "3"]
+        );
+        // Columns line up: every row is as wide as the header.
+        for row in &lines[2..] {
+            assert_eq!(row.chars().count(), lines[1].chars().count(), "{row}");
+        }
+    }
+
+    #[test]
+    fn stats_tolerate_missing_fields() {
+        let text = render_stats(&json!({"queues": [{"index": 0}]}));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(row, ["0", "-", "-", "-", "-", "-", "-", "-", "-", "-"]);
+        assert_eq!(render_stats(&json!(null)).lines().count(), 1);
+    }
+
+    #[test]
+    fn durations_and_sizes_read_naturally() {
+        assert_eq!(format_duration(0.0), "0.0s");
+        assert_eq!(format_duration(59.94), "59.9s");
+        assert_eq!(format_duration(303.0), "5m 03s");
+        assert_eq!(format_duration(7503.0), "2h 05m 03s");
+        assert_eq!(
+            format_duration(3.0 * 86_400.0 + 4.0 * 3600.0 + 300.0),
+            "3d 04h 05m"
+        );
+        assert_eq!(format_bytes_binary(512), "512 B");
+        assert_eq!(format_bytes_binary(1536), "1.50 KiB");
+        assert_eq!(format_bytes_binary(u64::MAX), "16384.00 PiB");
+    }
+}

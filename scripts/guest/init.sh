@@ -1,0 +1,263 @@
+#!/bin/sh
+# /init of the strait test guest (packed into the initramfs by scripts/guest/build.sh).
+#
+# Runs one scenario against the virtio-blk disk /dev/vda and reports on the serial console in
+# a form the Rust harness (engine/tests/common/) parses:
+#
+#   STRAIT-RESULT key=value [key=value ...]     any number of lines, keys are unique per run
+#   STRAIT-VERDICT PASS                         exactly one verdict line, always the last
+#   STRAIT-VERDICT FAIL reason=<token>        (preceded by `STRAIT-DIAG dmesg: ...` lines)
+#
+# then powers the machine off (QEMU runs with -no-reboot, so it exits).
+#
+# Kernel command line parameters read from /proc/cmdline:
+#   strait.test=rw|flush|discard|ro|info|verify   the scenario (required)
+#   strait.arg=N                                  scenario argument, a length in MiB
+#   strait.off=BYTES                              byte offset of the tested range
+#                                                 (default 1 MiB, must be 4 KiB aligned)
+#
+# Scenarios:
+#   rw       write N MiB (default 8) of random data at off with O_DIRECT, drop caches, read
+#            it back with O_DIRECT; PASS iff md5_written == md5_read. Also md5_disk.
+#   flush    write N MiB (default 1) at off, then fsync the disk (a virtio FLUSH) and
+#            blockdev --flushbufs; PASS iff nothing failed.
+#   discard  write N MiB (default 4) of random data at off, blkdiscard the range, read it
+#            back with O_DIRECT; PASS iff it reads as zeros.
+#   ro       PASS iff /sys/block/vda/ro is 1, an O_DIRECT write fails and a read works.
+#   info     print the disk's geometry and queues; always PASS once the disk shows up.
+#   verify   read N MiB (default 8) at off and the whole disk; print their md5 (to check
+#            data that someone else wrote), always PASS if the reads work.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# A failing dd at the head of a `dd | md5sum` pipeline must fail the scenario. busybox ash
+# has pipefail; POSIX sh does not, hence the directive.
+# shellcheck disable=SC3040
+set -o pipefail
+
+DISK=/dev/vda
+SYS=/sys/block/vda
+MIB=1048576
+# virtio-blk appears well under a second after the modules load, even under TCG; 10 s
+# means the device is missing, not slow.
+DISK_WAIT_TENTHS=100
+# The guest has 256 MiB of RAM and the data is staged in the RAM-backed rootfs.
+ARG_MIB_MAX=64
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp
+
+result() { echo "STRAIT-RESULT $*"; }
+
+# Prints the verdict and powers off; never returns.
+verdict() {
+    echo "STRAIT-VERDICT $*"
+    # stty applies its settings with TCSADRAIN, which waits until the UART has sent every
+    # byte: without it `poweroff -f` can cut the last lines off the console.
+    stty -F /dev/console -echo 2>/dev/null
+    poweroff -f
+    sleep 5
+    echo "STRAIT-DIAG poweroff returned"
+    exit 1
+}
+
+pass() {
+    # Flush the device's write cache so the host sees everything the guest wrote (fsync on a
+    # block device sends a virtio FLUSH; `poweroff -f` does not).
+    sync "$DISK" 2>/dev/null
+    verdict PASS
+}
+
+# Kernel messages that explain a failure (I/O errors, virtio complaints) that `quiet` kept off
+# the console.
+DIAG_DMESG_LINES=30
+
+fail() {
+    dmesg | tail -n "$DIAG_DMESG_LINES" | sed 's/^/STRAIT-DIAG dmesg: /'
+    verdict "FAIL reason=$1"
+}
+
+md5_file() {
+    md5sum <"$1" | cut -d' ' -f1
+}
+
+# md5 of LEN bytes of the disk at OFF, read with O_DIRECT so the page cache cannot answer.
+md5_disk_range() {
+    dd if="$DISK" bs=$MIB iflag=direct,skip_bytes,count_bytes skip="$1" count="$2" \
+        status=none | md5sum | cut -d' ' -f1
+}
+
+md5_zeros() {
+    dd if=/dev/zero bs=$MIB iflag=count_bytes count="$1" status=none | md5sum | cut -d' ' -f1
+}
+
+# Writes the file $1 to the disk at byte offset $2 with O_DIRECT.
+write_at() {
+    dd if="$1" of="$DISK" bs=$MIB oflag=direct,seek_bytes seek="$2" status=none
+}
+
+drop_caches() {
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# Stages $1 MiB of random data in /tmp/data.
+make_data() {
+    dd if=/dev/urandom of=/tmp/data bs=$MIB count="$1" status=none
+}
+
+# Fails unless OFF+LEN fits in the disk.
+check_range() {
+    size_bytes=$(blockdev --getsize64 "$DISK") || fail getsize_failed
+    [ $(($1 + $2)) -le "$size_bytes" ] || fail range_beyond_disk
+}
+
+load_modules() {
+    # shellcheck disable=SC2013 # one module name per line, no spaces
+    for m in $(cat /etc/strait-modules); do
+        insmod "/lib/modules/$m.ko" || fail "insmod_$m"
+    done
+}
+
+wait_disk() {
+    i=0
+    while [ ! -b "$DISK" ]; do
+        i=$((i + 1))
+        [ "$i" -le "$DISK_WAIT_TENTHS" ] || fail no_disk
+        usleep 100000
+    done
+}
+
+param() {
+    # shellcheck disable=SC2013 # the command line is split into words on purpose
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+        "strait.$1="*) echo "${word#"strait.$1="}" ;;
+        esac
+    done
+}
+
+scenario_rw() {
+    len=$((ARG_MIB * MIB))
+    check_range "$OFF" "$len"
+    result "offset=$OFF length=$len"
+    make_data "$ARG_MIB" || fail datagen_failed
+    md5_written=$(md5_file /tmp/data)
+    write_at /tmp/data "$OFF" || fail write_failed
+    drop_caches
+    md5_read=$(md5_disk_range "$OFF" "$len") || fail read_failed
+    md5_disk=$(md5sum "$DISK" | cut -d' ' -f1) || fail read_disk_failed
+    result "md5_written=$md5_written md5_read=$md5_read md5_disk=$md5_disk"
+    [ "$md5_written" = "$md5_read" ] || fail readback_mismatch
+    pass
+}
+
+scenario_flush() {
+    len=$((ARG_MIB * MIB))
+    check_range "$OFF" "$len"
+    result "offset=$OFF length=$len write_cache=$(tr ' ' '_' <$SYS/queue/write_cache)"
+    make_data "$ARG_MIB" || fail datagen_failed
+    result "md5_written=$(md5_file /tmp/data)"
+    write_at /tmp/data "$OFF" || fail write_failed
+    sync "$DISK" || fail fsync_failed
+    blockdev --flushbufs "$DISK" || fail flushbufs_failed
+    sync || fail sync_failed
+    result "flush=ok"
+    pass
+}
+
+scenario_discard() {
+    len=$((ARG_MIB * MIB))
+    check_range "$OFF" "$len"
+    result "offset=$OFF length=$len discard_max_bytes=$(cat $SYS/queue/discard_max_bytes)" \
+        "discard_granularity=$(cat $SYS/queue/discard_granularity)"
+    make_data "$ARG_MIB" || fail datagen_failed
+    write_at /tmp/data "$OFF" || fail write_failed
+    md5_before=$(md5_disk_range "$OFF" "$len") || fail read_failed
+    md5_zeros=$(md5_zeros "$len")
+    [ "$md5_before" != "$md5_zeros" ] || fail data_was_zero_before_discard
+    blkdiscard -o "$OFF" -l "$len" "$DISK" || fail blkdiscard_failed
+    drop_caches
+    md5_after=$(md5_disk_range "$OFF" "$len") || fail read_failed
+    result "md5_before=$md5_before md5_after=$md5_after md5_zeros=$md5_zeros"
+    [ "$md5_after" = "$md5_zeros" ] || fail not_zero_after_discard
+    pass
+}
+
+scenario_ro() {
+    ro=$(cat $SYS/ro)
+    result "ro=$ro"
+    [ "$ro" = 1 ] || fail not_read_only
+    if dd if=/dev/zero of="$DISK" bs=4096 count=1 oflag=direct,seek_bytes seek="$OFF" \
+        status=none 2>/dev/null; then
+        fail write_succeeded
+    fi
+    result "write=refused"
+    dd if="$DISK" of=/dev/null bs=$MIB count=1 iflag=direct status=none || fail read_failed
+    md5_disk=$(md5sum "$DISK" | cut -d' ' -f1) || fail read_disk_failed
+    result "md5_disk=$md5_disk"
+    pass
+}
+
+scenario_info() {
+    # A backend without VIRTIO_BLK_T_GET_ID makes reading the attribute fail.
+    serial=$(cat $SYS/serial 2>/dev/null | tr -d '\n' | tr -c 'A-Za-z0-9._-' '_')
+    result "size_sectors=$(cat $SYS/size) size_bytes=$(blockdev --getsize64 $DISK)"
+    result "logical_block_size=$(cat $SYS/queue/logical_block_size)" \
+        "physical_block_size=$(cat $SYS/queue/physical_block_size)"
+    # shellcheck disable=SC2012 # the entries are queue numbers
+    result "num_queues=$(ls $SYS/mq | wc -l) ro=$(cat $SYS/ro) serial=${serial:-none}"
+    result "discard_max_bytes=$(cat $SYS/queue/discard_max_bytes)" \
+        "write_zeroes_max_bytes=$(cat $SYS/queue/write_zeroes_max_bytes)" \
+        "write_cache=$(tr ' ' '_' <$SYS/queue/write_cache)"
+    pass
+}
+
+scenario_verify() {
+    len=$((ARG_MIB * MIB))
+    check_range "$OFF" "$len"
+    result "offset=$OFF length=$len"
+    md5_read=$(md5_disk_range "$OFF" "$len") || fail read_failed
+    md5_disk=$(md5sum "$DISK" | cut -d' ' -f1) || fail read_disk_failed
+    result "md5_read=$md5_read md5_disk=$md5_disk"
+    pass
+}
+
+TEST=$(param test)
+ARG=$(param arg)
+OFF=$(param off)
+OFF=${OFF:-$MIB}
+result "test=${TEST:-none} kernel=$(uname -r) boot_uptime_s=$(cut -d' ' -f1 /proc/uptime)"
+
+case "$TEST" in
+rw | verify) ARG_MIB=${ARG:-8} ;;
+discard) ARG_MIB=${ARG:-4} ;;
+*) ARG_MIB=${ARG:-1} ;;
+esac
+case "$ARG_MIB" in
+'' | *[!0-9]*) fail bad_arg ;;
+esac
+if [ "$ARG_MIB" -lt 1 ] || [ "$ARG_MIB" -gt "$ARG_MIB_MAX" ]; then
+    fail arg_out_of_range
+fi
+case "$OFF" in
+'' | *[!0-9]*) fail bad_off ;;
+esac
+[ $((OFF % 4096)) -eq 0 ] || fail off_not_4k_aligned
+
+load_modules
+wait_disk
+result "disk=ready disk_uptime_s=$(cut -d' ' -f1 /proc/uptime)"
+
+case "$TEST" in
+rw) scenario_rw ;;
+flush) scenario_flush ;;
+discard) scenario_discard ;;
+ro) scenario_ro ;;
+info) scenario_info ;;
+verify) scenario_verify ;;
+*) fail "unknown_test_${TEST:-none}" ;;
+esac
+# Every scenario ends in pass or fail; reaching here is a bug in this script.
+# shellcheck disable=SC2317
+fail scenario_returned

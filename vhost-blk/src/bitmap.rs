@@ -1,0 +1,100 @@
+//! The vhost-user dirty log, as seen by guest memory writes.
+//!
+//! vm-memory marks a region's bitmap on every write made through `GuestMemory` (read data,
+//! status bytes, used-ring entries: all of this backend's writes go through it, none through
+//! raw pointers). `vhost-user-backend` provides `BitmapMmapRegion`, which writes into the
+//! log the frontend shares with `SET_LOG_BASE`, but it keeps logging after the frontend
+//! switches `VHOST_F_LOG_ALL` off (a failed or cancelled migration) and takes a lock on
+//! every write even when no log is set.
+//!
+//! [`LogBitmap`] wraps it with a per-device switch: the device turns logging on and off from
+//! the negotiated features, and a write with logging off costs two relaxed atomic loads.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::mmap::NewBitmap;
+
+/// The device-wide switch: is `VHOST_F_LOG_ALL` negotiated right now?
+#[derive(Debug, Default)]
+pub struct LogSwitch {
+    on: AtomicBool,
+}
+
+impl LogSwitch {
+    /// Turns logging on or off.
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Release);
+    }
+
+    /// Whether logging is on.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+}
+
+/// The bitmap type of the guest memory this backend maps.
+#[derive(Debug, Clone, Default)]
+pub struct LogBitmap {
+    inner: BitmapMmapRegion,
+    // Shared by a region's bitmap and every slice of it; set once, when the device learns
+    // about the region (`update_memory`). Regions it was never attached to do not log.
+    switch: Arc<OnceLock<Arc<LogSwitch>>>,
+}
+
+impl LogBitmap {
+    /// Connects this region's bitmap to the device's switch.
+    pub fn attach(&self, switch: &Arc<LogSwitch>) {
+        // A region is attached once per memory table; a second attach (same device) is
+        // harmless, and the first switch stays.
+        let _ = self.switch.set(switch.clone());
+    }
+
+    fn logging(&self) -> bool {
+        self.switch.get().is_some_and(|s| s.is_on())
+    }
+}
+
+impl Bitmap for LogBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if self.logging() {
+            self.inner.mark_dirty(offset, len);
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.inner.dirty_at(offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
+        LogBitmap {
+            inner: self.inner.slice_at(offset),
+            switch: self.switch.clone(),
+        }
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = Self;
+}
+
+impl BitmapSlice for LogBitmap {}
+
+impl NewBitmap for LogBitmap {
+    fn with_len(len: usize) -> Self {
+        LogBitmap {
+            inner: BitmapMmapRegion::with_len(len),
+            switch: Arc::default(),
+        }
+    }
+}
+
+impl BitmapReplace for LogBitmap {
+    type InnerBitmap = AtomicBitmapMmap;
+
+    fn replace(&self, bitmap: AtomicBitmapMmap) {
+        self.inner.replace(bitmap);
+    }
+}
