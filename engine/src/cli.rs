@@ -37,7 +37,7 @@ pub struct ServeArgs {
     /// CPU cores to run one executor each on, e.g. `0,1` or `0-3`. Queues are spread over
     /// them round-robin. Default: core 0 only.
     #[arg(long, value_parser = parse_core_list)]
-    pub cores: Option<Vec<usize>>,
+    pub cores: Option<CoreList>,
     /// Serve the disk read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
     #[arg(long)]
     pub read_only: bool,
@@ -67,8 +67,12 @@ pub enum CtlCommand {
     Stats,
 }
 
+/// A list of CPU cores, as `--cores` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreList(pub Vec<usize>);
+
 /// Parses `0,2,4-7` into `[0, 2, 4, 5, 6, 7]`.
-pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
+pub fn parse_core_list(text: &str) -> Result<CoreList, String> {
     let mut cores = Vec::new();
     for part in text.split(',') {
         let part = part.trim();
@@ -92,7 +96,7 @@ pub fn parse_core_list(text: &str) -> Result<Vec<usize>, String> {
     if cores.is_empty() {
         return Err("the core list is empty".to_string());
     }
-    Ok(cores)
+    Ok(CoreList(cores))
 }
 
 fn parse_core(text: &str) -> Result<usize, String> {
@@ -107,8 +111,11 @@ mod tests {
 
     #[test]
     fn core_lists_parse() {
-        assert_eq!(parse_core_list("0"), Ok(vec![0]));
-        assert_eq!(parse_core_list("0,2,4-6"), Ok(vec![0, 2, 4, 5, 6]));
+        assert_eq!(parse_core_list("0"), Ok(CoreList(vec![0])));
+        assert_eq!(
+            parse_core_list("0,2,4-6"),
+            Ok(CoreList(vec![0, 2, 4, 5, 6]))
+        );
         assert!(parse_core_list("3-1").is_err());
         assert!(parse_core_list("1,1").is_err());
         assert!(parse_core_list("x").is_err());

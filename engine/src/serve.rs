@@ -38,7 +38,7 @@ impl Server {
         if !args.disk.exists() {
             return Err(ServeError::MissingDisk(args.disk.clone()));
         }
-        let cores = args.cores.clone().unwrap_or_else(|| vec![0]);
+        let cores = args.cores.clone().map_or_else(|| vec![0], |c| c.0);
         let online = online_cores();
         if let Some(&core) = cores.iter().find(|c| **c >= online) {
             return Err(ServeError::NoSuchCore {

@@ -9,6 +9,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::bitmap::{LogBitmap, LogSwitch};
 use crate::capture::WriteCapture;
@@ -303,6 +306,18 @@ impl VhostUserBackend for BlockBackend {
             region.bitmap().attach(&self.shared.log);
         }
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the epoll thread never ends and dropping the daemon at
+        // disconnect (which joins it) would hang the protocol thread.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot create the epoll thread's exit eventfd");
+                None
+            }
+        }
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

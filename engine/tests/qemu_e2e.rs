@@ -1,0 +1,324 @@
+//! End to end with real parts: a QEMU (TCG) guest whose disk is served by `strait serve`.
+//!
+//! The same scenarios as `guest_qsd.rs` (the qemu-storage-daemon baseline), held to the same
+//! checks: what the guest wrote, what it read back and what the image on the host holds must
+//! agree, byte for byte (md5). The engine's control API is asked for its own view afterwards.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Fill, GuestReport, Qemu, QemuConfig, Scenario, BOOT_AND_SCENARIO_TIMEOUT};
+use serde_json::Value;
+use strait_engine::control::ControlClient;
+
+const IMAGE_SIZE_BYTES: u64 = 32 << 20;
+const MIB: u64 = 1 << 20;
+/// `strait serve` creates both sockets within milliseconds; 10 s covers a loaded 2-core host.
+const SERVE_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shutdown drains queues and flushes the image: well under a second here.
+const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A `strait serve` child process, killed if the test fails before stopping it.
+struct Serve {
+    child: Child,
+    control: PathBuf,
+    vhost: PathBuf,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path, image: &Path, extra: &[&str]) -> Serve {
+        let vhost = dir.join("vhost.sock");
+        let control = dir.join("control.sock");
+        let log = dir.join("serve.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .arg("serve")
+            .arg("--disk")
+            .arg(image)
+            .arg("--vhost-socket")
+            .arg(&vhost)
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut serve = Serve {
+            child,
+            control,
+            vhost,
+            log,
+        };
+        let deadline = Instant::now() + SERVE_START_TIMEOUT;
+        while !(serve.control.exists() && serve.vhost.exists()) {
+            if let Ok(Some(status)) = serve.child.try_wait() {
+                panic!("strait serve exited with {status}: {}", serve.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strait serve did not start: {}",
+                serve.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, cmd: &str) -> Value {
+        ControlClient::connect(&self.control)
+            .unwrap()
+            .call(cmd)
+            .unwrap()
+    }
+
+    /// SIGTERM, then the exit status; asserts a clean exit that removed its sockets.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let deadline = Instant::now() + SERVE_STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strait serve ignored SIGTERM: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit {status}: {}", self.log_text());
+        assert!(!self.vhost.exists(), "vhost socket left behind");
+        assert!(!self.control.exists(), "control socket left behind");
+        assert!(
+            self.log_text().contains("image flushed"),
+            "{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn boot(config: &QemuConfig, serve: &Serve) -> GuestReport {
+    let mut qemu = Qemu::spawn(config).unwrap();
+    let report = qemu
+        .wait_verdict(BOOT_AND_SCENARIO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no verdict: {e:?}\nstrait log:\n{}", serve.log_text()));
+    eprintln!(
+        "guest {} finished in {:.1} s: {:?} {:?}",
+        config.scenario.name(),
+        report.elapsed.as_secs_f64(),
+        report.verdict,
+        report.results
+    );
+    report
+}
+
+fn totals(serve: &Serve) -> Value {
+    serve.call("stats")["totals"].clone()
+}
+
+#[test]
+fn qemu_strait_guest_writes_and_reads_back() {
+    if !common::require_qemu() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-rw");
+    let image = dir.path().join("disk.img");
+    // Non-zero content outside the written range, so md5_disk checks it was left alone.
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Seeded(1)).unwrap();
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::Rw).arg_mib(8),
+        &serve,
+    );
+
+    report.assert_pass();
+    assert_eq!(report.value("md5_written"), report.value("md5_read"));
+    assert_eq!(report.value_u64("length"), 8 * MIB);
+    let offset = report.value_u64("offset");
+    assert_eq!(
+        common::md5_file_range(&image, offset, 8 * MIB).unwrap(),
+        report.value("md5_written"),
+        "host image differs from what the guest wrote\n{}",
+        serve.log_text()
+    );
+    assert_eq!(common::md5_file(&image).unwrap(), report.value("md5_disk"));
+
+    let t = totals(&serve);
+    assert!(t["bytes_written"].as_u64().unwrap() >= 8 * MIB, "{t}");
+    assert!(t["bytes_read"].as_u64().unwrap() >= 8 * MIB, "{t}");
+    let errors: u64 = t["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(errors, 0, "{t}");
+    let status = serve.call("status");
+    assert_eq!(status["disk"]["size_bytes"], IMAGE_SIZE_BYTES);
+    assert_eq!(status["vmm_connected"], false, "QEMU has exited");
+    serve.stop();
+}
+
+#[test]
+fn qemu_strait_two_queues_on_two_cores() {
+    if !common::require_qemu() {
+        return;
+    }
+    let cores = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        "0,1"
+    } else {
+        "0"
+    };
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-mq");
+    let image = dir.path().join("disk.img");
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Zeros).unwrap();
+    let serve = Serve::start(dir.path(), &image, &["--queues", "2", "--cores", cores]);
+    let offset = 20 * MIB + 4096;
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::Rw)
+            .arg_mib(4)
+            .offset_bytes(offset)
+            .num_queues(2)
+            .cpus(2),
+        &serve,
+    );
+    report.assert_pass();
+    assert_eq!(
+        common::md5_file_range(&image, offset, 4 * MIB).unwrap(),
+        report.value("md5_written")
+    );
+    assert_eq!(common::md5_file(&image).unwrap(), report.value("md5_disk"));
+    let stats = serve.call("stats");
+    let queues = stats["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2);
+    assert_eq!(queues[1]["core"], if cores == "0,1" { 1 } else { 0 });
+    let status = serve.call("status");
+    assert_eq!(status["queues"], 2);
+    serve.stop();
+}
+
+#[test]
+fn qemu_strait_info_matches_the_config_space() {
+    if !common::require_qemu() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-info");
+    let image = dir.path().join("disk.img");
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Zeros).unwrap();
+    let serve = Serve::start(
+        dir.path(),
+        &image,
+        &["--queues", "2", "--serial", "strait-test-serial"],
+    );
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::Info).num_queues(2),
+        &serve,
+    );
+    report.assert_pass();
+    assert_eq!(report.value_u64("size_bytes"), IMAGE_SIZE_BYTES);
+    assert_eq!(report.value_u64("logical_block_size"), 512);
+    assert_eq!(report.value_u64("num_queues"), 2);
+    assert_eq!(report.value("ro"), "0");
+    // GET_ID answered with the configured serial.
+    assert_eq!(report.value("serial"), "strait-test-serial");
+    assert!(report.value_u64("discard_max_bytes") > 0);
+    assert!(report.value_u64("write_zeroes_max_bytes") > 0);
+    assert_eq!(report.value("write_cache"), "write_back");
+    assert!(totals(&serve)["get_id"].as_u64().unwrap() >= 1);
+    serve.stop();
+}
+
+#[test]
+fn qemu_strait_flush_reaches_fdatasync() {
+    if !common::require_qemu() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-flush");
+    let image = dir.path().join("disk.img");
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Zeros).unwrap();
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::Flush),
+        &serve,
+    );
+    report.assert_pass();
+    assert_eq!(report.value("flush"), "ok");
+    let range = common::md5_file_range(&image, report.value_u64("offset"), MIB).unwrap();
+    assert_eq!(range, report.value("md5_written"));
+    assert!(totals(&serve)["flushes"].as_u64().unwrap() >= 1);
+    serve.stop();
+}
+
+#[test]
+fn qemu_strait_discard_punches_holes() {
+    if !common::require_qemu() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-discard");
+    let image = dir.path().join("disk.img");
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Byte(0xa5)).unwrap();
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::Discard).arg_mib(4),
+        &serve,
+    );
+    report.assert_pass();
+    let zeros = common::md5_zeros(4 * MIB).unwrap();
+    assert_eq!(report.value("md5_after"), zeros);
+    let range = common::md5_file_range(&image, report.value_u64("offset"), 4 * MIB).unwrap();
+    assert_eq!(
+        range, zeros,
+        "host image range is not zero after the discard"
+    );
+    assert!(totals(&serve)["discards"].as_u64().unwrap() >= 1);
+    serve.stop();
+}
+
+#[test]
+fn qemu_strait_read_only_disk_refuses_writes() {
+    if !common::require_qemu() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-ro");
+    let image = dir.path().join("disk.img");
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Seeded(2)).unwrap();
+    let before = common::md5_file(&image).unwrap();
+    let serve = Serve::start(dir.path(), &image, &["--read-only"]);
+    let report = boot(
+        &QemuConfig::new(&guest, &serve.vhost, Scenario::ReadOnly),
+        &serve,
+    );
+    report.assert_pass();
+    assert_eq!(report.value("ro"), "1");
+    assert_eq!(report.value("write"), "refused");
+    assert_eq!(report.value("md5_disk"), before);
+    assert_eq!(common::md5_file(&image).unwrap(), before);
+    assert_eq!(serve.call("status")["disk"]["read_only"], true);
+    serve.stop();
+}
