@@ -38,7 +38,18 @@ timeout 180 qemu-system-x86_64 -accel tcg -m 256M -smp 2 \
     -device vhost-user-blk-pci,chardev=c0,num-queues="$QUEUES" \
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.gz" \
     -append "console=ttyS0 quiet panic=-1 strait.test=rw strait.arg=$MIB" \
-    -nographic -no-reboot -display none > "$WORK/console.log" 2>&1 || true
+    -nographic -no-reboot -display none > "$WORK/console.log" 2>&1 &
+QEMU_PID=$!
+# The engine's view while the VMM is attached, once the guest's driver has negotiated.
+for _ in $(seq 150); do
+    if "$STRAIT" ctl --control "$WORK/control.sock" status | grep -q 'acked:.*FLUSH'; then
+        echo "== strait ctl status (while the guest runs)"
+        "$STRAIT" ctl --control "$WORK/control.sock" status
+        break
+    fi
+    sleep 0.1
+done
+wait "$QEMU_PID" || true
 
 echo "== what the guest printed"
 grep '^STRAIT-' "$WORK/console.log" | tr -d '\r'
@@ -48,9 +59,7 @@ written="$(sed -n 's/.*md5_written=\([0-9a-f]*\).*/\1/p' <<<"$line")"
 host="$(dd if="$WORK/disk.img" bs=1M skip=$((offset / 1048576)) count="$MIB" 2>/dev/null | md5sum | cut -d' ' -f1)"
 echo "== the image on the host"
 echo "md5 of the $MIB MiB the guest wrote, read from the host image: $host"
-echo "== strait ctl status"
-"$STRAIT" ctl --control "$WORK/control.sock" status
-echo "== strait ctl stats"
+echo "== strait ctl stats (after the guest powered off)"
 "$STRAIT" ctl --control "$WORK/control.sock" stats
 if grep -q 'STRAIT-VERDICT PASS' "$WORK/console.log" && [ "$written" = "$host" ]; then
     echo "== DEMO PASS: the guest read back what it wrote, and the host image holds the same bytes"
