@@ -145,10 +145,8 @@ fn sigint_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
-        0
-    );
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
     let deadline = Instant::now() + REFUSAL_TIMEOUT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
