@@ -180,8 +180,8 @@ fn bench_request_parse(c: &mut Criterion) {
         (RequestKind::Read, PAGE_BYTES)
     );
 
-    // Rejected only after the whole chain is walked and the header read: the most a
-    // malformed chain makes the device do.
+    // Rejected only after the whole chain is walked and the header read, so the case
+    // measures a rejection's full cost rather than an early exit.
     let slot = Slot::new(&mem, 3);
     let rejected = slot.chain(&slot.framed(T_OUT, 0, [(page(0), PAGE_BYTES, F_WRITE)]));
     let error = parse_once(&rejected).expect_err("a write from a device-writable buffer");

@@ -207,7 +207,10 @@ impl ChainCase {
 
     /// The inverse of [`ChainCase::decode`], for writing seeds.
     pub fn encode(&self) -> Vec<u8> {
-        assert!(self.main.len() <= usize::from(u8::MAX), "main table too long");
+        assert!(
+            self.main.len() <= usize::from(u8::MAX),
+            "main table too long"
+        );
         assert!(
             self.indirect.len() <= usize::from(u8::MAX),
             "indirect table too long"
@@ -341,10 +344,19 @@ fn check_promises(mem: &GuestMemoryMmap, result: &Result<Request, Rejected>) {
     }
     // A request that fits a disk fits every larger one; probe edges where sector
     // arithmetic would overflow.
-    let capacities = [0, 1, request.sector, request.sector.wrapping_add(1), u64::MAX];
+    let capacities = [
+        0,
+        1,
+        request.sector,
+        request.sector.wrapping_add(1),
+        u64::MAX,
+    ];
     for capacity in capacities {
         if request.check_range(capacity) {
-            assert!(request.check_range(u64::MAX), "check_range is not monotonic");
+            assert!(
+                request.check_range(u64::MAX),
+                "check_range is not monotonic"
+            );
         }
     }
 }
@@ -446,10 +458,7 @@ mod tests {
 
     fn parse_seed(name: &str) -> Result<Request, Rejected> {
         let seeds = seeds();
-        let (_, bytes) = seeds
-            .iter()
-            .find(|(n, _)| *n == name)
-            .expect("seed exists");
+        let (_, bytes) = seeds.iter().find(|(n, _)| *n == name).expect("seed exists");
         request_parse(bytes).expect("seed is long enough")
     }
 
@@ -474,7 +483,10 @@ mod tests {
     #[test]
     fn seeds_reach_every_stage() {
         let read = parse_seed("read_4k").expect("read parses");
-        assert_eq!((read.kind, read.sector, read.data_len), (RequestKind::Read, 8, 4096));
+        assert_eq!(
+            (read.kind, read.sector, read.data_len),
+            (RequestKind::Read, 8, 4096)
+        );
         let write = parse_seed("write_126_segments").expect("write parses");
         assert_eq!(write.segments.len(), 126);
         let discard = parse_seed("discard_2_ranges").expect("discard parses");

@@ -9,18 +9,30 @@
 //!
 //! [`LogBitmap`] wraps it with a per-device switch: the device turns logging on and off from
 //! the negotiated features, and a write with logging off costs two relaxed atomic loads.
+//!
+//! `vhost-user-backend` also forgets the log when the frontend sends a new memory table
+//! (`SET_MEM_TABLE`, `ADD_MEM_REGION`) after `SET_LOG_BASE`: the new regions get fresh,
+//! empty bitmaps, and a VMM only resends the log when it must grow. The switch therefore
+//! remembers the current log ([`RegionLog`] carries it to us on `SET_LOG_BASE`) and the
+//! device re-applies it to every region of each new table (`device.rs`, `update_memory`).
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace};
+use vhost_user_backend::bitmap::{
+    AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace, MemRegionBitmap, MmapLogReg,
+};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
+use vm_memory::GuestMemoryRegion;
 
-/// The device-wide switch: is `VHOST_F_LOG_ALL` negotiated right now?
+/// The device-wide switch: is `VHOST_F_LOG_ALL` negotiated right now, and which log did the
+/// frontend share last?
 #[derive(Debug, Default)]
 pub struct LogSwitch {
     on: AtomicBool,
+    log: Mutex<Option<Arc<MmapLogReg>>>,
 }
 
 impl LogSwitch {
@@ -32,6 +44,40 @@ impl LogSwitch {
     /// Whether logging is on.
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
+    }
+
+    fn remember(&self, log: &Arc<MmapLogReg>) {
+        let mut slot = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, log)) {
+            *slot = Some(log.clone());
+        }
+    }
+
+    /// The log the frontend shared last, if any.
+    pub fn current_log(&self) -> Option<Arc<MmapLogReg>> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Forgets the log (the frontend left; its log memory is not ours to keep writing).
+    pub fn forget_log(&self) {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// One region's view of the shared log, and the log itself so the device can re-apply it.
+#[derive(Debug)]
+pub struct RegionLog {
+    log: Arc<MmapLogReg>,
+    inner: AtomicBitmapMmap,
+}
+
+impl MemRegionBitmap for RegionLog {
+    fn new<R: GuestMemoryRegion>(region: &R, logmem: Arc<MmapLogReg>) -> io::Result<Self> {
+        // AtomicBitmapMmap checks that the log covers the whole region.
+        Ok(RegionLog {
+            inner: AtomicBitmapMmap::new(region, logmem.clone())?,
+            log: logmem,
+        })
     }
 }
 
@@ -92,9 +138,12 @@ impl NewBitmap for LogBitmap {
 }
 
 impl BitmapReplace for LogBitmap {
-    type InnerBitmap = AtomicBitmapMmap;
+    type InnerBitmap = RegionLog;
 
-    fn replace(&self, bitmap: AtomicBitmapMmap) {
-        self.inner.replace(bitmap);
+    fn replace(&self, bitmap: RegionLog) {
+        if let Some(switch) = self.switch.get() {
+            switch.remember(&bitmap.log);
+        }
+        self.inner.replace(bitmap.inner);
     }
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::bitmap::{LogBitmap, LogSwitch};
+use crate::bitmap::{LogBitmap, LogSwitch, RegionLog};
 use crate::capture::WriteCapture;
 use crate::config::{config_slice, BlkConfig, VHOST_F_LOG_ALL, WRITEBACK_OFFSET};
 use crate::limits::MAX_QUEUE_SIZE;
@@ -129,7 +129,13 @@ impl QueueShared {
 pub struct DeviceShared {
     pub disk: DiskInfo,
     pub queues: Vec<Arc<QueueShared>>,
+    /// The memory `vhost-user-backend` maps and swaps on each memory-table message.
     pub memory: AtomicMemory,
+    /// The memory the data path uses: the same regions, published only once `update_memory`
+    /// has connected their bitmaps to the log. Writing through `memory` instead would leave
+    /// a window, between the swap and `update_memory`, in which backend writes to a new
+    /// table's regions reach no log.
+    pub guest: AtomicMemory,
     pub log: Arc<LogSwitch>,
     pub capture: OnceLock<Arc<dyn WriteCapture>>,
     config: Mutex<BlkConfig>,
@@ -172,6 +178,7 @@ impl DeviceShared {
             disk,
             queues,
             memory: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            guest: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             log: Arc::new(LogSwitch::default()),
             capture: OnceLock::new(),
             acked_features: AtomicU64::new(0),
@@ -211,6 +218,7 @@ impl DeviceShared {
             // A later frontend negotiates afresh; logging never outlives its connection, and
             // no queue may pop from the departed frontend's rings.
             self.log.set(false);
+            self.log.forget_log();
             self.acked_features.store(0, Ordering::Release);
             for q in &self.queues {
                 q.detach_vring(generation);
@@ -300,11 +308,25 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: AtomicMemory) -> std::io::Result<()> {
-        // Every region's bitmap must obey the device's LOG_ALL switch.
+        use vhost_user_backend::bitmap::{BitmapReplace, MemRegionBitmap};
         use vm_memory::GuestMemoryRegion;
-        for region in mem.memory().iter() {
+        let mem = mem.memory();
+        let log = self.shared.log.current_log();
+        for region in mem.iter() {
+            // Every region's bitmap obeys the device's LOG_ALL switch, and a log shared
+            // before this table keeps covering it.
             region.bitmap().attach(&self.shared.log);
+            if let Some(log) = &log {
+                region
+                    .bitmap()
+                    .replace(RegionLog::new(region, log.clone())?);
+            }
         }
+        self.shared
+            .guest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((*mem).clone());
         Ok(())
     }
 

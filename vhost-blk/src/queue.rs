@@ -59,6 +59,9 @@ pub(crate) struct QueueWorker {
     vring_generation: u64,
     stop_acked: u64,
     inflight_bytes: u64,
+    // The last walk found an avail index virtio-queue refuses (more entries than the ring
+    // holds); only the guest can repair it, so the worker waits for a kick before retrying.
+    ring_broken: bool,
 }
 
 impl QueueWorker {
@@ -75,6 +78,7 @@ impl QueueWorker {
             vring_generation: 0,
             stop_acked: 0,
             inflight_bytes: 0,
+            ring_broken: false,
         }
     }
 
@@ -113,7 +117,12 @@ impl QueueWorker {
                 idle_since = None;
                 continue;
             }
-            if self.reenable_notification() {
+            // With the in-flight budget spent (only a completion frees room) or a ring
+            // virtio-queue refuses to walk (only the guest can repair it, then kick), walking
+            // again at once finds nothing, and looping without an await would spin this core
+            // forever: the executor could neither submit nor reap our I/O. Wait instead.
+            let stalled = self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken;
+            if self.reenable_notification() && !stalled {
                 continue;
             }
             if !inflight.is_empty() {
@@ -126,7 +135,7 @@ impl QueueWorker {
                 continue;
             }
             let idle = *idle_since.get_or_insert_with(Instant::now);
-            if idle.elapsed() < POLL_IDLE && self.vring.is_some() {
+            if !stalled && idle.elapsed() < POLL_IDLE && self.vring.is_some() {
                 rt::yield_now().await;
                 continue;
             }
@@ -140,11 +149,15 @@ impl QueueWorker {
         let Some(vring) = &self.vring else {
             return false;
         };
+        let mem = self.device.guest.memory();
         let mut state = vring.get_mut();
         if !state.get_queue().ready() {
             return false;
         }
-        state.enable_notification().unwrap_or(false)
+        state
+            .get_queue_mut()
+            .enable_notification(&*mem)
+            .unwrap_or(false)
     }
 
     /// Pops and starts every available request the in-flight budget allows.
@@ -152,7 +165,7 @@ impl QueueWorker {
         let Some(vring) = self.vring.clone() else {
             return 0;
         };
-        let mem = self.device.memory.memory().into_inner();
+        let mem = self.device.guest.memory().into_inner();
         let mut rejected = Vec::new();
         let mut count = 0;
         {
@@ -161,14 +174,16 @@ impl QueueWorker {
                 return 0;
             }
             // The guest need not kick while we are busy; re-enabled before we sleep.
-            let _ = state.disable_notification();
             let queue = state.get_queue_mut();
+            let _ = queue.disable_notification(&*mem);
             let Ok(mut iter) = queue.iter(&*mem) else {
                 // A corrupt avail index: virtio-queue refuses to walk it. Treat the ring as
                 // empty; the next kick retries.
                 self.queue.metrics.record_error(ErrorKind::BadDescriptor);
+                self.ring_broken = true;
                 return 0;
             };
+            self.ring_broken = false;
             while self.inflight_bytes < MAX_INFLIGHT_BYTES {
                 let Some(mut chain) = iter.next() else { break };
                 count += 1;
@@ -192,15 +207,20 @@ impl QueueWorker {
                     Err(rej) => {
                         tracing::debug!(queue = self.queue.index, head, error = %rej.error,
                             "rejected descriptor chain");
+                        let (code, kind) = if rej.error.is_unsupported() {
+                            (VIRTIO_BLK_S_UNSUPP, ErrorKind::Unsupported)
+                        } else {
+                            (VIRTIO_BLK_S_IOERR, ErrorKind::BadDescriptor)
+                        };
                         rejected.push(Completion {
                             head,
-                            status: rej.status.map(|a| (a, VIRTIO_BLK_S_IOERR as u8)),
+                            status: rej.status.map(|a| (a, code as u8)),
                             written_len: 0,
                             op: OpKind::Other,
                             bytes: 0,
                             inflight_bytes: 0,
                             started,
-                            error: Some(ErrorKind::BadDescriptor),
+                            error: Some(kind),
                         });
                     }
                 }
@@ -218,7 +238,7 @@ impl QueueWorker {
         let Some(vring) = self.vring.clone() else {
             return;
         };
-        let mem = self.device.memory.memory();
+        let mem = self.device.guest.memory();
         let metrics = &self.queue.metrics;
         let mut state = vring.get_mut();
         for c in &done {
@@ -229,7 +249,7 @@ impl QueueWorker {
                     used_len += 1;
                 }
             }
-            if let Err(err) = state.add_used(c.head, used_len) {
+            if let Err(err) = state.get_queue_mut().add_used(&*mem, c.head, used_len) {
                 tracing::warn!(queue = self.queue.index, head = c.head, error = %err,
                     "cannot add used entry");
                 metrics.record_error(ErrorKind::BadDescriptor);
@@ -240,7 +260,11 @@ impl QueueWorker {
                 None => metrics.record(c.op, c.bytes, c.started.elapsed().as_nanos() as u64),
             }
         }
-        if state.needs_notification().unwrap_or(true) {
+        if state
+            .get_queue_mut()
+            .needs_notification(&*mem)
+            .unwrap_or(true)
+        {
             if let Err(err) = state.signal_used_queue() {
                 tracing::warn!(queue = self.queue.index, error = %err, "cannot signal the guest");
             }

@@ -21,7 +21,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::limits::{
-    MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES, MAX_SEGMENTS, SECTOR_SHIFT, SECTOR_SIZE,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES, MAX_SEGMENTS, SECTOR_SHIFT,
+    SECTOR_SIZE,
 };
 
 /// Size of the request header every chain starts with.
@@ -148,6 +149,18 @@ pub enum ParseError {
     BadRangeList(u64),
     #[error("discard/write-zeroes record has reserved flags {0:#x} set")]
     BadRangeFlags(u32),
+    #[error(
+        "discard/write-zeroes range of {0} sectors exceeds the {MAX_DISCARD_SECTORS} advertised"
+    )]
+    RangeTooLong(u32),
+}
+
+impl ParseError {
+    /// Whether the spec wants `VIRTIO_BLK_S_UNSUPP` rather than `IOERR` for this rejection
+    /// (virtio 1.2, 5.2.6.2: the unmap flag on a discard, or reserved flags).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, ParseError::BadRangeFlags(_))
+    }
 }
 
 /// A rejected chain: the reason, and where to write the status byte if that is known.
@@ -343,9 +356,13 @@ fn parse_ranges<M: GuestMemory + ?Sized>(
         if flags & !allowed != 0 {
             return Err(ParseError::BadRangeFlags(flags));
         }
+        let num_sectors = u32::from_le(raw.num_sectors);
+        if num_sectors > MAX_DISCARD_SECTORS {
+            return Err(ParseError::RangeTooLong(num_sectors));
+        }
         ranges.push(SectorRange {
             sector: u64::from_le(raw.sector),
-            num_sectors: u32::from_le(raw.num_sectors),
+            num_sectors,
             unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
         });
     }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::sync::{Arc, Mutex};
@@ -64,14 +65,12 @@ fn every_request_type_reaches_the_image() {
     assert_eq!(u16::from_le_bytes([cfg[34], cfg[35]]), 1, "num_queues");
     assert_eq!(le32(&cfg, 40), 32, "max_discard_seg");
     assert_eq!(cfg[56], 1, "write_zeroes_may_unmap");
-    // A config read past the end is refused, not answered with garbage.
-    let mut fe2 = fe.clone();
-    assert!(fe2
-        .get_config(56, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
-        .is_err());
+    // (A config read past the end is not tried: the backend answers it with the protocol's
+    // zero-size error reply, on which vhost 0.18's `Frontend::get_config` blocks forever
+    // waiting for a payload.)
 
     // IN: one buffer, then a scatter list over three pages at unaligned addresses.
-    assert_eq!(q.read(24, DATA_AREA, 8192), image_bytes(24 * SECTOR, 8192));
+    assert_bytes!(q.read(24, DATA_AREA, 8192), image_bytes(24 * SECTOR, 8192));
     let parts = [(0x12_0200u64, 1024u32), (0x13_0000, 512), (0x14_0e00, 2560)];
     let bufs: Vec<Buf> = parts.iter().map(|(a, l)| Buf::to_guest(*a, *l)).collect();
     let done = q.request(T_IN, 40, &bufs);
@@ -86,7 +85,7 @@ fn every_request_type_reaches_the_image() {
     for (a, l) in parts {
         got.extend(rig.read_guest(a, l as usize));
     }
-    assert_eq!(got, image_bytes(40 * SECTOR, 4096));
+    assert_bytes!(got, image_bytes(40 * SECTOR, 4096));
 
     // OUT: 16 KiB, then a single 512-byte sector (not block-aligned for a 4 KiB filesystem).
     let data = pattern(1, 16384);
@@ -98,16 +97,16 @@ fn every_request_type_reaches_the_image() {
             used_len: 1
         }
     );
-    assert_eq!(rig.disk(100 * SECTOR, data.len()), data);
-    assert_eq!(rig.disk(99 * SECTOR, 512), image_bytes(99 * SECTOR, 512));
-    assert_eq!(rig.disk(132 * SECTOR, 512), image_bytes(132 * SECTOR, 512));
+    assert_bytes!(rig.disk(100 * SECTOR, data.len()), data);
+    assert_bytes!(rig.disk(99 * SECTOR, 512), image_bytes(99 * SECTOR, 512));
+    assert_bytes!(rig.disk(132 * SECTOR, 512), image_bytes(132 * SECTOR, 512));
     let small = pattern(2, 512);
     assert_eq!(q.write(3, 0x20_0000, &small).status, S_OK);
-    assert_eq!(rig.disk(3 * SECTOR, 512), small);
-    assert_eq!(rig.disk(2 * SECTOR, 512), image_bytes(2 * SECTOR, 512));
-    assert_eq!(rig.disk(4 * SECTOR, 512), image_bytes(4 * SECTOR, 512));
+    assert_bytes!(rig.disk(3 * SECTOR, 512), small);
+    assert_bytes!(rig.disk(2 * SECTOR, 512), image_bytes(2 * SECTOR, 512));
+    assert_bytes!(rig.disk(4 * SECTOR, 512), image_bytes(4 * SECTOR, 512));
     // Written data reads back through the device too.
-    assert_eq!(q.read(100, DATA_AREA, 16384), data);
+    assert_bytes!(q.read(100, DATA_AREA, 16384), data);
 
     // FLUSH.
     let done = q.request(T_FLUSH, 0, &[]);
@@ -132,20 +131,20 @@ fn every_request_type_reaches_the_image() {
     );
     let mut expected = b"strait-test-serial".to_vec();
     expected.resize(20, 0);
-    assert_eq!(rig.read_guest(0x30_0000, 20), expected);
+    assert_bytes!(rig.read_guest(0x30_0000, 20), expected);
 
     // DISCARD and WRITE_ZEROES (keep-allocated and unmap) read as zeros afterwards.
     assert_eq!(q.ranges(T_DISCARD, 0x31_0000, &[(200, 16, 0)]).status, S_OK);
-    assert_eq!(rig.disk(200 * SECTOR, 8192), vec![0u8; 8192]);
-    assert_eq!(rig.disk(199 * SECTOR, 512), image_bytes(199 * SECTOR, 512));
-    assert_eq!(rig.disk(216 * SECTOR, 512), image_bytes(216 * SECTOR, 512));
+    assert_bytes!(rig.disk(200 * SECTOR, 8192), vec![0u8; 8192]);
+    assert_bytes!(rig.disk(199 * SECTOR, 512), image_bytes(199 * SECTOR, 512));
+    assert_bytes!(rig.disk(216 * SECTOR, 512), image_bytes(216 * SECTOR, 512));
     assert_eq!(
         q.ranges(T_WRITE_ZEROES, 0x31_0000, &[(301, 3, 0)]).status,
         S_OK
     );
-    assert_eq!(rig.disk(301 * SECTOR, 1536), vec![0u8; 1536]);
-    assert_eq!(rig.disk(300 * SECTOR, 512), image_bytes(300 * SECTOR, 512));
-    assert_eq!(rig.disk(304 * SECTOR, 512), image_bytes(304 * SECTOR, 512));
+    assert_bytes!(rig.disk(301 * SECTOR, 1536), vec![0u8; 1536]);
+    assert_bytes!(rig.disk(300 * SECTOR, 512), image_bytes(300 * SECTOR, 512));
+    assert_bytes!(rig.disk(304 * SECTOR, 512), image_bytes(304 * SECTOR, 512));
     let done = q.ranges(T_WRITE_ZEROES, 0x31_0000, &[(400, 24, 1), (500, 8, 0)]);
     assert_eq!(
         done,
@@ -154,11 +153,11 @@ fn every_request_type_reaches_the_image() {
             used_len: 1
         }
     );
-    assert_eq!(rig.disk(400 * SECTOR, 24 * 512), vec![0u8; 24 * 512]);
-    assert_eq!(rig.disk(500 * SECTOR, 4096), vec![0u8; 4096]);
-    assert_eq!(rig.disk(424 * SECTOR, 512), image_bytes(424 * SECTOR, 512));
+    assert_bytes!(rig.disk(400 * SECTOR, 24 * 512), vec![0u8; 24 * 512]);
+    assert_bytes!(rig.disk(500 * SECTOR, 4096), vec![0u8; 4096]);
+    assert_bytes!(rig.disk(424 * SECTOR, 512), image_bytes(424 * SECTOR, 512));
     // ... and through the device.
-    assert_eq!(q.read(400, DATA_AREA, 4096), vec![0u8; 4096]);
+    assert_bytes!(q.read(400, DATA_AREA, 4096), vec![0u8; 4096]);
 
     let c = rig.counters(0);
     assert_eq!(c.reads, 4);
@@ -181,11 +180,41 @@ fn every_request_type_reaches_the_image() {
     assert_eq!(rig.config_space(&fe)[32], 0);
     let data = pattern(3, 4096);
     assert_eq!(q.write(600, 0x20_0000, &data).status, S_OK);
-    assert_eq!(rig.disk(600 * SECTOR, 4096), data);
+    assert_bytes!(rig.disk(600 * SECTOR, 4096), data);
     // Only `writeback` is writable.
     assert!(fe2
         .set_config(0, VhostUserConfigFlags::WRITABLE, &[0; 8])
         .is_err());
+}
+
+/// Without `EVENT_IDX` the device suppresses kicks with `VRING_USED_F_NO_NOTIFY` and
+/// interrupts every batch; a batch of requests still completes with interrupts.
+#[test]
+fn requests_complete_without_event_idx() {
+    let rig = Rig::start(RigOptions::default());
+    let fe = rig.connect(rig.default_features() & !bit(VIRTIO_RING_F_EVENT_IDX));
+    assert!(!rig.backend.status().acked_features.contains(&"EVENT_IDX"));
+    let mut q = rig.queue(&fe, 0);
+    for round in 0..3u64 {
+        let tickets: Vec<Ticket> = (0..8u64)
+            .map(|i| {
+                let addr = DATA_AREA + i * 2 * PAGE;
+                q.submit(T_IN, round * 64 + i * 8, &[Buf::to_guest(addr, 4096)])
+            })
+            .collect();
+        q.notify();
+        assert_eq!(q.wait_used(8).len(), 8);
+        for (i, t) in tickets.iter().enumerate() {
+            assert_eq!(q.status(*t), S_OK);
+            let sector = round * 64 + i as u64 * 8;
+            assert_bytes!(
+                rig.read_guest(DATA_AREA + i as u64 * 2 * PAGE, 4096),
+                image_bytes(sector * SECTOR, 4096),
+                "round {round} read {i}"
+            );
+        }
+    }
+    assert_eq!(rig.counters(0).reads, 24);
 }
 
 /// The key migration property: while `VHOST_F_LOG_ALL` is negotiated, exactly the pages the
@@ -200,7 +229,7 @@ fn dirty_log_marks_exactly_the_pages_the_device_writes() {
     fe.set_log_base(0, Some(log.region())).unwrap();
 
     // A log is shared but LOG_ALL is not negotiated: nothing is marked.
-    assert_eq!(q.read(0, DATA_AREA, 4096), image_bytes(0, 4096));
+    assert_bytes!(q.read(0, DATA_AREA, 4096), image_bytes(0, 4096));
     assert!(!rig.backend.status().dirty_logging);
     assert_eq!(log.dirty_pages(), Vec::<u64>::new());
 
@@ -236,14 +265,14 @@ fn dirty_log_marks_exactly_the_pages_the_device_writes() {
     for t in [a, b, c] {
         assert_eq!(q.status(t), S_OK);
     }
-    assert_eq!(
+    assert_bytes!(
         rig.read_guest(0x10_0000, 8192),
         image_bytes(8 * SECTOR, 8192)
     );
     let mut got = rig.read_guest(0x18_0800, 1024);
     got.extend(rig.read_guest(0x2F_FE00, 1024));
-    assert_eq!(got, image_bytes(64 * SECTOR, 2048));
-    assert_eq!(rig.disk(1000 * SECTOR, 4096), pattern(9, 4096));
+    assert_bytes!(got, image_bytes(64 * SECTOR, 2048));
+    assert_bytes!(rig.disk(1000 * SECTOR, 4096), pattern(9, 4096));
 
     let used_ring_page = q.vq.used_addr().0 / PAGE;
     let mut expected = vec![used_ring_page, 32, 33, 34, 256, 257, 384, 767, 768];
@@ -266,19 +295,22 @@ fn dirty_log_marks_exactly_the_pages_the_device_writes() {
     log.clear();
     fe.set_features(features).unwrap();
     assert!(!rig.backend.status().dirty_logging);
-    assert_eq!(q.read(8, 0x10_0000, 8192), image_bytes(8 * SECTOR, 8192));
+    assert_bytes!(q.read(8, 0x10_0000, 8192), image_bytes(8 * SECTOR, 8192));
     assert_eq!(q.write(1001, 0x20_0000, &pattern(4, 512)).status, S_OK);
     assert_eq!(log.dirty_pages(), Vec::<u64>::new());
 
     // And back on (a second migration attempt) with the same log.
     fe.set_features(features | bit(VHOST_F_LOG_ALL)).unwrap();
-    assert_eq!(q.read(8, 0x10_0000, 4096), image_bytes(8 * SECTOR, 4096));
+    assert_bytes!(q.read(8, 0x10_0000, 4096), image_bytes(8 * SECTOR, 4096));
     assert_eq!(log.dirty_pages(), vec![1, STATUS_AREA / PAGE, 256]);
 }
 
 /// QEMU re-sends `SET_MEM_TABLE` whenever the guest's memory map changes, also while it
 /// migrates, and re-sends `SET_LOG_BASE` only when the log must grow. Logging has to survive
 /// a new memory table.
+// Known bug, kept visible: vhost-user-backend 0.24's `set_mem_table` (handler.rs) builds the
+// new regions with fresh bitmaps and never re-applies the log it got from `SET_LOG_BASE`, so
+// from then on nothing is logged while `dirty_logging` still reads true.
 #[test]
 fn dirty_log_survives_a_new_memory_table() {
     let rig = Rig::start(RigOptions::default());
@@ -287,12 +319,12 @@ fn dirty_log_survives_a_new_memory_table() {
     let mut q = rig.queue(&fe, 0);
     let log = DirtyLog::new(MEM_BYTES);
     fe.set_log_base(0, Some(log.region())).unwrap();
-    assert_eq!(q.read(0, DATA_AREA, 4096), image_bytes(0, 4096));
+    assert_bytes!(q.read(0, DATA_AREA, 4096), image_bytes(0, 4096));
     assert_eq!(log.dirty_pages(), vec![1, STATUS_AREA / PAGE, 256]);
 
     log.clear();
     rig.share_memory(&fe);
-    assert_eq!(q.read(0, DATA_AREA + PAGE, 4096), image_bytes(0, 4096));
+    assert_bytes!(q.read(0, DATA_AREA + PAGE, 4096), image_bytes(0, 4096));
     assert_eq!(
         log.dirty_pages(),
         vec![1, STATUS_AREA / PAGE, 257],
@@ -327,8 +359,9 @@ fn hostile_requests_get_the_right_status_and_counter() {
             before.errors.total() + 1,
             "{name}: exactly one error counted"
         );
-        assert_eq!(
-            q.read(16, DATA_AREA, 4096),
+        // Into a buffer of its own, so the hostile request's buffer stays observable.
+        assert_bytes!(
+            q.read(16, DATA_AREA + 0x8_0000, 4096),
             image_bytes(16 * SECTOR, 4096),
             "{name}"
         );
@@ -365,7 +398,7 @@ fn hostile_requests_get_the_right_status_and_counter() {
     rig.write_guest(data, &[0xCC; 4096]);
     let t = q.submit(T_IN, 0, &[Buf::from_guest(data, 4096)]);
     case(&mut q, "read into a device-readable buffer", t, ioerr, bad);
-    assert_eq!(rig.read_guest(data, 4096), vec![0xCC; 4096]);
+    assert_bytes!(rig.read_guest(data, 4096), vec![0xCC; 4096]);
     let t = q.submit(T_OUT, 0, &[Buf::to_guest(data, 4096)]);
     case(&mut q, "write from a device-writable buffer", t, ioerr, bad);
     let t = q.submit(T_IN, 0, &[Buf::to_guest(data, 100)]);
@@ -376,7 +409,7 @@ fn hostile_requests_get_the_right_status_and_counter() {
         &[Buf::to_guest(0, mem as u32), Buf::to_guest(0, mem as u32)],
     );
     case(&mut q, "more than MAX_REQUEST_BYTES", t, ioerr, bad);
-    assert_eq!(
+    assert_bytes!(
         q.read(0, DATA_AREA, 512),
         image_bytes(0, 512),
         "rings intact"
@@ -387,7 +420,7 @@ fn hostile_requests_get_the_right_status_and_counter() {
     let before = rig.disk(IMAGE_BYTES - 2048, 2048);
     let t = q.submit(T_OUT, CAPACITY_SECTORS - 4, &[Buf::from_guest(data, 4096)]);
     case(&mut q, "write past the end of the disk", t, ioerr, range);
-    assert_eq!(rig.disk(IMAGE_BYTES - 2048, 2048), before);
+    assert_bytes!(rig.disk(IMAGE_BYTES - 2048, 2048), before);
     let t = q.submit(T_IN, u64::MAX - 3, &[Buf::to_guest(data, 4096)]);
     case(&mut q, "sector overflow", t, ioerr, range);
     let t = q.submit(T_IN, u64::MAX / SECTOR + 1, &[Buf::to_guest(data, 512)]);
@@ -402,7 +435,7 @@ fn hostile_requests_get_the_right_status_and_counter() {
     };
     case(&mut q, "discard range overflow", t, ioerr, range);
     // The last sector is fine.
-    assert_eq!(
+    assert_bytes!(
         q.read(CAPACITY_SECTORS - 1, data, 512),
         image_bytes(IMAGE_BYTES - 512, 512)
     );
@@ -509,12 +542,42 @@ fn hostile_requests_get_the_right_status_and_counter() {
     case(&mut q, "write-zeroes without ranges", t, ioerr, bad);
     rig.write_guest(0x31_0000 + 12, &1u32.to_le_bytes());
     let before = rig.disk(0, 512);
+    // virtio 1.2, 5.2.6.2: the unmap flag on a discard, or any reserved flag, is UNSUPP.
+    let unsupp = Done {
+        status: S_UNSUPP,
+        used_len: 1,
+    };
+    let unsupported = |c: &strait_vhost_blk::QueueSnapshot| c.errors.unsupported;
     let t = q.submit(T_DISCARD, 0, &[Buf::from_guest(0x31_0000, 16)]);
-    case(&mut q, "discard with the unmap flag", t, ioerr, bad);
+    case(
+        &mut q,
+        "discard with the unmap flag",
+        t,
+        unsupp,
+        unsupported,
+    );
     rig.write_guest(0x31_0000 + 12, &2u32.to_le_bytes());
     let t = q.submit(T_WRITE_ZEROES, 0, &[Buf::from_guest(0x31_0000, 16)]);
-    case(&mut q, "write-zeroes with a reserved flag", t, ioerr, bad);
-    assert_eq!(rig.disk(0, 512), before);
+    case(
+        &mut q,
+        "write-zeroes with a reserved flag",
+        t,
+        unsupp,
+        unsupported,
+    );
+    // A range longer than max_discard_sectors (1 GiB) is refused, as QEMU does (IOERR).
+    rig.write_guest(0x31_0000, &0u64.to_le_bytes());
+    rig.write_guest(0x31_0000 + 8, &((1u32 << 21) + 1).to_le_bytes());
+    rig.write_guest(0x31_0000 + 12, &0u32.to_le_bytes());
+    let t = q.submit(T_DISCARD, 0, &[Buf::from_guest(0x31_0000, 16)]);
+    case(
+        &mut q,
+        "discard longer than max_discard_sectors",
+        t,
+        ioerr,
+        bad,
+    );
+    assert_bytes!(rig.disk(0, 512), before);
 
     // seg_max: 126 data segments work, 127 are refused.
     let segs: Vec<Buf> = (0..126)
@@ -528,7 +591,7 @@ fn hostile_requests_get_the_right_status_and_counter() {
             used_len: 126 * 512 + 1
         }
     );
-    assert_eq!(rig.read_guest(data, 126 * 512), image_bytes(0, 126 * 512));
+    assert_bytes!(rig.read_guest(data, 126 * 512), image_bytes(0, 126 * 512));
     let segs: Vec<Buf> = (0..127)
         .map(|i| Buf::to_guest(data + i * 512, 512))
         .collect();
@@ -569,7 +632,7 @@ fn broken_chains_do_not_hang_the_backend() {
         }]
     );
     assert_eq!(bad(), b0 + 1);
-    assert_eq!(q.read(16, DATA_AREA, 4096), image_bytes(16 * SECTOR, 4096));
+    assert_bytes!(q.read(16, DATA_AREA, 4096), image_bytes(16 * SECTOR, 4096));
 
     // A descriptor that links to itself.
     let first = q.alloc(1);
@@ -613,7 +676,7 @@ fn broken_chains_do_not_hang_the_backend() {
         }]
     );
     assert_eq!(q.status(t), S_OK);
-    assert_eq!(
+    assert_bytes!(
         rig.read_guest(DATA_AREA, 4096),
         image_bytes(32 * SECTOR, 4096)
     );
@@ -629,7 +692,6 @@ fn broken_chains_do_not_hang_the_backend() {
         .store(avail_idx.wrapping_add(QUEUE_SIZE + 10));
     q.notify();
     wait_until("the corrupt ring to be counted", || bad() > b1);
-    assert_eq!(q1.read(48, DATA_AREA, 4096), image_bytes(48 * SECTOR, 4096));
     let spins_before = bad();
     std::thread::sleep(Duration::from_millis(200));
     let spins = bad() - spins_before;
@@ -637,11 +699,43 @@ fn broken_chains_do_not_hang_the_backend() {
         spins <= 2,
         "the backend re-walked the corrupt ring {spins} times in 200 ms without a kick"
     );
+    assert_bytes!(q1.read(48, DATA_AREA, 4096), image_bytes(48 * SECTOR, 4096));
     q.assert_no_used(Duration::from_millis(10));
     // The driver repairs its ring; the queue serves again after the next kick.
     q.vq.avail().idx().store(avail_idx);
-    assert_eq!(q.read(16, DATA_AREA, 4096), image_bytes(16 * SECTOR, 4096));
+    assert_bytes!(q.read(16, DATA_AREA, 4096), image_bytes(16 * SECTOR, 4096));
     assert!(rig.backend.status().vmm_connected);
+}
+
+/// A guest may queue more data than the backend keeps in flight (`MAX_INFLIGHT_BYTES`,
+/// 16 MiB): the backend must hold the rest back until completions free room, not stall.
+#[test]
+fn queue_deeper_than_the_inflight_budget_completes() {
+    let rig = Rig::start(RigOptions::default());
+    let fe = rig.connect(rig.default_features());
+    let mut q = rig.queue(&fe, 0);
+    let request_bytes = strait_vhost_blk::MAX_REQUEST_BYTES as u32;
+    assert_eq!(request_bytes as usize, MEM_BYTES);
+    // `limits::MAX_INFLIGHT_BYTES`, which the crate does not export.
+    let inflight_budget_bytes: u64 = 16 << 20;
+    let requests = inflight_budget_bytes / u64::from(request_bytes) + 2;
+    // Every request writes all of guest memory (the device only reads it) to the first
+    // 4 MiB of the disk; data pages above 1 MiB do not change while the test runs.
+    let tickets: Vec<Ticket> = (0..requests)
+        .map(|_| q.submit(T_OUT, 0, &[Buf::from_guest(0, request_bytes)]))
+        .collect();
+    q.notify();
+    let used = q.wait_used(requests as u16);
+    for (t, u) in tickets.iter().zip(&used) {
+        assert_eq!(q.status(*t), S_OK);
+        assert_eq!(u.len, 1);
+    }
+    let stable = DATA_AREA as usize..MEM_BYTES;
+    assert_bytes!(
+        rig.disk(stable.start as u64, stable.len()),
+        rig.read_guest(stable.start as u64, stable.len())
+    );
+    assert_eq!(rig.counters(0).writes, requests);
 }
 
 #[test]
@@ -693,7 +787,7 @@ fn indirect_descriptor_tables() {
     assert_eq!(rig.read_guest(status, 1), vec![S_OK]);
     let mut got = rig.read_guest(DATA_AREA, 1024);
     got.extend(rig.read_guest(DATA_AREA + 0x1_0000, 3072));
-    assert_eq!(got, image_bytes(56 * SECTOR, 4096));
+    assert_bytes!(got, image_bytes(56 * SECTOR, 4096));
 
     // A valid write, linked out of order inside the table.
     let data = pattern(7, 2048);
@@ -711,11 +805,13 @@ fn indirect_descriptor_tables() {
         }]
     );
     assert_eq!(rig.read_guest(status, 1), vec![S_OK]);
-    assert_eq!(rig.disk(70 * SECTOR, 2048), data);
+    assert_bytes!(rig.disk(70 * SECTOR, 2048), data);
 
     // Malformed tables: no status, used length 0, counted; the queue keeps serving.
     set_header(T_IN, 0);
-    let broken: [(&str, &dyn Fn() -> (u64, u32)); 6] = [
+    // Each case writes its table and returns the indirect descriptor's address and length.
+    type Setup<'a> = &'a dyn Fn() -> (u64, u32);
+    let broken: [(&str, Setup<'_>); 6] = [
         ("length not a multiple of 16", &|| (table, 40)),
         ("empty table", &|| (table, 0)),
         ("table beyond guest memory", &|| (MEM_BYTES as u64, 48)),
@@ -749,7 +845,7 @@ fn indirect_descriptor_tables() {
         );
         assert_eq!(rig.read_guest(status, 1), vec![STATUS_UNTOUCHED], "{name}");
         assert_eq!(rig.counters(0).errors.bad_descriptor, before + 1, "{name}");
-        assert_eq!(
+        assert_bytes!(
             q.read(16, DATA_AREA, 4096),
             image_bytes(16 * SECTOR, 4096),
             "{name}"
@@ -775,8 +871,8 @@ fn read_only_backend_refuses_every_mutation() {
     assert_eq!(q.ranges(T_DISCARD, 0x31_0000, &[(0, 8, 0)]), ioerr);
     assert_eq!(q.ranges(T_WRITE_ZEROES, 0x31_0000, &[(8, 8, 1)]), ioerr);
     assert_eq!(rig.counters(0).errors.read_only, 3);
-    assert_eq!(rig.disk(0, 8192), image_bytes(0, 8192), "image unchanged");
-    assert_eq!(q.read(0, DATA_AREA, 8192), image_bytes(0, 8192));
+    assert_bytes!(rig.disk(0, 8192), image_bytes(0, 8192), "image unchanged");
+    assert_bytes!(q.read(0, DATA_AREA, 8192), image_bytes(0, 8192));
     assert_eq!(q.request(T_FLUSH, 0, &[]).status, S_OK);
     let c = rig.counters(0);
     assert_eq!(
@@ -968,15 +1064,15 @@ fn two_queues_on_two_cores() {
         assert_eq!(q.status(*t), S_OK);
     }
     for i in 0..4u64 {
-        assert_eq!(rig.disk(8 * i * SECTOR, 4096), pattern(20 + i as u8, 4096));
-        assert_eq!(
+        assert_bytes!(rig.disk(8 * i * SECTOR, 4096), pattern(20 + i as u8, 4096));
+        assert_bytes!(
             rig.disk((1000 + 8 * i) * SECTOR, 4096),
             pattern(40 + i as u8, 4096)
         );
     }
     // Each queue reads what the other wrote.
-    assert_eq!(q1.read(0, DATA_AREA, 4096), pattern(20, 4096));
-    assert_eq!(q0.read(1000, DATA_AREA + 0x1_0000, 4096), pattern(40, 4096));
+    assert_bytes!(q1.read(0, DATA_AREA, 4096), pattern(20, 4096));
+    assert_bytes!(q0.read(1000, DATA_AREA + 0x1_0000, 4096), pattern(40, 4096));
 
     let stats = rig.backend.stats();
     assert_eq!(stats.len(), 2);
@@ -985,6 +1081,63 @@ fn two_queues_on_two_cores() {
         assert_eq!(s.core, cores[i % cores.len()]);
         assert_eq!((s.counters.writes, s.counters.reads), (4, 1), "queue {i}");
         assert_eq!(s.counters.bytes_written, 4 * 4096, "queue {i}");
+    }
+}
+
+/// `GET_VRING_BASE` stops the ring only once every request it popped is complete: the base
+/// it returns is exactly the used index, so nothing is lost when the VMM moves the ring.
+#[test]
+fn get_vring_base_drains_requests_in_flight() {
+    let rig = Rig::start(RigOptions::default());
+    let fe = rig.connect(rig.default_features());
+    let mut q = rig.queue(&fe, 0);
+    let mut tickets = Vec::new();
+    rig.write_guest(DATA_AREA, &pattern(60, 1 << 20));
+    for i in 0..4u64 {
+        tickets.push(q.submit(T_OUT, i * 2048, &[Buf::from_guest(DATA_AREA, 1 << 20)]));
+    }
+    q.notify();
+    // Stop the ring once the device has taken all four (it publishes how far it walked in
+    // `avail_event` before it waits); 1 MiB O_DIRECT writes are then usually still running.
+    wait_until("the device to pop the requests", || q.avail_event() == 4);
+    let base = fe.get_vring_base(0).unwrap();
+    assert_eq!(base, 4);
+    // Every popped request has its used entry and status byte by the time the base is
+    // returned; none of the others has.
+    assert_eq!(
+        q.vq.used().idx().load(),
+        base as u16,
+        "used index at GET_VRING_BASE"
+    );
+    for (i, t) in tickets.iter().enumerate() {
+        let want = if (i as u32) < base {
+            S_OK
+        } else {
+            STATUS_UNTOUCHED
+        };
+        assert_eq!(q.status(*t), want, "request {i}");
+    }
+    let used = q.wait_used(base as u16);
+    assert_eq!(used.len(), base as usize);
+
+    // The next VMM resumes at the base; the rest complete.
+    drop(fe);
+    wait_until("the disconnect", || !rig.backend.status().vmm_connected);
+    let fe = rig.connect(rig.default_features());
+    rig.attach(&fe, &q, base as u16);
+    q.notify();
+    q.wait_used(4 - base as u16);
+    for t in &tickets {
+        assert_eq!(q.status(*t), S_OK);
+    }
+    assert_eq!(fe.get_vring_base(0).unwrap(), 4);
+    assert_eq!(rig.counters(0).writes, 4);
+    for i in 0..4u64 {
+        assert_bytes!(
+            rig.disk(i << 20, 1 << 20),
+            pattern(60, 1 << 20),
+            "write {i}"
+        );
     }
 }
 
@@ -997,7 +1150,7 @@ fn reconnect_resumes_at_the_ring_base() {
     fe.set_log_base(0, Some(log.region())).unwrap();
     let mut q = rig.queue(&fe, 0);
     for i in 0..5u64 {
-        assert_eq!(
+        assert_bytes!(
             q.read(i * 8, DATA_AREA, 4096),
             image_bytes(i * 8 * SECTOR, 4096)
         );
@@ -1038,8 +1191,8 @@ fn reconnect_resumes_at_the_ring_base() {
         }]
     );
     assert_eq!(q.status(pending), S_OK);
-    assert_eq!(rig.disk(2000 * SECTOR, 4096), data);
-    assert_eq!(q.read(2000, DATA_AREA, 4096), data);
+    assert_bytes!(rig.disk(2000 * SECTOR, 4096), data);
+    assert_bytes!(q.read(2000, DATA_AREA, 4096), data);
     assert!(!rig.backend.status().dirty_logging);
     assert_eq!(fe.get_vring_base(0).unwrap(), 7);
 
@@ -1051,7 +1204,7 @@ fn reconnect_resumes_at_the_ring_base() {
     let fe = rig.connect(rig.default_features());
     rig.attach(&fe, &q, 7);
     for i in 0..3u64 {
-        assert_eq!(
+        assert_bytes!(
             q.read(i * 8, DATA_AREA, 4096),
             image_bytes(i * 8 * SECTOR, 4096)
         );

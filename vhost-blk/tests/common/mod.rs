@@ -1,6 +1,6 @@
 //! A VM-less rig for the block backend: a raw image, a running [`Backend`], guest memory in a
 //! memfd shared with it, the `vhost` crate's vhost-user frontend (the one Cloud Hypervisor
-//! uses), and a driver-side split virtqueue built with `virtio_queue::mock::MockSplitQueue`.
+//! uses), and a driver-side split virtqueue built from `virtio_queue::mock`'s ring types.
 //!
 //! Guest memory layout (GPA, 4 KiB pages; the dirty log and the tests rely on these pages
 //! being distinct):
@@ -8,10 +8,10 @@
 //! | pages            | what                                                         |
 //! |------------------|--------------------------------------------------------------|
 //! | `4i`             | queue `i`'s descriptor table (256 entries x 16 bytes = 1 page) |
-//! | `4i + 1`         | queue `i`'s avail ring, then its used ring                   |
+//! | `4i + 1`         | queue `i`'s avail ring, and its used ring at offset 0x400    |
 //! | 8..=15           | indirect descriptor tables                                   |
-//! | 16               | request headers, one 16-byte slot per descriptor index       |
-//! | 32               | status bytes, one per descriptor index                       |
+//! | `16 + i`         | queue `i`'s request headers, a 16-byte slot per descriptor   |
+//! | `32 + i`         | queue `i`'s status bytes, one per descriptor index           |
 //! | 256.. (1 MiB..)  | data buffers                                                 |
 
 #![allow(clippy::unwrap_used, dead_code)]
@@ -31,7 +31,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -242,13 +242,7 @@ impl Rig {
     /// Sets up queue `index` on the backend and returns its driver side.
     pub fn queue<'a>(&'a self, fe: &Frontend, index: u16) -> DriverQueue<'a> {
         let base = GuestAddress(u64::from(index) * 4 * PAGE);
-        let vq = MockSplitQueue::create(&self.mem, base, QUEUE_SIZE);
-        assert_eq!(
-            vq.avail_addr().0,
-            base.0 + PAGE,
-            "avail ring on its own page"
-        );
-        assert!(vq.end().0 <= base.0 + 2 * PAGE, "rings fit one page");
+        let vq = Rings::new(&self.mem, base);
         let q = DriverQueue {
             mem: &self.mem,
             vq,
@@ -321,6 +315,64 @@ impl Rig {
     }
 }
 
+/// The three parts of a split virtqueue, placed by hand. (`MockSplitQueue::create` puts the
+/// used ring inside the avail ring: virtio-queue 0.18's `SplitQueueRing::end` adds the
+/// element count instead of the byte length, so the device's used entries overwrite the
+/// driver's upper avail entries and `used_event`.)
+pub struct Rings<'a> {
+    desc: DescriptorTable<'a, GuestMemoryMmap>,
+    avail: AvailRing<'a, GuestMemoryMmap>,
+    used: UsedRing<'a, GuestMemoryMmap>,
+    desc_addr: GuestAddress,
+    avail_addr: GuestAddress,
+    used_addr: GuestAddress,
+}
+
+impl<'a> Rings<'a> {
+    /// Descriptor table on the page at `base`, avail ring on the next page, used ring 1 KiB
+    /// into that page (the avail ring of 256 entries takes 518 bytes, the used ring 2054).
+    fn new(mem: &'a GuestMemoryMmap, base: GuestAddress) -> Rings<'a> {
+        let desc_addr = base;
+        let avail_addr = GuestAddress(base.0 + PAGE);
+        let used_addr = GuestAddress(base.0 + PAGE + 0x400);
+        assert!(16 * u64::from(QUEUE_SIZE) <= PAGE);
+        assert!(6 + 2 * u64::from(QUEUE_SIZE) <= 0x400);
+        assert!(0x400 + 6 + 8 * u64::from(QUEUE_SIZE) <= PAGE);
+        Rings {
+            desc: DescriptorTable::new(mem, desc_addr, QUEUE_SIZE),
+            avail: AvailRing::new(mem, avail_addr, QUEUE_SIZE),
+            used: UsedRing::new(mem, used_addr, QUEUE_SIZE),
+            desc_addr,
+            avail_addr,
+            used_addr,
+        }
+    }
+
+    pub fn desc_table(&self) -> &DescriptorTable<'a, GuestMemoryMmap> {
+        &self.desc
+    }
+
+    pub fn avail(&self) -> &AvailRing<'a, GuestMemoryMmap> {
+        &self.avail
+    }
+
+    pub fn used(&self) -> &UsedRing<'a, GuestMemoryMmap> {
+        &self.used
+    }
+
+    pub fn desc_table_addr(&self) -> GuestAddress {
+        self.desc_addr
+    }
+
+    pub fn avail_addr(&self) -> GuestAddress {
+        self.avail_addr
+    }
+
+    pub fn used_addr(&self) -> GuestAddress {
+        self.used_addr
+    }
+}
+
 /// One buffer of a request: guest address, length, whether the device writes it.
 #[derive(Debug, Clone, Copy)]
 pub struct Buf {
@@ -373,7 +425,7 @@ pub struct Done {
 /// The driver side of one split virtqueue.
 pub struct DriverQueue<'a> {
     pub mem: &'a GuestMemoryMmap,
-    pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    pub vq: Rings<'a>,
     pub index: u16,
     pub kick: EventFd,
     pub call: EventFd,
@@ -411,9 +463,8 @@ impl DriverQueue<'_> {
             .unwrap()
             .store(head);
         // EVENT_IDX: ask for an interrupt as soon as the next used entry appears.
-        let used_event = self.vq.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
         self.mem
-            .write_obj(self.used_seen, GuestAddress(used_event))
+            .write_obj(self.used_seen, self.used_event_addr())
             .unwrap();
         self.vq.avail().idx().store(idx.wrapping_add(1));
     }
@@ -436,7 +487,7 @@ impl DriverQueue<'_> {
 
     /// Writes a request header into the header slot of descriptor `slot`.
     pub fn write_header(&self, slot: u16, request_type: u32, sector: u64) -> u64 {
-        let addr = HEADER_AREA + 16 * u64::from(slot);
+        let addr = HEADER_AREA + u64::from(self.index) * PAGE + 16 * u64::from(slot);
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&request_type.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -448,7 +499,8 @@ impl DriverQueue<'_> {
     /// slot.
     pub fn submit(&mut self, request_type: u32, sector: u64, bufs: &[Buf]) -> Ticket {
         let head = self.next_head(bufs.len() as u16 + 2);
-        self.submit_with_status(request_type, sector, bufs, STATUS_AREA + u64::from(head))
+        let status_addr = STATUS_AREA + u64::from(self.index) * PAGE + u64::from(head);
+        self.submit_with_status(request_type, sector, bufs, status_addr)
     }
 
     /// Like [`DriverQueue::submit`] with the status byte at `status_addr`.
@@ -489,6 +541,22 @@ impl DriverQueue<'_> {
         self.kick.write(1).unwrap();
     }
 
+    fn used_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.vq.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE))
+    }
+
+    /// The driver's `used_event` (EVENT_IDX): interrupt me once this entry is used.
+    pub fn used_event(&self) -> u16 {
+        self.mem.read_obj(self.used_event_addr()).unwrap()
+    }
+
+    /// The device's `avail_event` (EVENT_IDX): where it has walked the avail ring to when it
+    /// last re-enabled notifications.
+    pub fn avail_event(&self) -> u16 {
+        let addr = self.vq.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
     fn used_idx(&self) -> u16 {
         self.vq.used().idx().load()
     }
@@ -496,6 +564,9 @@ impl DriverQueue<'_> {
     /// Waits (bounded) until `count` more used entries appear and an interrupt arrived for
     /// them, and consumes them.
     pub fn wait_used(&mut self, count: u16) -> Vec<Used> {
+        if count == 0 {
+            return Vec::new();
+        }
         let target = self.used_seen.wrapping_add(count);
         let start = Instant::now();
         let mut interrupted = false;
@@ -516,8 +587,12 @@ impl DriverQueue<'_> {
             assert!(
                 start.elapsed() < DEADLINE,
                 "queue {}: {have} of {count} used entries after {DEADLINE:?}, interrupt seen: \
-                 {interrupted}",
-                self.index
+                 {interrupted} (used_event {}, avail idx {}, used idx {}, consumed {})",
+                self.index,
+                self.used_event(),
+                self.vq.avail().idx().load(),
+                self.used_idx(),
+                self.used_seen,
             );
             std::thread::sleep(POLL);
         }
@@ -618,6 +693,40 @@ impl DriverQueue<'_> {
             &[Buf::from_guest(addr, payload.len() as u32)],
         )
     }
+}
+
+/// Compares two byte buffers and, unlike `assert_eq!`, reports the first difference rather
+/// than printing both.
+#[track_caller]
+pub fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    match first {
+        Some(i) => panic!(
+            "{what}: byte {i} differs: got {:#04x}, want {:#04x} (lengths {} and {})",
+            got[i],
+            want[i],
+            got.len(),
+            want.len()
+        ),
+        None => panic!(
+            "{what}: lengths differ: got {}, want {}",
+            got.len(),
+            want.len()
+        ),
+    }
+}
+
+/// `assert_eq!` for byte buffers, via [`assert_bytes`].
+macro_rules! assert_bytes {
+    ($got:expr, $want:expr $(,)?) => {
+        $crate::common::assert_bytes(&$got, &$want, stringify!($got))
+    };
+    ($got:expr, $want:expr, $($fmt:tt)+) => {
+        $crate::common::assert_bytes(&$got, &$want, &format!($($fmt)+))
+    };
 }
 
 /// Polls `cond` until it holds or the deadline passes.
