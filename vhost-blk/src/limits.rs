@@ -2,7 +2,7 @@
 
 /// virtio-blk addresses the disk in 512-byte sectors whatever the block size.
 pub const SECTOR_SHIFT: u32 = 9;
-/// See [`SECTOR_SHIFT`].
+/// One sector: 512 bytes, `1 << SECTOR_SHIFT`.
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 
 /// Largest virtqueue we accept. 256 entries carry a queue depth of 128 two-descriptor

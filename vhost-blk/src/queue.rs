@@ -193,16 +193,18 @@ impl QueueWorker {
                     Ok(req) => {
                         let cost = u64::from(req.data_len);
                         self.inflight_bytes += cost;
-                        inflight.push(Box::pin(execute(
-                            self.device.clone(),
-                            self.queue.index,
-                            self.file.clone(),
-                            mem.clone(),
+                        let ctx = IoContext {
+                            device: self.device.clone(),
+                            queue: self.queue.index,
+                            file: self.file.clone(),
+                            mem: mem.clone(),
+                        };
+                        let ticket = Ticket {
                             head,
-                            req,
                             started,
                             cost,
-                        )));
+                        };
+                        inflight.push(Box::pin(execute(ctx, ticket, req)));
                     }
                     Err(rej) => {
                         tracing::debug!(queue = self.queue.index, head, error = %rej.error,
@@ -272,60 +274,75 @@ impl QueueWorker {
     }
 }
 
-fn fail(
+/// What a request's I/O needs from its queue.
+struct IoContext {
+    device: Arc<DeviceShared>,
+    queue: u16,
+    file: Rc<ImageFile>,
+    /// The memory snapshot the chain was parsed against; kept for the request's life so a
+    /// memory-table change mid-request cannot unmap its buffers.
+    mem: Arc<GuestMemory>,
+}
+
+/// The bookkeeping a request carries from pop to completion.
+#[derive(Clone, Copy)]
+struct Ticket {
     head: u16,
-    status: GuestAddress,
     started: Instant,
+    /// In-flight budget bytes the request holds until it completes.
     cost: u64,
-    kind: ErrorKind,
-) -> Completion {
-    let code = if kind == ErrorKind::Unsupported {
-        VIRTIO_BLK_S_UNSUPP
-    } else {
-        VIRTIO_BLK_S_IOERR
-    };
-    Completion {
-        head,
-        status: Some((status, code as u8)),
-        written_len: 0,
-        op: OpKind::Other,
-        bytes: 0,
-        inflight_bytes: cost,
-        started,
-        error: Some(kind),
+}
+
+impl Ticket {
+    fn fail(self, status: GuestAddress, kind: ErrorKind) -> Completion {
+        let code = if kind == ErrorKind::Unsupported {
+            VIRTIO_BLK_S_UNSUPP
+        } else {
+            VIRTIO_BLK_S_IOERR
+        };
+        Completion {
+            head: self.head,
+            status: Some((status, code as u8)),
+            written_len: 0,
+            op: OpKind::Other,
+            bytes: 0,
+            inflight_bytes: self.cost,
+            started: self.started,
+            error: Some(kind),
+        }
+    }
+
+    fn ok(self, status: GuestAddress, op: OpKind, bytes: u64, written_len: u32) -> Completion {
+        Completion {
+            head: self.head,
+            status: Some((status, VIRTIO_BLK_S_OK as u8)),
+            written_len,
+            op,
+            bytes,
+            inflight_bytes: self.cost,
+            started: self.started,
+            error: None,
+        }
     }
 }
 
 /// Runs one validated request against the image.
-#[allow(clippy::too_many_arguments)]
-async fn execute(
-    device: Arc<DeviceShared>,
-    queue: u16,
-    file: Rc<ImageFile>,
-    mem: Arc<GuestMemory>,
-    head: u16,
-    req: Request,
-    started: Instant,
-    cost: u64,
-) -> Completion {
+async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
+    let IoContext {
+        device,
+        queue,
+        file,
+        mem,
+    } = ctx;
     let capacity_sectors = device.disk.size_bytes >> SECTOR_SHIFT;
-    let fail = |kind| fail(head, req.status, started, cost, kind);
+    let fail = |kind| ticket.fail(req.status, kind);
     if req.kind.is_mutation() && device.disk.read_only {
         return fail(ErrorKind::ReadOnly);
     }
     if !req.check_range(capacity_sectors) {
         return fail(ErrorKind::OutOfRange);
     }
-    let ok = |op, bytes: u64, written_len| Completion {
-        head,
-        status: Some((req.status, VIRTIO_BLK_S_OK as u8)),
-        written_len,
-        op,
-        bytes,
-        inflight_bytes: cost,
-        started,
-        error: None,
-    };
+    let ok = |op, bytes: u64, written_len| ticket.ok(req.status, op, bytes, written_len);
     let capture = device.capture.get();
     let result = match req.kind {
         RequestKind::Read => read(&file, &mem, &req)
