@@ -21,7 +21,7 @@ step "tests (QEMU end-to-end included; nothing skips under CI=true)"
 # The QEMU tests each boot a TCG guest; two at a time keep a 2-core machine responsive.
 cargo test --workspace -- --test-threads="${STRAIT_TEST_THREADS:-2}"
 step "criterion benchmarks, briefly (so they cannot rot)"
-cargo bench -p strait-bench -- --warm-up-time 0.2 --measurement-time 0.5
+cargo bench -p strait-bench --benches -- --warm-up-time 0.2 --measurement-time 0.5
 step "fuzz targets, ${FUZZ_SECONDS:-30} s each"
 bash scripts/fuzz.sh
 echo
