@@ -18,6 +18,55 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running engine over its control socket.
     Ctl(CtlArgs),
+    /// Make a self-signed CA and node certificates for a first setup of mutual TLS.
+    Certs(CertsArgs),
+    /// Emulate a WAN between two network namespaces (delay, rate, loss, jitter, link cuts).
+    Wanem(WanemArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory to write `ca.pem`, `node.pem` and `node.key` into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Names (DNS names or IP addresses) the node certificate is valid for.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WanemArgs {
+    /// Round-trip time the link adds, in milliseconds (split evenly between directions).
+    #[arg(long, default_value_t = 0)]
+    pub rtt_ms: u32,
+    /// Link rate in each direction, in Mbit/s (0: unlimited).
+    #[arg(long, default_value_t = 1000)]
+    pub rate_mbit: u32,
+    /// Packet loss in each direction, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_pct: f64,
+    /// Random extra one-way delay, uniform in 0..=jitter, in milliseconds (packets of one
+    /// direction stay in order, as on a real path).
+    #[arg(long, default_value_t = 0)]
+    pub jitter_ms: u32,
+    /// Cut the link this many seconds after start.
+    #[arg(long)]
+    pub cut_at_s: Option<f64>,
+    /// How long the cut lasts, in seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub cut_for_s: f64,
+    /// Seed of the loss and jitter generator (runs with one seed drop the same packets).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Shell command to run in namespace A (the link's left side).
+    #[arg(long)]
+    pub run_a: Option<String>,
+    /// Shell command to run in namespace B (the link's right side).
+    #[arg(long)]
+    pub run_b: Option<String>,
+    /// Keep the link up this long when no command is given (0: until Ctrl-C).
+    #[arg(long, default_value_t = 0.0)]
+    pub seconds: f64,
 }
 
 #[derive(Debug, Args)]

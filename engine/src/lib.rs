@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod control;
 mod ctl;
+mod netcmd;
 mod serve;
 
 pub use serve::{ServeError, Server};
@@ -18,6 +19,8 @@ pub enum Error {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Ctl(#[from] ctl::CtlError),
+    #[error(transparent)]
+    Net(#[from] netcmd::NetCmdError),
 }
 
 /// Runs one `strait` command to completion.
@@ -25,6 +28,8 @@ pub fn run(cli: cli::Cli) -> Result<(), Error> {
     match cli.command {
         cli::Command::Serve(args) => serve::run(args)?,
         cli::Command::Ctl(args) => ctl::run(args)?,
+        cli::Command::Certs(args) => netcmd::certs(args)?,
+        cli::Command::Wanem(args) => netcmd::wanem(args)?,
     }
     Ok(())
 }

@@ -13,8 +13,14 @@
 //!   loses and duplicates nothing;
 //! - the WAN emulator (`strait wanem`) and a deterministic in-process link for simulation.
 //!
-//! Nothing of it exists yet: the link issue builds it. What is here are the names the rest
-//! of the workspace already agrees on.
+//! The link issue builds it module by module: [`protocol`] (framing and handshake), [`tls`]
+//! (certificates and mutual TLS), [`wanem`] (the WAN emulator), [`sim`] (the deterministic
+//! in-process link).
+
+pub mod protocol;
+pub mod sim;
+pub mod tls;
+pub mod wanem;
 
 /// The traffic classes the link will multiplex, highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
