@@ -20,6 +20,8 @@ declare -A TOOLS=(
     [flock]=util-linux
     [blkdiscard]=util-linux
     [mkfs.ext4]=e2fsprogs
+    # strait wanem and its tests build network namespaces with `ip netns`.
+    [ip]=iproute2
 )
 
 # The packages behind the tools that are absent, each once. Only those are installed, so a
