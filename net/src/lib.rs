@@ -18,6 +18,7 @@
 //! in-process link).
 
 pub mod protocol;
+pub mod session;
 pub mod sim;
 pub mod tls;
 pub mod wanem;

@@ -46,11 +46,13 @@
 //!    `ResumeState { last_seq_received per class }`, where `last_seq_received` is the
 //!    highest `seq` below which nothing is missing. Each side then retransmits from its
 //!    buffer every frame after what the peer stated, flagged [`Data::retransmit`]. A
-//!    stated `seq` beyond what was sent, or below what the peer already acked, is a
-//!    protocol violation and ends the session: the buffer no longer holds those frames.
-//! 9. Close: once everything it sent is acked, a side sends `Close { reason: Done }`; the
-//!    peer answers with its own `Close`, then both send TLS close_notify and close TCP.
-//!    `Close` with another [`CloseReason`] ends the session at once, without the wait.
+//!    stated `seq` beyond what was ever sent is a protocol violation and ends the session.
+//!    A stated `seq` below what the peer already acked is stale, not wrong: with several
+//!    connections rejoining at once, an `Ack` sent later on another connection can arrive
+//!    first. Acks are cumulative, so a stale point is ignored.
+//! 9. Close: `Close` with a [`CloseReason`] ends the session at once. (Planned: a graceful
+//!    `Close { reason: Done }` once everything sent is acked, answered by the peer's own
+//!    `Close`, then TLS close_notify; the session layer does not implement it yet.)
 //! 10. A bad frame (wrong magic, unknown wire version, type, class or flags, non-zero
 //!     padding, a length over [`MAX_FRAME_PAYLOAD_BYTES`] or wrong for its type, a CRC
 //!     mismatch, a payload field out of range) means the byte stream of that connection

@@ -1,0 +1,754 @@
+//! A blocking-threads driver of [`SessionCore`] over TCP, with mutual TLS unless the
+//! caller explicitly chose plain TCP (`tls: None`, the operator's `--insecure`).
+//!
+//! Each connection has a reader thread (socket → TLS → `on_bytes`) and a writer thread
+//! (`poll_transmit` → TLS → socket); a timer thread runs `on_timer`, dials with the
+//! core's backoff (dialer) or accepts (acceptor). The core sits behind one mutex, and one
+//! condition variable wakes every waiter on any change. No thread holds the core's lock
+//! or a TLS lock across a socket call, so two peers whose socket buffers are full cannot
+//! deadlock: the writer encodes TLS records into memory under the lock and writes them
+//! after releasing it.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use super::{ConnId, SessionConfig, SessionCore, SessionError, SessionEvent, SessionStats};
+use crate::protocol::{CloseReason, ResumeToken, SessionId, RESUME_TOKEN_BYTES, SESSION_ID_BYTES};
+use crate::tls::{self, TlsError, TlsIdentity};
+use crate::StreamClass;
+
+/// Bytes read from a socket at once: a few TLS records, and an eighth of a 1 MiB frame.
+const READ_BUF_BYTES: usize = 128 << 10;
+
+/// Longest wait for a TCP connect: a SYN retried over a 250 ms RTT path succeeds well
+/// within it, and a dead address does not hold a dial slot for long.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most a waiting thread sleeps before looking again, as a net under any missed
+/// notification; short enough that shutdown is prompt.
+const WAIT_TICK: Duration = Duration::from_millis(50);
+
+/// Longest `connect`/`accept` waits for the session's first handshake.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection attempts that may fail before the session opened, before `connect` gives
+/// up: a refused certificate or an incompatible peer fails every time, so a few tries
+/// (about 0.3 s of backoff) tell that apart from a single unlucky reset.
+pub const OPEN_ATTEMPTS_MAX: u32 = 3;
+
+/// Longest `close` waits for its `Close` frames to reach the sockets: a local write,
+/// so this only matters when a socket is stuck with a full buffer.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How often the acceptor polls its non-blocking listener: fast enough that a rejoining
+/// dialer waits a negligible fraction of an RTT, cheap when idle.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+/// Why a link operation failed.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The session is configured wrongly or failed.
+    #[error("session failed")]
+    Session(#[from] SessionError),
+    /// A socket operation failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The TLS setup failed.
+    #[error("TLS setup failed")]
+    Tls(#[from] TlsError),
+    /// No session was established within [`OPEN_TIMEOUT`]: the first connection failed
+    /// or the peer never answered.
+    #[error("no session established within {timeout:?}: {last_error}")]
+    OpenTimeout {
+        /// The wait.
+        timeout: Duration,
+        /// The last connection failure seen, if any.
+        last_error: String,
+    },
+    /// Every attempt to open the session failed.
+    #[error("could not open the session after {attempts} attempts: {last_error}")]
+    OpenFailed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last_error: String,
+    },
+    /// The payload was refused.
+    #[error("send refused")]
+    Send(#[from] super::SendError),
+    /// The class's send buffer stayed full for the whole timeout.
+    #[error("{class:?} send buffer stayed full for {timeout:?}")]
+    SendTimeout {
+        /// The class.
+        class: StreamClass,
+        /// The wait.
+        timeout: Duration,
+    },
+    /// The link was closed by this side.
+    #[error("link closed")]
+    Closed,
+}
+
+enum Transport {
+    Plain,
+    // Boxed: the TLS state is over a kilobyte, and a plain link should not carry it.
+    Tls(Box<Mutex<rustls::Connection>>),
+}
+
+struct ConnHandle {
+    sock: TcpStream,
+}
+
+struct Inner {
+    core: SessionCore,
+    conns: BTreeMap<ConnId, ConnHandle>,
+    next_conn: u64,
+    connected: bool,
+    failed: Option<SessionError>,
+    last_conn_error: Option<String>,
+    /// Connections or dials that failed before the session opened.
+    open_failures: u32,
+    closed: bool,
+    threads_running: usize,
+    /// Writer threads between taking bytes from the core and finishing the write.
+    writes_in_progress: usize,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    cond: Condvar,
+    start: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panicked thread leaves the core as it was between calls: carry on with it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Inner>, timeout: Duration) -> MutexGuard<'a, Inner> {
+        match self.cond.wait_timeout(guard, timeout) {
+            Ok((g, _)) => g,
+            Err(e) => e.into_inner().0,
+        }
+    }
+}
+
+impl Inner {
+    /// Acts on the core's events: closes the sockets it gave up on.
+    fn pump_events(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                SessionEvent::Connected => self.connected = true,
+                SessionEvent::Resumed {
+                    retransmitted_bytes,
+                } => {
+                    info!(retransmitted_bytes, "link resumed");
+                }
+                SessionEvent::ConnectionClosed { conn, reason } => {
+                    debug!(conn = conn.0, %reason, "session closed a connection");
+                    self.last_conn_error = Some(reason.to_string());
+                    if let Some(h) = self.conns.get(&conn) {
+                        let _ = h.sock.shutdown(Shutdown::Both);
+                    }
+                }
+                SessionEvent::Failed { reason } => {
+                    self.failed = Some(reason);
+                    for h in self.conns.values() {
+                        let _ = h.sock.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Endpoint {
+    Dial {
+        addr: SocketAddr,
+        client: Option<Arc<rustls::ClientConfig>>,
+    },
+    Listen {
+        listener: TcpListener,
+        server: Option<Arc<rustls::ServerConfig>>,
+    },
+}
+
+/// One session over TCP; see the module documentation.
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], LinkError> {
+    let mut out = [0; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut out))
+        .map_err(|source| LinkError::Io {
+            op: "read /dev/urandom",
+            source,
+        })?;
+    // All zeroes means "none" on the wire; 2^-128 odds, but never send it.
+    out[0] |= 1;
+    Ok(out)
+}
+
+impl Link {
+    /// Dials `addr` and opens a session striped over `connections` connections, with
+    /// mutual TLS unless `tls` is `None`. Returns once the first handshake completed.
+    pub fn connect(
+        addr: SocketAddr,
+        connections: u16,
+        tls: Option<&TlsIdentity>,
+        mut config: SessionConfig,
+    ) -> Result<Link, LinkError> {
+        config.connections = connections;
+        let client = tls.map(TlsIdentity::client_config).transpose()?;
+        let id = SessionId(random_bytes::<SESSION_ID_BYTES>()?);
+        let core = SessionCore::dialer(config, id, 0)?;
+        Link::start(core, Endpoint::Dial { addr, client })
+    }
+
+    /// Accepts one session on `listener`, with mutual TLS unless `tls` is `None`.
+    /// Returns once a dialer opened it; connections that fail TLS or the handshake are
+    /// logged and dropped while it waits.
+    pub fn accept(
+        listener: TcpListener,
+        tls: Option<&TlsIdentity>,
+        config: SessionConfig,
+    ) -> Result<Link, LinkError> {
+        let server = tls.map(TlsIdentity::server_config).transpose()?;
+        let token = ResumeToken(random_bytes::<RESUME_TOKEN_BYTES>()?);
+        let core = SessionCore::acceptor(config, token, 0)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| LinkError::Io {
+                op: "set listener non-blocking",
+                source,
+            })?;
+        Link::start(core, Endpoint::Listen { listener, server })
+    }
+
+    fn start(core: SessionCore, endpoint: Endpoint) -> Result<Link, LinkError> {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                core,
+                conns: BTreeMap::new(),
+                next_conn: 0,
+                connected: false,
+                failed: None,
+                last_conn_error: None,
+                open_failures: 0,
+                closed: false,
+                threads_running: 1,
+                writes_in_progress: 0,
+            }),
+            cond: Condvar::new(),
+            start: Instant::now(),
+        });
+        let s = shared.clone();
+        thread::Builder::new()
+            .name("strait-link-timer".into())
+            .spawn(move || timer_thread(&s, endpoint))
+            .map_err(|source| LinkError::Io {
+                op: "spawn timer thread",
+                source,
+            })?;
+        let link = Link { shared };
+        let deadline = Instant::now() + OPEN_TIMEOUT;
+        let mut g = link.shared.lock();
+        loop {
+            if g.connected {
+                break;
+            }
+            if let Some(reason) = g.failed.clone() {
+                return Err(LinkError::Session(reason));
+            }
+            if g.open_failures >= OPEN_ATTEMPTS_MAX {
+                return Err(LinkError::OpenFailed {
+                    attempts: g.open_failures,
+                    last_error: g.last_conn_error.clone().unwrap_or_default(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LinkError::OpenTimeout {
+                    timeout: OPEN_TIMEOUT,
+                    last_error: g.last_conn_error.clone().unwrap_or_default(),
+                });
+            }
+            g = link.shared.wait(g, (deadline - now).min(WAIT_TICK));
+        }
+        drop(g);
+        Ok(link)
+    }
+
+    /// Queues `payload` on `class`, waiting up to `timeout` for room in its buffer.
+    pub fn send(
+        &self,
+        class: StreamClass,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<u64, LinkError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if g.closed {
+                return Err(LinkError::Closed);
+            }
+            if let Some(reason) = g.failed.clone() {
+                return Err(LinkError::Session(reason));
+            }
+            if g.core.can_send(class, payload.len()) {
+                let result = g.core.send(class, payload);
+                drop(g);
+                self.shared.cond.notify_all();
+                return result.map_err(LinkError::from);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LinkError::SendTimeout { class, timeout });
+            }
+            g = self.shared.wait(g, (deadline - now).min(WAIT_TICK));
+        }
+    }
+
+    /// The next payload of `class`, waiting up to `timeout`; `Ok(None)` on timeout.
+    /// Call [`Link::mark_applied`] once it is applied, or the peer runs out of credit.
+    pub fn recv(
+        &self,
+        class: StreamClass,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(payload) = g.core.recv(class) {
+                return Ok(Some(payload));
+            }
+            if let Some(reason) = g.failed.clone() {
+                return Err(LinkError::Session(reason));
+            }
+            if g.closed {
+                return Err(LinkError::Closed);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            g = self.shared.wait(g, (deadline - now).min(WAIT_TICK));
+        }
+    }
+
+    /// The application applied `bytes` more of `class`: opens the peer's window.
+    pub fn mark_applied(
+        &self,
+        class: StreamClass,
+        bytes: u64,
+    ) -> Result<(), super::AppliedBeyondReceived> {
+        let result = self.shared.lock().core.mark_applied(class, bytes);
+        self.shared.cond.notify_all();
+        result
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> SessionStats {
+        self.shared.lock().core.stats()
+    }
+
+    /// Waits until everything sent was acked, up to `timeout`; false on timeout.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        while !g.core.is_send_idle() {
+            let now = Instant::now();
+            if now >= deadline || g.failed.is_some() {
+                return false;
+            }
+            g = self.shared.wait(g, (deadline - now).min(WAIT_TICK));
+        }
+        true
+    }
+
+    /// Shuts every connection's socket down, as a network fault would: for fault drills
+    /// and tests. The session resumes over new connections. Returns how many were cut.
+    pub fn kill_connections(&self) -> usize {
+        let g = self.shared.lock();
+        for h in g.conns.values() {
+            let _ = h.sock.shutdown(Shutdown::Both);
+        }
+        g.conns.len()
+    }
+
+    /// Closes the link: every connection is shut and the threads end.
+    pub fn close(&self) {
+        let mut g = self.shared.lock();
+        if !g.closed && g.failed.is_none() {
+            // Tell the peer, so it fails at once instead of after its resume window.
+            g.core.close(CloseReason::Shutdown);
+            drop(g);
+            self.shared.cond.notify_all();
+            let deadline = Instant::now() + CLOSE_FLUSH_TIMEOUT;
+            g = self.shared.lock();
+            while (g.core.has_unsent_control() || g.writes_in_progress > 0)
+                && Instant::now() < deadline
+            {
+                g = self.shared.wait(g, WAIT_TICK);
+            }
+        }
+        g.closed = true;
+        for h in g.conns.values() {
+            let _ = h.sock.shutdown(Shutdown::Both);
+        }
+        drop(g);
+        self.shared.cond.notify_all();
+        let deadline = Instant::now() + WAIT_TICK * 20;
+        let mut g = self.shared.lock();
+        while g.threads_running > 0 && Instant::now() < deadline {
+            g = self.shared.wait(g, WAIT_TICK);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn timer_thread(shared: &Arc<Shared>, endpoint: Endpoint) {
+    let mut g = shared.lock();
+    while !g.closed {
+        let now_ns = shared.now_ns();
+        g.core.on_timer(now_ns);
+        g.pump_events();
+        if g.failed.is_some() {
+            break;
+        }
+        match &endpoint {
+            Endpoint::Dial { addr, client } => {
+                if g.core.wants_connection(now_ns) {
+                    // Dial without the lock: a connect can take a whole RTT or time out.
+                    let conn = ConnId(g.next_conn);
+                    g.next_conn += 1;
+                    drop(g);
+                    let dialed = dial(*addr, client.as_ref());
+                    g = shared.lock();
+                    match dialed {
+                        Ok((sock, transport)) => register(shared, &mut g, conn, sock, transport),
+                        Err(e) => {
+                            warn!(error = %e, "dial failed");
+                            g.last_conn_error = Some(error_chain(&e));
+                            g.open_failures += u32::from(!g.connected);
+                            g.core.on_connect_failed(shared.now_ns());
+                        }
+                    }
+                    continue;
+                }
+            }
+            Endpoint::Listen { listener, server } => {
+                if let Ok((sock, peer)) = listener.accept() {
+                    let conn = ConnId(g.next_conn);
+                    g.next_conn += 1;
+                    g.threads_running += 1;
+                    let (s, server) = (shared.clone(), server.clone());
+                    // The TLS handshake may take an RTT or a timeout: not on this thread.
+                    let spawned = thread::Builder::new()
+                        .name("strait-link-accept".into())
+                        .spawn(move || accept_one(&s, conn, sock, peer, server));
+                    if spawned.is_err() {
+                        g.threads_running -= 1;
+                    }
+                    continue;
+                }
+            }
+        }
+        let wait = match (&endpoint, g.core.poll_timeout()) {
+            (Endpoint::Listen { .. }, _) => ACCEPT_POLL,
+            (_, Some(t)) => Duration::from_nanos(t.saturating_sub(now_ns)).min(WAIT_TICK),
+            (_, None) => WAIT_TICK,
+        };
+        g = shared.wait(g, wait.max(Duration::from_micros(100)));
+    }
+    g.threads_running -= 1;
+    drop(g);
+    shared.cond.notify_all();
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+fn accept_one(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    sock: TcpStream,
+    peer: SocketAddr,
+    server: Option<Arc<rustls::ServerConfig>>,
+) {
+    let result = sock
+        .set_nonblocking(false)
+        .and_then(|()| sock.set_nodelay(true))
+        .map_err(|source| LinkError::Io {
+            op: "configure accepted socket",
+            source,
+        })
+        .and_then(|()| match server {
+            None => Ok((sock, Transport::Plain)),
+            Some(config) => {
+                let stream = tls::accept(config, sock)?;
+                Ok((
+                    stream.sock,
+                    Transport::Tls(Box::new(Mutex::new(stream.conn.into()))),
+                ))
+            }
+        });
+    let mut g = shared.lock();
+    g.threads_running -= 1;
+    match result {
+        Ok((sock, transport)) if !g.closed => register(shared, &mut g, conn, sock, transport),
+        Ok(_) => {}
+        Err(e) => {
+            warn!(%peer, error = %error_chain(&e), "refused a connection");
+            g.last_conn_error = Some(error_chain(&e));
+        }
+    }
+    drop(g);
+    shared.cond.notify_all();
+}
+
+fn dial(
+    addr: SocketAddr,
+    client: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(TcpStream, Transport), LinkError> {
+    let io_err = |op| move |source| LinkError::Io { op, source };
+    let sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(io_err("connect"))?;
+    sock.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    match client {
+        None => Ok((sock, Transport::Plain)),
+        Some(config) => {
+            let stream = tls::connect(config.clone(), &addr.ip().to_string(), sock)?;
+            Ok((
+                stream.sock,
+                Transport::Tls(Box::new(Mutex::new(stream.conn.into()))),
+            ))
+        }
+    }
+}
+
+/// Hands a connected socket to the core and starts its reader and writer.
+fn register(
+    shared: &Arc<Shared>,
+    g: &mut MutexGuard<'_, Inner>,
+    conn: ConnId,
+    sock: TcpStream,
+    transport: Transport,
+) {
+    let clones = sock.try_clone().and_then(|r| Ok((r, sock.try_clone()?)));
+    let Ok((read_sock, write_sock)) = clones else {
+        warn!(
+            conn = conn.0,
+            "could not clone a socket; dropping the connection"
+        );
+        g.core.on_connect_failed(shared.now_ns());
+        return;
+    };
+    g.core.on_connection_up(conn, shared.now_ns());
+    g.conns.insert(conn, ConnHandle { sock });
+    let transport = Arc::new(transport);
+    g.threads_running += 2;
+    let (s, t) = (shared.clone(), transport.clone());
+    let reader = thread::Builder::new()
+        .name("strait-link-rx".into())
+        .spawn(move || reader_thread(&s, conn, read_sock, &t));
+    let (s, t) = (shared.clone(), transport);
+    let writer = thread::Builder::new()
+        .name("strait-link-tx".into())
+        .spawn(move || writer_thread(&s, conn, write_sock, &t));
+    if reader.is_err() || writer.is_err() {
+        warn!(conn = conn.0, "could not spawn connection threads");
+        g.threads_running -= usize::from(reader.is_err()) + usize::from(writer.is_err());
+        if let Some(h) = g.conns.remove(&conn) {
+            let _ = h.sock.shutdown(Shutdown::Both);
+        }
+        g.core.on_connection_down(conn, shared.now_ns());
+    }
+    shared.cond.notify_all();
+}
+
+/// Plaintext the TLS layer has decrypted; `Ok(true)` once the peer closed cleanly.
+fn drain_plaintext(tls: &mut rustls::Connection, out: &mut Vec<u8>) -> io::Result<bool> {
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match tls.reader().read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one batch of plaintext; `Ok(None)` at end of stream.
+fn read_plain(
+    sock: &mut TcpStream,
+    transport: &Transport,
+    buf: &mut [u8],
+) -> io::Result<Option<Vec<u8>>> {
+    let n = sock.read(buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let Transport::Tls(tls) = transport else {
+        return Ok(Some(buf[..n].to_vec()));
+    };
+    let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
+    let mut plain = Vec::new();
+    let mut rest = &buf[..n];
+    while !rest.is_empty() {
+        tls.read_tls(&mut rest)?;
+        tls.process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if drain_plaintext(&mut tls, &mut plain)? {
+            break;
+        }
+    }
+    Ok(Some(plain))
+}
+
+fn reader_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transport: &Transport) {
+    let mut buf = vec![0u8; READ_BUF_BYTES];
+    // Plaintext that arrived with the end of the TLS handshake.
+    let mut first = Vec::new();
+    if let Transport::Tls(tls) = transport {
+        let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = drain_plaintext(&mut tls, &mut first);
+    }
+    let mut next = Some(Ok(Some(first)));
+    loop {
+        let batch = match next.take() {
+            Some(b) => b,
+            None => read_plain(&mut sock, transport, &mut buf),
+        };
+        let bytes = match batch {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => break,
+            Err(e) => {
+                let mut g = shared.lock();
+                if !g.closed {
+                    debug!(conn = conn.0, error = %e, "connection read failed");
+                    g.last_conn_error = Some(error_chain(&e));
+                }
+                break;
+            }
+        };
+        if bytes.is_empty() {
+            continue;
+        }
+        let mut g = shared.lock();
+        g.core.on_bytes(conn, &bytes, shared.now_ns());
+        g.pump_events();
+        drop(g);
+        shared.cond.notify_all();
+    }
+    let _ = sock.shutdown(Shutdown::Both);
+    let mut g = shared.lock();
+    g.conns.remove(&conn);
+    g.open_failures += u32::from(!g.connected);
+    g.core.on_connection_down(conn, shared.now_ns());
+    g.pump_events();
+    g.threads_running -= 1;
+    drop(g);
+    shared.cond.notify_all();
+}
+
+fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transport: &Transport) {
+    loop {
+        let mut g = shared.lock();
+        let bytes = loop {
+            if g.closed || !g.conns.contains_key(&conn) {
+                break None;
+            }
+            if let Some(bytes) = g.core.poll_transmit(conn) {
+                g.pump_events();
+                g.writes_in_progress += 1;
+                break Some(bytes);
+            }
+            g = shared.wait(g, WAIT_TICK);
+        };
+        drop(g);
+        let Some(bytes) = bytes else {
+            break;
+        };
+        let written = write_all(&mut sock, transport, &bytes);
+        shared.lock().writes_in_progress -= 1;
+        shared.cond.notify_all();
+        if let Err(e) = written {
+            debug!(conn = conn.0, error = %e, "connection write failed");
+            break;
+        }
+    }
+    // The reader sees the shutdown and reports the connection down.
+    let _ = sock.shutdown(Shutdown::Both);
+    let mut g = shared.lock();
+    g.threads_running -= 1;
+    drop(g);
+    shared.cond.notify_all();
+}
+
+fn write_all(sock: &mut TcpStream, transport: &Transport, bytes: &[u8]) -> io::Result<()> {
+    let Transport::Tls(tls) = transport else {
+        return sock.write_all(bytes);
+    };
+    let records = {
+        let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = Vec::with_capacity(bytes.len() + bytes.len() / 64 + 64);
+        let mut rest = bytes;
+        // rustls takes plaintext only up to its buffer limit: encrypt as we go.
+        while !rest.is_empty() {
+            let n = tls.writer().write(rest)?;
+            rest = &rest[n..];
+            let mut drained = false;
+            while tls.wants_write() {
+                tls.write_tls(&mut records)?;
+                drained = true;
+            }
+            if n == 0 && !drained {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "TLS took no plaintext",
+                ));
+            }
+        }
+        records
+    };
+    sock.write_all(&records)
+}

@@ -1,0 +1,221 @@
+//! The session over real sockets: two `Link`s on 127.0.0.1 with mutual TLS.
+
+// A failed unwrap is a failed test, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use strait_net::protocol::{CloseReason, Role};
+use strait_net::session::tcp::{Link, LinkError};
+use strait_net::session::{SessionConfig, SessionError};
+use strait_net::tls::{write_certs, TlsIdentity};
+use strait_net::StreamClass;
+
+const MIB: u64 = 1 << 20;
+
+fn identity(dir: &std::path::Path) -> TlsIdentity {
+    write_certs(dir, &["127.0.0.1".to_string()]).unwrap();
+    TlsIdentity::load(dir).unwrap()
+}
+
+/// An acceptor on an ephemeral port (in a thread) and a dialer with `connections`; both
+/// load their identity from `dir`, as two nodes sharing one certificate setup.
+fn open_pair(dir: &Path, connections: u16) -> (Link, Link) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_tls = TlsIdentity::load(dir).unwrap();
+    let acceptor = thread::spawn(move || {
+        Link::accept(
+            listener,
+            Some(&server_tls),
+            SessionConfig::new(Role::Destination),
+        )
+    });
+    let client_tls = TlsIdentity::load(dir).unwrap();
+    let config = SessionConfig::new(Role::Source);
+    let dialer = Link::connect(addr, connections, Some(&client_tls), config).unwrap();
+    (dialer, acceptor.join().unwrap().unwrap())
+}
+
+fn fnv(hash: &mut u64, data: &[u8]) {
+    for b in data {
+        *hash = (*hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+const CLASSES: [StreamClass; 3] = [StreamClass::Mirror, StreamClass::Memory, StreamClass::Bulk];
+
+/// Sends `total` bytes spread over three classes from `tx` to `rx`, calling `fault` with
+/// the bytes received so far; returns (sent digests, received digests).
+fn transfer(tx: &Link, rx: &Link, total: u64, mut fault: impl FnMut(u64)) -> ([u64; 3], [u64; 3]) {
+    let received_bytes = Arc::new(AtomicU64::new(0));
+    let (sent, got) = thread::scope(|scope| {
+        let counter = received_bytes.clone();
+        let receiver = scope.spawn(move || {
+            let mut digests = [0xcbf2_9ce4_8422_2325u64; 3];
+            let mut bytes = 0;
+            let deadline = Instant::now() + Duration::from_secs(50);
+            while bytes < total {
+                assert!(
+                    Instant::now() < deadline,
+                    "receive timed out at {bytes} bytes"
+                );
+                let mut idle = true;
+                for (i, class) in CLASSES.into_iter().enumerate() {
+                    while let Some(p) = rx.recv(class, Duration::ZERO).unwrap() {
+                        fnv(&mut digests[i], &p);
+                        bytes += p.len() as u64;
+                        rx.mark_applied(class, p.len() as u64).unwrap();
+                        idle = false;
+                    }
+                }
+                counter.store(bytes, Ordering::Relaxed);
+                if idle {
+                    if let Some(p) = rx
+                        .recv(StreamClass::Memory, Duration::from_millis(5))
+                        .unwrap()
+                    {
+                        fnv(&mut digests[1], &p);
+                        bytes += p.len() as u64;
+                        rx.mark_applied(StreamClass::Memory, p.len() as u64)
+                            .unwrap();
+                    }
+                }
+            }
+            digests
+        });
+        let mut digests = [0xcbf2_9ce4_8422_2325u64; 3];
+        let mut sent = 0u64;
+        let mut k = 0u64;
+        while sent < total {
+            let len = (64 << 10) + (k * 7919) % (448 << 10);
+            let len = len.min(total - sent);
+            let i = (k % 3) as usize;
+            let payload: Vec<u8> = (0..len)
+                .map(|j| (j.wrapping_mul(k + 1) >> 3) as u8)
+                .collect();
+            fnv(&mut digests[i], &payload);
+            tx.send(CLASSES[i], payload, Duration::from_secs(30))
+                .unwrap();
+            sent += len;
+            k += 1;
+            fault(received_bytes.load(Ordering::Relaxed));
+        }
+        // The send buffers may take everything long before it arrives: keep offering
+        // the fault hook the receiver's progress until it is done.
+        while !receiver.is_finished() {
+            fault(received_bytes.load(Ordering::Relaxed));
+            thread::sleep(Duration::from_millis(1));
+        }
+        let got = receiver.join().unwrap();
+        (digests, got)
+    });
+    (sent, got)
+}
+
+#[test]
+fn sixty_four_mib_cross_tls_over_four_connections_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    identity(dir.path());
+    let (dialer, acceptor) = open_pair(dir.path(), 4);
+    let started = Instant::now();
+    let (sent, got) = transfer(&dialer, &acceptor, 64 * MIB, |_| {});
+    assert_eq!(sent, got, "digests differ");
+    eprintln!("64 MiB over TLS in {:?}", started.elapsed());
+    let stats = dialer.stats();
+    assert!(
+        stats.srtt_ns.is_some() || stats.ready_connections == 4,
+        "{stats:?}"
+    );
+    assert_eq!(stats.ready_connections, 4, "{stats:?}");
+    // Closing one end tells the other at once.
+    let started = Instant::now();
+    drop(dialer);
+    let err = acceptor
+        .recv(StreamClass::Control, Duration::from_secs(10))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LinkError::Session(SessionError::PeerClosed {
+                reason: CloseReason::Shutdown
+            })
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn killed_connections_resume_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    identity(dir.path());
+    let (dialer, acceptor) = open_pair(dir.path(), 4);
+    let mut kills = 0;
+    let (sent, got) = transfer(&dialer, &acceptor, 48 * MIB, |received| {
+        if (kills == 0 && received > 8 * MIB) || (kills == 1 && received > 24 * MIB) {
+            assert!(dialer.kill_connections() > 0);
+            kills += 1;
+        }
+    });
+    assert_eq!(kills, 2);
+    assert_eq!(sent, got, "digests differ after resume");
+    let stats = dialer.stats();
+    assert!(stats.resumes >= 1, "{stats:?}");
+}
+
+#[test]
+fn a_peer_with_an_untrusted_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = identity(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let stranger = identity(other.path());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_tls = TlsIdentity::load(dir.path()).unwrap();
+    let acceptor = thread::spawn(move || {
+        Link::accept(
+            listener,
+            Some(&server_tls),
+            SessionConfig::new(Role::Destination),
+        )
+    });
+    let err =
+        Link::connect(addr, 2, Some(&stranger), SessionConfig::new(Role::Source)).unwrap_err();
+    assert!(matches!(err, LinkError::OpenFailed { .. }), "{err}");
+    eprintln!("refused as expected: {err}");
+    // The acceptor is still waiting, and a trusted dialer gets through.
+    let dialer = Link::connect(addr, 2, Some(&tls), SessionConfig::new(Role::Source)).unwrap();
+    let acceptor = acceptor.join().unwrap().unwrap();
+    dialer
+        .send(
+            StreamClass::Control,
+            b"hello".to_vec(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let got = acceptor
+        .recv(StreamClass::Control, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"hello"[..]));
+}
+
+#[test]
+fn plain_tcp_works_when_the_caller_opts_out_of_tls() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor =
+        thread::spawn(move || Link::accept(listener, None, SessionConfig::new(Role::Destination)));
+    let dialer = Link::connect(addr, 2, None, SessionConfig::new(Role::Source)).unwrap();
+    let acceptor = acceptor.join().unwrap().unwrap();
+    let (sent, got) = transfer(&dialer, &acceptor, 8 * MIB, |_| {});
+    assert_eq!(sent, got);
+    // And back the other way.
+    let (sent, got) = transfer(&acceptor, &dialer, 2 * MIB, |_| {});
+    assert_eq!(sent, got);
+}
