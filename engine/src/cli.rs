@@ -22,6 +22,76 @@ pub enum Command {
     Certs(CertsArgs),
     /// Emulate a WAN between two network namespaces (delay, rate, loss, jitter, link cuts).
     Wanem(WanemArgs),
+    /// Measure parts of strait on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Goodput of the session (or of one plain TCP connection) from namespace A to B over
+    /// an emulated WAN, every byte verified. Needs root (network namespaces). The last
+    /// line of stdout is one JSON object.
+    Link(LinkBenchArgs),
+}
+
+/// What `strait bench link` pushes over the emulated path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinkBenchMode {
+    /// A strait session: Bulk at full speed plus a steady Mirror and Control stream.
+    Session,
+    /// The peer to beat: one plain kernel TCP connection (the default congestion control).
+    SingleTcp,
+}
+
+/// Default payload of a bulk send: a quarter of a 1 MiB frame, like a disk-copy chunk.
+const DEFAULT_PAYLOAD_KIB: usize = 256;
+
+#[derive(Debug, Args)]
+pub struct LinkBenchArgs {
+    /// Round-trip time the emulated link adds, in milliseconds.
+    #[arg(long, default_value_t = 214)]
+    pub rtt_ms: u32,
+    /// Link rate in each direction, in Mbit/s.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_mbit: u32,
+    /// Length of the measured window, in seconds. A warm-up of max(2 s, 10 RTT) before
+    /// it is not counted.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Packet loss in each direction, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_pct: f64,
+    /// Plain TCP instead of mutual TLS (session mode only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// TCP connections the session stripes over (session mode only).
+    #[arg(long, default_value_t = strait_net::session::DEFAULT_CONNECTIONS)]
+    pub connections: u16,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = LinkBenchMode::Session)]
+    pub mode: LinkBenchMode,
+    /// Print only the JSON line (otherwise a one-line summary comes first).
+    #[arg(long)]
+    pub json: bool,
+    /// Bytes per bulk payload (session) or per write (single TCP), in KiB.
+    #[arg(long, default_value_t = DEFAULT_PAYLOAD_KIB, value_parser = clap::value_parser!(usize))]
+    pub payload_kib: usize,
+    /// Seed of the emulator's loss generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Session receive window per class, in MiB (the send buffer follows at 5/4 of it), to
+    /// see whether the window bounds goodput (session mode only).
+    #[arg(long, default_value_t = strait_net::session::RECV_WINDOW_BYTES >> 20)]
+    pub recv_window_mib: u64,
+    /// Session in-flight bound per connection, in MiB (session mode only).
+    #[arg(long, default_value_t = strait_net::session::CONN_INFLIGHT_BYTES_MAX >> 20)]
+    pub conn_inflight_mib: u64,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@
 //!
 //! `main.rs` only parses arguments and calls [`run`]; everything is reachable from tests.
 
+mod bench_link;
 pub mod cli;
 pub mod control;
 mod ctl;
@@ -21,6 +22,8 @@ pub enum Error {
     Ctl(#[from] ctl::CtlError),
     #[error(transparent)]
     Net(#[from] netcmd::NetCmdError),
+    #[error(transparent)]
+    Bench(#[from] Box<bench_link::BenchError>),
 }
 
 /// Runs one `strait` command to completion.
@@ -30,6 +33,9 @@ pub fn run(cli: cli::Cli) -> Result<(), Error> {
         cli::Command::Ctl(args) => ctl::run(args)?,
         cli::Command::Certs(args) => netcmd::certs(args)?,
         cli::Command::Wanem(args) => netcmd::wanem(args)?,
+        cli::Command::Bench(cli::BenchArgs {
+            command: cli::BenchCommand::Link(args),
+        }) => bench_link::run(args).map_err(Box::new)?,
     }
     Ok(())
 }
