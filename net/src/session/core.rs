@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use tracing::{debug, info, warn};
 
 use super::recv::{AppliedBeyondReceived, RecvClass};
-use super::sched::Drr;
+use super::sched::{ConnTuning, Drr};
 use super::send::{SendClass, SendStats};
 use super::{
     ConnError, ConnId, RecvStats, SendError, SessionConfig, SessionError, SessionEvent,
@@ -33,6 +33,8 @@ pub enum SessionState {
         /// When the last connection went down.
         since_ns: u64,
     },
+    /// Both sides finished gracefully: everything either sent was acked (step 9).
+    Closed,
     /// The session is over.
     Failed(SessionError),
 }
@@ -77,6 +79,9 @@ struct Conn {
     next_ping_ns: u64,
     /// Emit `ConnectionClosed` once `control_out` (a `Refuse`) was handed out.
     close_after_flush: Option<ConnError>,
+    /// Surplus after the dialer went back to fewer connections: it carries no new data
+    /// and is closed once its in-flight data is acked.
+    retiring: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +101,8 @@ pub struct SessionStats {
     pub srtt_ns: Option<u64>,
     /// Ready connections.
     pub ready_connections: usize,
+    /// Connections the dialer wants now: its chosen count (zero on the acceptor).
+    pub connections_target: u16,
     /// Connections closed by the session for a protocol error.
     pub connections_closed: u64,
     /// Times the session resumed after losing every connection.
@@ -126,8 +133,23 @@ pub struct SessionCore {
     next_attempt_ns: u64,
     ping_nonce: u64,
     now_ns: u64,
-    /// `close` was called: nothing more is queued.
+    /// `close` or `close_gracefully` was called, or the peer finished: nothing more is
+    /// queued.
     closing: bool,
+    /// The graceful close of step 9.
+    finish: Finish,
+    tuning: ConnTuning,
+}
+
+/// Progress of the graceful close (step 9 of [`crate::protocol`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Finish {
+    /// This side wants to finish: `Close { Done }` goes out once everything is acked.
+    wanted: bool,
+    /// Our `Close { Done }` is queued. Invariant: only once every class was acked.
+    done_sent: bool,
+    /// The peer's `Close { Done }` arrived: it has nothing more to send.
+    peer_done: bool,
 }
 
 fn class_index(class: StreamClass) -> usize {
@@ -200,6 +222,8 @@ impl SessionCore {
             ping_nonce: 0,
             now_ns,
             closing: false,
+            finish: Finish::default(),
+            tuning: ConnTuning::new(config.connections, config.connections_grow_max, now_ns),
         })
     }
 
@@ -210,7 +234,7 @@ impl SessionCore {
         if let SessionState::Failed(reason) = &self.state {
             return Err(SendError::Failed(reason.clone()));
         }
-        if self.closing {
+        if self.closing || self.state == SessionState::Closed {
             return Err(SendError::Closed);
         }
         if payload.is_empty() || payload.len() > MAX_FRAME_PAYLOAD_BYTES as usize {
@@ -251,6 +275,10 @@ impl SessionCore {
             stats.recv[i] = self.recv[i].stats();
         }
         stats.ready_connections = self.ready_count();
+        stats.connections_target = match self.side {
+            Side::Dialer { .. } => self.tuning.target,
+            Side::Acceptor { .. } => 0,
+        };
         stats
     }
 
@@ -277,9 +305,11 @@ impl SessionCore {
     /// Connections the dialer keeps: one until the session is open (the others join it).
     fn connections_wanted(&self) -> usize {
         match (self.side, &self.state) {
-            (Side::Acceptor { .. }, _) | (_, SessionState::Failed(_)) => 0,
+            (Side::Acceptor { .. }, _)
+            | (_, SessionState::Failed(_))
+            | (_, SessionState::Closed) => 0,
             (Side::Dialer { .. }, SessionState::Connecting) => 1,
-            (Side::Dialer { .. }, _) => usize::from(self.config.connections),
+            (Side::Dialer { .. }, _) => usize::from(self.tuning.target),
         }
     }
 
@@ -292,7 +322,7 @@ impl SessionCore {
     /// A new connection (TLS established) is up. The dialer greets on it.
     pub fn on_connection_up(&mut self, conn: ConnId, now_ns: u64) {
         self.now_ns = now_ns;
-        if matches!(self.state, SessionState::Failed(_)) {
+        if self.is_over() {
             self.push_event(SessionEvent::ConnectionClosed {
                 conn,
                 reason: ConnError::SessionEnded,
@@ -308,6 +338,7 @@ impl SessionCore {
             last_rx_ns: now_ns,
             next_ping_ns: now_ns,
             close_after_flush: None,
+            retiring: false,
         };
         if let Side::Dialer { session_id } = self.side {
             let opened = self.state != SessionState::Connecting;
@@ -408,6 +439,9 @@ impl SessionCore {
     /// Time passed: pings, acks, idle and resume deadlines.
     pub fn on_timer(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
+        if self.is_over() {
+            return;
+        }
         if let SessionState::Reconnecting { since_ns } = self.state {
             if now_ns >= since_ns.saturating_add(self.config.resume_window_ns) {
                 self.fail(SessionError::ResumeWindowExpired {
@@ -420,6 +454,8 @@ impl SessionCore {
         for r in self.recv.iter_mut() {
             r.on_timer(now_ns);
         }
+        self.tune_connections(now_ns);
+        self.close_retired();
         let mut idle = Vec::new();
         for (id, c) in self.conns.iter_mut() {
             // The same timeout bounds a handshake that never completes, so a silent
@@ -446,7 +482,7 @@ impl SessionCore {
 
     /// The next time `on_timer` has work, if any.
     pub fn poll_timeout(&self) -> Option<u64> {
-        if matches!(self.state, SessionState::Failed(_)) {
+        if self.is_over() {
             return None;
         }
         let mut t = None::<u64>;
@@ -471,6 +507,9 @@ impl SessionCore {
         if self.live_count() < self.connections_wanted() {
             at(self.next_attempt_ns);
         }
+        if let (Some(due), Side::Dialer { .. }) = (self.tuning.next_probe_ns(), self.side) {
+            at(due);
+        }
         t
     }
 
@@ -485,11 +524,13 @@ impl SessionCore {
         let mut out = std::mem::take(&mut c.control_out);
         if let Some(reason) = c.close_after_flush.take() {
             self.conns.remove(&conn);
-            self.stats.connections_closed += 1;
+            // A graceful end is not a connection closed for an error.
+            let graceful = matches!(reason, ConnError::SessionEnded | ConnError::Retired);
+            self.stats.connections_closed += u64::from(!graceful);
             self.push_event(SessionEvent::ConnectionClosed { conn, reason });
             return (!out.is_empty()).then_some(out);
         }
-        if c.phase == Phase::Ready && !matches!(self.state, SessionState::Failed(_)) {
+        if c.phase == Phase::Ready && !self.is_over() {
             self.write_flow_control(&mut out);
             while out.len() < TRANSMIT_BATCH_BYTES {
                 if !self.write_one_data(conn, &mut out) {
@@ -518,7 +559,7 @@ impl SessionCore {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
-        if c.inflight_bytes >= self.config.conn_inflight_bytes_max {
+        if c.inflight_bytes >= self.config.conn_inflight_bytes_max || c.retiring {
             return false;
         }
         let Some(class_i) = self.pick_class() else {
@@ -607,7 +648,11 @@ impl SessionCore {
                 )?;
             }
             Frame::Credit(c) => self.send[class_index(c.class)].on_credit(c.limit_bytes),
-            Frame::Ack(a) => self.on_ack(a.class, a.seq, now_ns)?,
+            Frame::Ack(a) => {
+                self.on_ack(a.class, a.seq, now_ns)?;
+                self.close_retired();
+                self.maybe_finish();
+            }
             Frame::Ping(p) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     push_control(c, &Frame::Pong(p));
@@ -624,6 +669,7 @@ impl SessionCore {
                     self.stats.srtt_ns = Some(srtt);
                 }
             }
+            Frame::Close(c) if c.reason == CloseReason::Done => self.on_peer_done(),
             Frame::Close(c) => {
                 self.fail(SessionError::PeerClosed { reason: c.reason });
             }
@@ -804,6 +850,7 @@ impl SessionCore {
             // Checked above, so this cannot fail; a stale point frees nothing.
             let _ = self.on_ack(class, point.get(class), now_ns);
         }
+        self.maybe_finish();
         true
     }
 
@@ -816,6 +863,17 @@ impl SessionCore {
         self.failed_attempts = 0;
         self.next_attempt_ns = now_ns;
         self.resend_control = true;
+        // Our `Close { Done }` may have been lost with the connections that carried it.
+        if self.finish.done_sent {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                push_control(
+                    c,
+                    &Frame::Close(Close {
+                        reason: CloseReason::Done,
+                    }),
+                );
+            }
+        }
         match self.state {
             SessionState::Connecting => {
                 info!(conn = conn.0, "session established");
@@ -837,7 +895,7 @@ impl SessionCore {
                     retransmitted_bytes,
                 });
             }
-            SessionState::Established | SessionState::Failed(_) => {}
+            SessionState::Established | SessionState::Closed | SessionState::Failed(_) => {}
         }
     }
 
@@ -905,6 +963,127 @@ impl SessionCore {
             push_control(c, &Frame::Close(Close { reason }));
         }
         self.closing = true;
+    }
+
+    /// Finishes the session gracefully (step 9 of [`crate::protocol`]): refuses further
+    /// sends, keeps sending and resending what is queued until the peer acked all of it,
+    /// then sends `Close { Done }`. The session reaches [`SessionState::Closed`] (and
+    /// reports [`SessionEvent::Closed`]) once the peer's own `Close { Done }` arrived;
+    /// until then it receives, acks and resumes as before. Received payloads stay
+    /// readable with [`SessionCore::recv`] after the close.
+    pub fn close_gracefully(&mut self) {
+        if self.is_over() {
+            return;
+        }
+        self.closing = true;
+        self.finish.wanted = true;
+        self.maybe_finish();
+    }
+
+    /// The peer sent `Close { Done }`: it has sent everything and we acked it all. We
+    /// stop taking new payloads, finish sending what is queued, and answer with our own.
+    fn on_peer_done(&mut self) {
+        if !self.finish.peer_done {
+            info!("peer finished; finishing our side");
+        }
+        self.finish.peer_done = true;
+        self.closing = true;
+        self.finish.wanted = true;
+        self.maybe_finish();
+    }
+
+    /// Sends `Close { Done }` once everything is acked, and closes once both sides did.
+    fn maybe_finish(&mut self) {
+        if !self.finish.wanted || self.is_over() {
+            return;
+        }
+        if !self.finish.done_sent && self.is_send_idle() {
+            let ready: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.phase == Phase::Ready)
+                .map(|(id, _)| *id)
+                .collect();
+            // Without a ready connection, `conn_ready` sends it on the next one.
+            self.finish.done_sent = true;
+            // On every ready connection: one lost with its connection costs nothing.
+            for id in ready {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    push_control(
+                        c,
+                        &Frame::Close(Close {
+                            reason: CloseReason::Done,
+                        }),
+                    );
+                }
+            }
+        }
+        if self.finish.done_sent && self.finish.peer_done {
+            info!("session closed gracefully");
+            self.state = SessionState::Closed;
+            // Each connection hands out its last control frames (our `Close`), then the
+            // driver closes it: `poll_transmit` reports `ConnectionClosed`.
+            for c in self.conns.values_mut() {
+                c.close_after_flush = Some(ConnError::SessionEnded);
+            }
+            self.push_event(SessionEvent::Closed);
+        }
+    }
+
+    /// Judges the connection count once per [`ConnTuning`] period. A period in which the
+    /// count was not all ready, or no data waited to be sent (the application, not the
+    /// link, was the limit), says nothing and is skipped.
+    fn tune_connections(&mut self, now_ns: u64) {
+        if !matches!(self.side, Side::Dialer { .. }) || !self.tuning.period_over(now_ns) {
+            return;
+        }
+        let target = self.tuning.target;
+        let waiting = self.send.iter().any(|s| s.next_sendable().is_some());
+        if self.closing
+            || self.state != SessionState::Established
+            || self.ready_count() < usize::from(target)
+            || !waiting
+        {
+            return;
+        }
+        let rate: u64 = self
+            .send
+            .iter()
+            .map(|s| s.stats(now_ns).drain_rate_bytes_per_s)
+            .sum();
+        if self.tuning.judge(rate) {
+            self.retire_surplus();
+        }
+    }
+
+    /// Marks the connections beyond the target, highest index first, as retiring.
+    fn retire_surplus(&mut self) {
+        let mut live: Vec<(u16, ConnId)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.retiring)
+            .map(|(id, c)| (c.index, *id))
+            .collect();
+        live.sort_unstable();
+        for (_, id) in live.into_iter().skip(usize::from(self.tuning.target)) {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.retiring = true;
+            }
+        }
+    }
+
+    /// Closes retiring connections that have no data in flight any more.
+    fn close_retired(&mut self) {
+        for c in self.conns.values_mut() {
+            if c.retiring && c.inflight_bytes == 0 && c.close_after_flush.is_none() {
+                c.close_after_flush = Some(ConnError::Retired);
+            }
+        }
+    }
+
+    /// Closed or failed: nothing more happens but the flush of the last control frames.
+    fn is_over(&self) -> bool {
+        matches!(self.state, SessionState::Closed | SessionState::Failed(_))
     }
 
     /// True while some connection has control frames (such as a `Close`) not yet

@@ -16,7 +16,13 @@
 //!       | Refuse / bad HelloAck        +---- a joined connection resumed -----+
 //!       v                                                                     |
 //!    Failed <----------- resume window expired / resume violation ------------+
+//!
+//!   Established or Reconnecting --both sides sent Close{Done} (step 9)--> Closed
 //! ```
+//!
+//! [`SessionCore::close_gracefully`] (or the peer's `Close { Done }`) starts the graceful
+//! close: new sends are refused, what is queued is still sent, resent and resumed, and the
+//! session reaches `Closed` only once both sides saw everything they sent acked.
 //!
 //! Each connection has its own phase: the dialer sends `Hello` and waits for `HelloAck`;
 //! the acceptor waits for `Hello`. An `Open` connection is ready after the handshake; a
@@ -136,6 +142,27 @@ pub const DRR_QUANTUM_BYTES: u64 = 64 << 10;
 /// Default number of connections a dialer keeps: 4 × 8 MiB in flight covers the BDP.
 pub const DEFAULT_CONNECTIONS: u16 = 4;
 
+/// Fewest connections a dialer that sizes its connection count
+/// ([`SessionConfig::connections_grow_max`]) starts with: two survive one reset without a
+/// resume stall and double what one TCP window carries.
+pub const MIN_CONNECTIONS: u16 = 2;
+
+/// Most connections a dialer grows to: 1 Gbit/s × 250 ms is 31 MB in flight, eight
+/// connections at the 4 MiB window a default Linux sender reaches; sixteen leave room
+/// for windows halved by loss, and stay within [`DEFAULT_CONNECTIONS_MAX`] so a default
+/// acceptor admits them all.
+pub const MAX_CONNECTIONS: u16 = 16;
+
+/// How long the dialer runs at a connection count before judging it: a join takes a few
+/// RTTs (at most about a second at 250 ms), then the drain rate needs its whole
+/// [`DRAIN_RATE_WINDOW_NS`] at the new count.
+pub const CONN_PROBE_INTERVAL_NS: u64 = DRAIN_RATE_WINDOW_NS + NS_PER_S;
+
+/// Rise of the drain rate, in percent, that justifies the connections added last: less
+/// means the bottleneck is the path or the receiver, where more connections only add
+/// state and retransmission exposure, so the dialer goes back to the previous count.
+pub const CONN_PROBE_GAIN_MIN_PERCENT: u64 = 10;
+
 /// Default connections an acceptor admits per session: room for replacements of
 /// connections it has not yet noticed are dead.
 pub const DEFAULT_CONNECTIONS_MAX: u16 = 16;
@@ -159,8 +186,13 @@ pub struct SessionConfig {
     pub resume_window_ns: u64,
     /// DRR weights of Mirror, Memory, Bulk; each at least 1.
     pub class_weights: [u32; 3],
-    /// Connections the dialer keeps up.
+    /// Connections the dialer keeps up (the starting count when it grows).
     pub connections: u16,
+    /// The dialer doubles its connections up to this count while each doubling raises the
+    /// drain rate by [`CONN_PROBE_GAIN_MIN_PERCENT`] with data waiting to be sent, and
+    /// returns to the previous count when one does not. At most `connections` (the
+    /// default) keeps the count fixed.
+    pub connections_grow_max: u16,
     /// Connections the acceptor admits.
     pub connections_max: u16,
     /// See [`ACK_DELAY_NS`].
@@ -182,6 +214,7 @@ impl SessionConfig {
             resume_window_ns: DEFAULT_RESUME_WINDOW_NS,
             class_weights: DEFAULT_CLASS_WEIGHTS,
             connections: DEFAULT_CONNECTIONS,
+            connections_grow_max: DEFAULT_CONNECTIONS,
             connections_max: DEFAULT_CONNECTIONS_MAX,
             ack_delay_ns: ACK_DELAY_NS,
             ping_interval_ns: PING_INTERVAL_NS,
@@ -200,6 +233,7 @@ impl SessionConfig {
         let max = crate::protocol::MAX_CONNECTIONS_PER_SESSION;
         if self.connections == 0
             || self.connections >= max
+            || self.connections_grow_max >= max
             || !(1..=max).contains(&self.connections_max)
         {
             return Err(ConfigError::Connections);
@@ -319,6 +353,9 @@ pub enum ConnError {
     /// The session ended.
     #[error("session ended")]
     SessionEnded,
+    /// The dialer went back to fewer connections; this one finished its in-flight data.
+    #[error("retired: fewer connections carry the session as fast")]
+    Retired,
 }
 
 /// Why a session failed. Reported by both sides where both can tell.
@@ -375,6 +412,9 @@ pub enum SessionEvent {
         /// Why.
         reason: ConnError,
     },
+    /// Both sides finished gracefully (step 9): everything either side sent was acked.
+    /// Each connection is reported `ConnectionClosed` once its last frames are handed out.
+    Closed,
     /// The session failed; drivers close every connection.
     Failed {
         /// Why.

@@ -1,9 +1,90 @@
 //! The scheduler's share of the link among Mirror, Memory and Bulk: deficit round robin
 //! by bytes (Shreedhar and Varghese), so each backlogged class gets its weight's share
 //! whatever its frame sizes, and none starves. Control is not here: it goes first.
+//!
+//! Also the dialer's choice of how many connections carry the link ([`ConnTuning`]).
 
-use super::DRR_QUANTUM_BYTES;
+use tracing::info;
+
+use super::{CONN_PROBE_GAIN_MIN_PERCENT, CONN_PROBE_INTERVAL_NS, DRR_QUANTUM_BYTES};
 use crate::protocol::MAX_FRAME_PAYLOAD_BYTES;
+
+/// The dialer's search for its connection count (see
+/// [`super::SessionConfig::connections_grow_max`]): doubles the count while each doubling
+/// raised the drain rate by [`CONN_PROBE_GAIN_MIN_PERCENT`], else goes back to the count
+/// before and settles.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConnTuning {
+    /// Connections wanted now. Invariant: `connections..=grow_max` of the config.
+    pub target: u16,
+    grow_max: u16,
+    /// The count before the last doubling and the drain rate it reached.
+    before: Option<(u16, u64)>,
+    next_probe_ns: u64,
+    /// No more changes: the last doubling did not pay, or the maximum was reached.
+    settled: bool,
+}
+
+impl ConnTuning {
+    pub fn new(start: u16, grow_max: u16, now_ns: u64) -> ConnTuning {
+        ConnTuning {
+            target: start,
+            grow_max: grow_max.max(start),
+            before: None,
+            next_probe_ns: now_ns,
+            settled: grow_max <= start,
+        }
+    }
+
+    /// When the current period ends, unless settled.
+    pub fn next_probe_ns(&self) -> Option<u64> {
+        (!self.settled).then_some(self.next_probe_ns)
+    }
+
+    /// True once per [`CONN_PROBE_INTERVAL_NS`] while not settled; the next period is
+    /// scheduled before the caller decides whether this one says anything, so a skipped
+    /// period never wakes the driver in a loop.
+    pub fn period_over(&mut self, now_ns: u64) -> bool {
+        if self.settled || now_ns < self.next_probe_ns {
+            return false;
+        }
+        self.next_probe_ns = now_ns.saturating_add(CONN_PROBE_INTERVAL_NS);
+        true
+    }
+
+    /// Judges a period at `target` connections that drained `rate` bytes per second with
+    /// data waiting. True when the target went back down (surplus connections retire).
+    pub fn judge(&mut self, rate: u64) -> bool {
+        let gain_min = u128::from(100 + CONN_PROBE_GAIN_MIN_PERCENT);
+        match self.before {
+            Some((count, rate_before))
+                if u128::from(rate) * 100 < u128::from(rate_before) * gain_min =>
+            {
+                info!(
+                    from = self.target,
+                    to = count,
+                    rate,
+                    rate_before,
+                    "more connections did not pay; going back"
+                );
+                self.target = count;
+                self.settled = true;
+                true
+            }
+            _ if self.target >= self.grow_max => {
+                self.settled = true;
+                false
+            }
+            _ => {
+                let to = self.target.saturating_mul(2).min(self.grow_max);
+                info!(from = self.target, to, rate, "adding connections");
+                self.before = Some((self.target, rate));
+                self.target = to;
+                false
+            }
+        }
+    }
+}
 
 /// Deficit round robin over three classes.
 #[derive(Debug)]

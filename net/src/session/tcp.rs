@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use super::{ConnId, SessionConfig, SessionCore, SessionError, SessionEvent, SessionStats};
+use super::{
+    ConnId, SessionConfig, SessionCore, SessionError, SessionEvent, SessionState, SessionStats,
+    CONN_INFLIGHT_BYTES_MAX, MAX_CONNECTIONS, MIN_CONNECTIONS,
+};
 use crate::protocol::{CloseReason, ResumeToken, SessionId, RESUME_TOKEN_BYTES, SESSION_ID_BYTES};
 use crate::tls::{self, TlsError, TlsIdentity};
 use crate::StreamClass;
@@ -44,7 +47,9 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const OPEN_ATTEMPTS_MAX: u32 = 3;
 
 /// Longest `close` waits for its `Close` frames to reach the sockets: a local write,
-/// so this only matters when a socket is stuck with a full buffer.
+/// so this only matters when a socket is stuck with a full buffer. It also bounds how
+/// long a connection the session closed may take to write its last frames and how long
+/// a finished link waits for the peer's end of stream before shutting its sockets.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often the acceptor polls its non-blocking listener: fast enough that a rejoining
@@ -99,6 +104,18 @@ pub enum LinkError {
     /// The link was closed by this side.
     #[error("link closed")]
     Closed,
+    /// The session finished gracefully ([`Link::finish`] on either side) and every
+    /// payload received was already returned: nothing more will arrive.
+    #[error("link finished")]
+    Finished,
+    /// [`Link::finish`] did not see both sides finish within its timeout.
+    #[error("session did not finish within {timeout:?} ({unacked_bytes} bytes still unacked)")]
+    FinishTimeout {
+        /// The wait.
+        timeout: Duration,
+        /// Bytes this side sent or queued that the peer had not acked.
+        unacked_bytes: u64,
+    },
 }
 
 enum Transport {
@@ -109,6 +126,10 @@ enum Transport {
 
 struct ConnHandle {
     sock: TcpStream,
+    /// The session closed this connection at this instant: its writer hands out the
+    /// last frames, then ends the stream; the timer thread shuts the socket if that
+    /// takes longer than [`CLOSE_FLUSH_TIMEOUT`].
+    closing_since: Option<Instant>,
 }
 
 struct Inner {
@@ -164,10 +185,13 @@ impl Inner {
                 SessionEvent::ConnectionClosed { conn, reason } => {
                     debug!(conn = conn.0, %reason, "session closed a connection");
                     self.last_conn_error = Some(reason.to_string());
-                    if let Some(h) = self.conns.get(&conn) {
-                        let _ = h.sock.shutdown(Shutdown::Both);
+                    // Not shut at once: the writer may hold the last frames (a `Refuse`
+                    // or `Close`) taken with this event; it ends the stream after them.
+                    if let Some(h) = self.conns.get_mut(&conn) {
+                        h.closing_since.get_or_insert_with(Instant::now);
                     }
                 }
+                SessionEvent::Closed => info!("link finished"),
                 SessionEvent::Failed { reason } => {
                     self.failed = Some(reason);
                     for h in self.conns.values() {
@@ -228,6 +252,20 @@ impl Link {
         let id = SessionId(random_bytes::<SESSION_ID_BYTES>()?);
         let core = SessionCore::dialer(config, id, 0)?;
         Link::start(core, Endpoint::Dial { addr, client })
+    }
+
+    /// Like [`Link::connect`], but the session chooses its connection count: it starts
+    /// with [`MIN_CONNECTIONS`] and doubles up to [`MAX_CONNECTIONS`] while each doubling
+    /// raises the measured drain rate with data waiting (see
+    /// [`SessionConfig::connections_grow_max`]). The count chosen is
+    /// [`SessionStats::connections_target`].
+    pub fn connect_auto(
+        addr: SocketAddr,
+        tls: Option<&TlsIdentity>,
+        mut config: SessionConfig,
+    ) -> Result<Link, LinkError> {
+        config.connections_grow_max = MAX_CONNECTIONS;
+        Link::connect(addr, MIN_CONNECTIONS, tls, config)
     }
 
     /// Accepts one session on `listener`, with mutual TLS unless `tls` is `None`.
@@ -353,6 +391,9 @@ impl Link {
             if g.closed {
                 return Err(LinkError::Closed);
             }
+            if g.core.state() == &SessionState::Closed {
+                return Err(LinkError::Finished);
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
@@ -391,6 +432,45 @@ impl Link {
         true
     }
 
+    /// Finishes the session gracefully (step 9 of [`crate::protocol`]): refuses further
+    /// sends, waits until the peer acked everything this side sent and the peer finished
+    /// too (it does so on its own once its sends are acked), then closes the link. On
+    /// success the peer received every byte and both sides report
+    /// [`SessionState::Closed`]. Waits up to `timeout` for the exchange.
+    pub fn finish(&self, timeout: Duration) -> Result<(), LinkError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        g.core.close_gracefully();
+        drop(g);
+        self.shared.cond.notify_all();
+        g = self.shared.lock();
+        while g.core.state() != &SessionState::Closed {
+            if let Some(reason) = g.failed.clone() {
+                return Err(LinkError::Session(reason));
+            }
+            if g.closed {
+                return Err(LinkError::Closed);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let unacked_bytes = g.core.stats().send.iter().map(|s| s.backlog_bytes).sum();
+                return Err(LinkError::FinishTimeout {
+                    timeout,
+                    unacked_bytes,
+                });
+            }
+            g = self.shared.wait(g, (deadline - now).min(WAIT_TICK));
+        }
+        drop(g);
+        self.close();
+        Ok(())
+    }
+
+    /// The session's state.
+    pub fn state(&self) -> SessionState {
+        self.shared.lock().core.state().clone()
+    }
+
     /// Shuts every connection's socket down, as a network fault would: for fault drills
     /// and tests. The session resumes over new connections. Returns how many were cut.
     pub fn kill_connections(&self) -> usize {
@@ -401,10 +481,20 @@ impl Link {
         g.conns.len()
     }
 
-    /// Closes the link: every connection is shut and the threads end.
+    /// Closes the link: every connection is shut and the threads end. Once the session
+    /// finished ([`Link::finish`]) this is quiet; otherwise the peer is told
+    /// `Close { Shutdown }` and fails at once.
     pub fn close(&self) {
         let mut g = self.shared.lock();
-        if !g.closed && g.failed.is_none() {
+        if !g.closed && g.core.state() == &SessionState::Closed {
+            // Let the writers hand the last `Close` to the sockets and end the streams,
+            // and the readers see the peer's end, so no socket is closed with unread
+            // data (which would reset it and could discard our last frames).
+            let deadline = Instant::now() + CLOSE_FLUSH_TIMEOUT;
+            while !g.conns.is_empty() && Instant::now() < deadline {
+                g = self.shared.wait(g, WAIT_TICK);
+            }
+        } else if !g.closed && g.failed.is_none() {
             // Tell the peer, so it fails at once instead of after its resume window.
             g.core.close(CloseReason::Shutdown);
             drop(g);
@@ -443,6 +533,13 @@ fn timer_thread(shared: &Arc<Shared>, endpoint: Endpoint) {
         let now_ns = shared.now_ns();
         g.core.on_timer(now_ns);
         g.pump_events();
+        for h in g.conns.values() {
+            if h.closing_since
+                .is_some_and(|t| t.elapsed() >= CLOSE_FLUSH_TIMEOUT)
+            {
+                let _ = h.sock.shutdown(Shutdown::Both);
+            }
+        }
         if g.failed.is_some() {
             break;
         }
@@ -517,6 +614,7 @@ fn accept_one(
     let result = sock
         .set_nonblocking(false)
         .and_then(|()| sock.set_nodelay(true))
+        .map(|()| size_send_buffer(&sock))
         .map_err(|source| LinkError::Io {
             op: "configure accepted socket",
             source,
@@ -552,6 +650,7 @@ fn dial(
     let io_err = |op| move |source| LinkError::Io { op, source };
     let sock = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(io_err("connect"))?;
     sock.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    size_send_buffer(&sock);
     match client {
         None => Ok((sock, Transport::Plain)),
         Some(config) => {
@@ -561,6 +660,51 @@ fn dial(
                 Transport::Tls(Box::new(Mutex::new(stream.conn.into()))),
             ))
         }
+    }
+}
+
+/// Where Linux keeps the send-buffer autotuning bounds: "min default max" in bytes.
+const TCP_WMEM_PATH: &str = "/proc/sys/net/ipv4/tcp_wmem";
+
+/// Sizes the socket's send buffer to what the session keeps in flight on a connection.
+///
+/// Decision, from the kernel this runs on (6.18; `net.core.{r,w}mem_max` = 4 MiB and
+/// read-only inside network namespaces, `tcp_rmem` max 32 MiB, `tcp_wmem` max 4 MiB):
+///
+/// - Receive: never set. An explicit `SO_RCVBUF` is clamped to `rmem_max` (doubled by
+///   the kernel: 8 MiB measured) and turns autotuning off, while autotuning alone grows
+///   to `tcp_rmem`'s 32 MiB, a whole 1 Gbit/s × 250 ms BDP on one connection.
+/// - Send: set only when autotuning's ceiling (`tcp_wmem` max, 4 MiB here) is below
+///   [`CONN_INFLIGHT_BYTES_MAX`] (8 MiB). Asking for half of it gets the full 8 MiB
+///   (measured: `SO_SNDBUF` 4 MiB reads back 8 MiB; the kernel doubles for its
+///   bookkeeping, and clamps at `wmem_max`), twice what autotuning reaches, so each
+///   connection can keep its full in-flight bound in the socket. Where `tcp_wmem` is
+///   already larger, setting it would only cap autotuning, so it is left alone.
+///
+/// The connection count does the rest (see [`SessionConfig::connections_grow_max`]).
+/// Best effort: a failure leaves the kernel's default, which only costs throughput.
+fn size_send_buffer(sock: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let autotune_max_bytes = std::fs::read_to_string(TCP_WMEM_PATH)
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok());
+    if autotune_max_bytes.is_some_and(|max| max >= CONN_INFLIGHT_BYTES_MAX) {
+        return;
+    }
+    let requested = libc::c_int::try_from(CONN_INFLIGHT_BYTES_MAX / 2).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the fd is a live socket owned by `sock` for the whole call, and the option
+    // value points at a c_int whose size is passed as the option length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::from_ref(&requested).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(error = %io::Error::last_os_error(), "could not size the send buffer");
     }
 }
 
@@ -582,7 +726,13 @@ fn register(
         return;
     };
     g.core.on_connection_up(conn, shared.now_ns());
-    g.conns.insert(conn, ConnHandle { sock });
+    g.conns.insert(
+        conn,
+        ConnHandle {
+            sock,
+            closing_since: None,
+        },
+    );
     let transport = Arc::new(transport);
     g.threads_running += 2;
     let (s, t) = (shared.clone(), transport.clone());
@@ -691,16 +841,25 @@ fn reader_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
 }
 
 fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transport: &Transport) {
+    let mut end_stream = false;
     loop {
         let mut g = shared.lock();
         let bytes = loop {
-            if g.closed || !g.conns.contains_key(&conn) {
+            let Some(h) = g.conns.get(&conn) else {
+                break None;
+            };
+            if g.closed {
                 break None;
             }
+            let closing = h.closing_since.is_some();
             if let Some(bytes) = g.core.poll_transmit(conn) {
                 g.pump_events();
                 g.writes_in_progress += 1;
                 break Some(bytes);
+            }
+            if closing {
+                end_stream = true;
+                break None;
             }
             g = shared.wait(g, WAIT_TICK);
         };
@@ -716,12 +875,36 @@ fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
             break;
         }
     }
-    // The reader sees the shutdown and reports the connection down.
-    let _ = sock.shutdown(Shutdown::Both);
+    if end_stream {
+        // The session closed this connection after its last frames: end the stream
+        // cleanly (TLS close_notify, then FIN) and let the reader drain until the peer
+        // ends its own, so nothing unread resets the connection under our last frames.
+        let _ = end_tls(&mut sock, transport);
+        let _ = sock.shutdown(Shutdown::Write);
+    } else {
+        // The reader sees the shutdown and reports the connection down.
+        let _ = sock.shutdown(Shutdown::Both);
+    }
     let mut g = shared.lock();
     g.threads_running -= 1;
     drop(g);
     shared.cond.notify_all();
+}
+
+/// Sends TLS close_notify, if the connection has TLS.
+fn end_tls(sock: &mut TcpStream, transport: &Transport) -> io::Result<()> {
+    let Transport::Tls(tls) = transport else {
+        return Ok(());
+    };
+    let mut records = Vec::new();
+    {
+        let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
+        tls.send_close_notify();
+        while tls.wants_write() {
+            tls.write_tls(&mut records)?;
+        }
+    }
+    sock.write_all(&records)
 }
 
 fn write_all(sock: &mut TcpStream, transport: &Transport, bytes: &[u8]) -> io::Result<()> {

@@ -250,3 +250,294 @@ fn close_tells_the_peer_and_refuses_further_sends() {
         SessionState::Failed(SessionError::PeerClosed { .. })
     ));
 }
+
+#[test]
+fn a_graceful_close_with_nothing_unacked_ends_both_sides_closed() {
+    let (mut a, mut b) = open();
+    a.send(StreamClass::Memory, vec![5; 300]).unwrap();
+    a.close_gracefully();
+    assert_eq!(a.send(StreamClass::Bulk, vec![1]), Err(SendError::Closed));
+    pump(&mut a, &mut b, 2);
+    assert_eq!(b.recv(StreamClass::Memory), Some(vec![5; 300]));
+    // Nothing goes before the ack, which waits for its delay.
+    assert_eq!(a.state(), &SessionState::Established);
+    b.on_timer(2 + ACK_DELAY_NS);
+    pump(&mut a, &mut b, 3 + ACK_DELAY_NS);
+    assert_eq!(a.state(), &SessionState::Closed);
+    assert_eq!(b.state(), &SessionState::Closed);
+    for core in [&mut a, &mut b] {
+        let events = events(core);
+        assert!(events.contains(&SessionEvent::Closed), "{events:?}");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SessionEvent::Failed { .. })),
+            "{events:?}"
+        );
+        assert_eq!(core.stats().connections_closed, 0);
+        assert_eq!(core.poll_timeout(), None);
+    }
+    assert_eq!(b.send(StreamClass::Bulk, vec![1]), Err(SendError::Closed));
+}
+
+/// Tests of graceful close over the simulated WAN and over TLS sockets.
+mod finish {
+    use super::*;
+    use crate::session::sim_driver::SimPair;
+    use crate::session::tcp::{Link, LinkError};
+    use crate::sim::SimConfig;
+    use std::time::Duration;
+
+    const MIB: usize = 1 << 20;
+
+    fn payload(tag: u8, i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|j| tag ^ (i as u8) ^ (j >> 7) as u8).collect()
+    }
+
+    /// Takes and applies everything `core` received of `class` into `into`.
+    fn drain(core: &mut SessionCore, class: StreamClass, into: &mut Vec<u8>) {
+        while let Some(p) = core.recv(class) {
+            core.mark_applied(class, p.len() as u64).unwrap();
+            into.extend_from_slice(&p);
+        }
+    }
+
+    #[test]
+    fn sim_graceful_close_delivers_every_byte_even_while_the_peer_still_sends() {
+        let mut pair = SimPair::with_defaults(11, SimConfig::default()).unwrap();
+        let up = pair.run(10_000_000_000, |p| {
+            p.dialer.state() == &SessionState::Established
+                && p.acceptor.state() == &SessionState::Established
+        });
+        assert_eq!(up, Ok(true));
+        // The dialer sends a little and finishes at once; the acceptor sends more than
+        // a window, so the dialer's `Close { Done }` reaches it with data unacked.
+        let (mut sent_a, mut sent_b) = (Vec::new(), Vec::new());
+        for i in 0..4 {
+            let p = payload(0xa1, i, MIB);
+            sent_a.extend_from_slice(&p);
+            pair.dialer.send(StreamClass::Bulk, p).unwrap();
+        }
+        for i in 0..36 {
+            let p = payload(0xb2, i, MIB);
+            sent_b.extend_from_slice(&p);
+            pair.acceptor.send(StreamClass::Memory, p).unwrap();
+        }
+        pair.dialer.close_gracefully();
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let mut refused_with_backlog = false;
+        let done = pair.run(60_000_000_000, |p| {
+            drain(&mut p.acceptor, StreamClass::Bulk, &mut got_a);
+            drain(&mut p.dialer, StreamClass::Memory, &mut got_b);
+            if !p.acceptor.is_send_idle()
+                && p.acceptor.send(StreamClass::Mirror, vec![1]) == Err(SendError::Closed)
+            {
+                refused_with_backlog = true;
+            }
+            p.dialer.state() == &SessionState::Closed && p.acceptor.state() == &SessionState::Closed
+        });
+        assert_eq!(
+            done,
+            Ok(true),
+            "{:?} {:?}",
+            pair.dialer.state(),
+            pair.acceptor.state()
+        );
+        drain(&mut pair.acceptor, StreamClass::Bulk, &mut got_a);
+        drain(&mut pair.dialer, StreamClass::Memory, &mut got_b);
+        // Mirror probes the acceptor sent before it learnt of the close also arrive.
+        assert!(got_a == sent_a, "dialer -> acceptor bytes differ");
+        assert!(got_b == sent_b, "acceptor -> dialer bytes differ");
+        assert!(
+            refused_with_backlog,
+            "the peer's Done came after our backlog"
+        );
+        for events in &pair.events {
+            assert!(events.contains(&SessionEvent::Closed), "{events:?}");
+            assert!(
+                !events
+                    .iter()
+                    .any(|e| matches!(e, SessionEvent::Failed { .. })),
+                "{events:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tcp_finish_delivers_every_byte_and_both_links_end_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::write_certs(dir.path(), &["127.0.0.1".to_string()]).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_tls = crate::tls::TlsIdentity::load(dir.path()).unwrap();
+        let acceptor = std::thread::spawn(move || {
+            Link::accept(
+                listener,
+                Some(&server_tls),
+                SessionConfig::new(Role::Destination),
+            )
+        });
+        let client_tls = crate::tls::TlsIdentity::load(dir.path()).unwrap();
+        let config = SessionConfig::new(Role::Source);
+        let tx = Link::connect(addr, 4, Some(&client_tls), config).unwrap();
+        let rx = acceptor.join().unwrap().unwrap();
+        let mut sent = Vec::new();
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            loop {
+                match rx.recv(StreamClass::Bulk, Duration::from_secs(20)) {
+                    Ok(Some(p)) => {
+                        rx.mark_applied(StreamClass::Bulk, p.len() as u64).unwrap();
+                        got.extend_from_slice(&p);
+                    }
+                    Ok(None) => panic!("receive timed out at {} bytes", got.len()),
+                    Err(LinkError::Finished) => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (got, rx.state(), rx)
+        });
+        for i in 0..48 {
+            let p = payload(0x3c, i, MIB - i * 1000);
+            sent.extend_from_slice(&p);
+            tx.send(StreamClass::Bulk, p, Duration::from_secs(20))
+                .unwrap();
+        }
+        tx.finish(Duration::from_secs(30)).unwrap();
+        assert_eq!(tx.state(), SessionState::Closed);
+        let (got, rx_state, rx) = receiver.join().unwrap();
+        assert!(
+            got == sent,
+            "{} bytes sent, {} received",
+            sent.len(),
+            got.len()
+        );
+        assert_eq!(rx_state, SessionState::Closed);
+        assert!(matches!(
+            tx.send(StreamClass::Bulk, vec![1], Duration::ZERO),
+            Err(LinkError::Closed)
+        ));
+        // Finishing the answering side too is quiet and immediate.
+        rx.finish(Duration::from_secs(1)).unwrap();
+    }
+}
+
+/// Tests of the dialer's choice of its connection count over the simulated network.
+mod tuning {
+    use super::*;
+    use crate::session::sim_driver::SimPair;
+    use crate::sim::{LinkConfig, SimConfig};
+
+    const FRAME_BYTES: usize = 64 << 10;
+
+    /// A scaled-down WAN, so a debug build simulates it quickly: a 12 MB/s bottleneck
+    /// and a 300 KiB window per connection (above one 256 KiB transmit batch), one-way
+    /// `delay_ns`.
+    fn net(delay_ns: u64) -> SimConfig {
+        SimConfig {
+            link: LinkConfig {
+                delay_ns,
+                jitter_ns: delay_ns / 20,
+                bandwidth_bytes_per_s: 0,
+                window_bytes: 300 << 10,
+                loss_per_million: 0,
+                handshake_round_trips: 2,
+                reset_detect_ns: NS_PER_S,
+            },
+            shared_bandwidth_bytes_per_s: 12_000_000,
+        }
+    }
+
+    /// Keeps the dialer's Bulk buffer full for `run_ns`; returns the dialer's stats.
+    fn saturate(delay_ns: u64, run_ns: u64) -> (SessionStats, usize) {
+        let mut dialer = SessionConfig::new(Role::Source);
+        dialer.connections = MIN_CONNECTIONS;
+        dialer.connections_grow_max = MAX_CONNECTIONS;
+        let acceptor = SessionConfig::new(Role::Destination);
+        let mut pair = SimPair::new(5, net(delay_ns), dialer, acceptor).unwrap();
+        let mut received = 0u64;
+        let done = pair.run(run_ns, |p| {
+            while p.dialer.can_send(StreamClass::Bulk, FRAME_BYTES) {
+                p.dialer
+                    .send(StreamClass::Bulk, vec![7; FRAME_BYTES])
+                    .unwrap();
+            }
+            while let Some(data) = p.acceptor.recv(StreamClass::Bulk) {
+                received += data.len() as u64;
+                p.acceptor
+                    .mark_applied(StreamClass::Bulk, data.len() as u64)
+                    .unwrap();
+            }
+            false
+        });
+        assert_eq!(done, Ok(false));
+        assert!(
+            received > 0,
+            "{:?} {:?} {:?} {:?}",
+            pair.dialer.state(),
+            pair.events,
+            pair.dialer.stats(),
+            pair.acceptor.stats()
+        );
+        let failed = pair.events[0]
+            .iter()
+            .chain(&pair.events[1])
+            .any(|e| matches!(e, SessionEvent::Failed { .. }));
+        assert!(!failed, "{:?}", pair.events);
+        (pair.dialer.stats(), pair.live_connections().len())
+    }
+
+    #[test]
+    fn connections_grow_on_a_long_fat_link_where_one_window_limits() {
+        // 150 ms RTT: a 300 KiB window carries about 2 MB/s, so the 12 MB/s
+        // bottleneck needs about six connections.
+        let (stats, live) = saturate(75 * NS_PER_MS, 14 * NS_PER_S);
+        eprintln!(
+            "long link: target {} live {live} rate {} B/s",
+            stats.connections_target, stats.send[3].drain_rate_bytes_per_s
+        );
+        assert!(stats.connections_target >= 8, "{stats:?}");
+        assert_eq!(live, usize::from(stats.connections_target));
+        assert!(
+            stats.send[3].drain_rate_bytes_per_s > 10_000_000,
+            "{stats:?}"
+        );
+    }
+
+    #[test]
+    fn tcp_connect_auto_starts_with_the_minimum_and_reports_its_count() {
+        use crate::session::tcp::Link;
+        use std::time::{Duration, Instant};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = std::thread::spawn(move || {
+            Link::accept(listener, None, SessionConfig::new(Role::Destination))
+        });
+        let tx = Link::connect_auto(addr, None, SessionConfig::new(Role::Source)).unwrap();
+        let rx = acceptor.join().unwrap().unwrap();
+        assert_eq!(tx.stats().connections_target, MIN_CONNECTIONS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tx.stats().ready_connections < usize::from(MIN_CONNECTIONS) {
+            assert!(Instant::now() < deadline, "{:?}", tx.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tx.send(StreamClass::Bulk, vec![1; 1000], Duration::from_secs(5))
+            .unwrap();
+        let got = rx.recv(StreamClass::Bulk, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, Some(vec![1; 1000]));
+        rx.mark_applied(StreamClass::Bulk, 1000).unwrap();
+        tx.finish(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn connections_stay_few_on_a_short_link() {
+        // 2 ms RTT: one window carries 150 MB/s, ten times the bottleneck.
+        let (stats, live) = saturate(NS_PER_MS, 8 * NS_PER_S);
+        eprintln!(
+            "short link: target {} live {live} rate {} B/s",
+            stats.connections_target, stats.send[3].drain_rate_bytes_per_s
+        );
+        assert_eq!(stats.connections_target, MIN_CONNECTIONS, "{stats:?}");
+        assert_eq!(live, usize::from(MIN_CONNECTIONS));
+    }
+}
