@@ -25,13 +25,7 @@ fn run_guest(dir: &Path, qsd: &QsdConfig, config: &QemuConfig) -> GuestReport {
     let report = qemu
         .wait_verdict(BOOT_AND_SCENARIO_TIMEOUT)
         .expect("guest verdict");
-    eprintln!(
-        "guest {} finished in {:.1} s: {:?} {:?}",
-        config.scenario.name(),
-        report.elapsed.as_secs_f64(),
-        report.verdict,
-        report.results
-    );
+    report.log(config.scenario);
     report
 }
 

@@ -36,7 +36,8 @@ impl Serve {
         let vhost = dir.join("vhost.sock");
         let control = dir.join("control.sock");
         let log = dir.join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
+        command
             .arg("serve")
             .arg("--disk")
             .arg(image)
@@ -47,28 +48,24 @@ impl Serve {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = common::kill_with_parent(&mut command).spawn().unwrap();
+        for socket in [&vhost, &control] {
+            common::wait_for_socket(
+                socket,
+                &mut child,
+                "strait serve",
+                Some(&log),
+                SERVE_START_TIMEOUT,
+            )
             .unwrap();
-        let mut serve = Serve {
+        }
+        Serve {
             child,
             control,
             vhost,
             log,
-        };
-        let deadline = Instant::now() + SERVE_START_TIMEOUT;
-        while !(serve.control.exists() && serve.vhost.exists()) {
-            if let Ok(Some(status)) = serve.child.try_wait() {
-                panic!("strait serve exited with {status}: {}", serve.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "strait serve did not start: {}",
-                serve.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        serve
     }
 
     fn log_text(&self) -> String {
@@ -122,13 +119,7 @@ fn boot(config: &QemuConfig, serve: &Serve) -> GuestReport {
     let report = qemu
         .wait_verdict(BOOT_AND_SCENARIO_TIMEOUT)
         .unwrap_or_else(|e| panic!("no verdict: {e:?}\nstrait log:\n{}", serve.log_text()));
-    eprintln!(
-        "guest {} finished in {:.1} s: {:?} {:?}",
-        config.scenario.name(),
-        report.elapsed.as_secs_f64(),
-        report.verdict,
-        report.results
-    );
+    report.log(config.scenario);
     report
 }
 

@@ -27,6 +27,13 @@ pub type AtomicMemory = GuestMemoryAtomic<GuestMemory>;
 /// One vring as `vhost-user-backend` keeps it.
 pub type Vring = VringRwLock<AtomicMemory>;
 
+/// The vhost-user protocol features offered: the config space (QEMU's vhost-user-blk needs
+/// it), several queues, the shared dirty log (migration), acknowledged requests.
+pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
+    .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::REPLY_ACK);
+
 /// How long `GET_VRING_BASE` waits for a queue's in-flight requests. A request still running
 /// after 30 s is stuck in the host's storage stack (Linux's own block-layer timeout is 30 s);
 /// we answer the VMM anyway rather than hang it, and log the stuck queue.
@@ -270,10 +277,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::REPLY_ACK
+        PROTOCOL_FEATURES
     }
 
     fn set_event_idx(&self, enabled: bool) {

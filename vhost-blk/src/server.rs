@@ -220,7 +220,10 @@ impl Backend {
             vmm_connected: s.connected(),
             offered_features: feature_names(s.offered_features()),
             acked_features: feature_names(s.acked_features()),
-            protocol_features: vec!["CONFIG", "MQ", "LOG_SHMFD", "REPLY_ACK"],
+            protocol_features: crate::device::PROTOCOL_FEATURES
+                .iter_names()
+                .map(|(name, _)| name)
+                .collect(),
             dirty_logging: s.log.is_on(),
             writeback: s.writeback(),
             uptime_s: self.started.elapsed().as_secs_f64(),

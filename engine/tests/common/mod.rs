@@ -51,7 +51,7 @@ mod qsd;
 pub use disk::{make_image, md5_file, md5_file_range, md5_zeros, Fill};
 pub use error::HarnessError;
 pub use guest::{guest_artifacts, require_qemu, require_qsd, test_dir, Guest};
-pub use process::wait_for_socket;
+pub use process::{kill_with_parent, wait_for_socket};
 pub use qemu::{
     parse_console_line, ConsoleLine, GuestReport, Qemu, QemuConfig, Scenario, Verdict,
     BOOT_AND_SCENARIO_TIMEOUT, QEMU_EXIT_TIMEOUT,

@@ -18,7 +18,7 @@ const SOCKET_POLL_INTERVAL: Duration = Duration::from_millis(20);
 ///
 /// Linux ties the signal to the *thread* that forks: spawn from the test's own thread, not
 /// from a helper thread that ends early.
-pub(crate) fn kill_with_parent(command: &mut Command) -> &mut Command {
+pub fn kill_with_parent(command: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed; prctl is a plain system call and touches no
     // memory of the parent.

@@ -241,6 +241,17 @@ pub struct GuestReport {
 }
 
 impl GuestReport {
+    /// Prints the scenario, its time and what the guest reported (shown on failure).
+    pub fn log(&self, scenario: Scenario) {
+        eprintln!(
+            "guest {} finished in {:.1} s: {:?} {:?}",
+            scenario.name(),
+            self.elapsed.as_secs_f64(),
+            self.verdict,
+            self.results
+        );
+    }
+
     pub fn is_pass(&self) -> bool {
         self.verdict == Verdict::Pass
     }
