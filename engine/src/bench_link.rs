@@ -4,7 +4,7 @@
 //! Both modes run inside one `Wanem` (namespaces A and B joined by the emulated path),
 //! push from A to B for a warm-up that is not counted and then for the measured window,
 //! and verify every byte on arrival: each class is a byte stream whose content is a
-//! function of its offset ([`fill`]/[`check`]), so a lost, duplicated or reordered byte
+//! function of its offset ([`crate::pattern`]), so a lost, duplicated or reordered byte
 //! shows as a mismatch. The last line of stdout is one JSON object.
 //!
 //! Both modes see the same TCP buffer limits: `Wanem` sets `tcp_rmem`/`tcp_wmem` maxima to
@@ -29,6 +29,7 @@ use strait_net::wanem::{DirectionStats, Wanem, WanemConfig, WanemError};
 use strait_net::StreamClass;
 
 use crate::cli::{LinkBenchArgs, LinkBenchMode};
+use crate::pattern::{check, payload};
 
 /// Shortest warm-up: slow start and the session's windows need a few seconds to open
 /// even on a short path.
@@ -78,55 +79,6 @@ pub enum BenchError {
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> BenchError {
     move |source| BenchError::Io { op, source }
-}
-
-/// The byte at stream offset `offset`: a 64-bit word per 8 bytes, mixed so that a shifted
-/// or repeated block never matches.
-fn word(index: u64) -> u64 {
-    (index ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Fills `buf` with the stream's content starting at `offset`.
-fn fill(buf: &mut [u8], offset: u64) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let at = offset + i as u64;
-        *b = word(at / 8).to_le_bytes()[(at % 8) as usize];
-    }
-}
-
-/// The stream's content as a vector, aligned fast path for the common 8-aligned offsets.
-fn payload(len: usize, offset: u64) -> Vec<u8> {
-    let mut buf = vec![0; len];
-    if offset.is_multiple_of(8) && len.is_multiple_of(8) {
-        for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&word(offset / 8 + i as u64).to_le_bytes());
-        }
-    } else {
-        fill(&mut buf, offset);
-    }
-    buf
-}
-
-/// Whether `buf` is the stream's content at `offset`.
-fn check(buf: &[u8], offset: u64) -> bool {
-    let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
-    let (first, rest) = buf.split_at(head);
-    let mut expect = vec![0; first.len()];
-    fill(&mut expect, offset);
-    if first != expect.as_slice() {
-        return false;
-    }
-    let base = (offset + head as u64) / 8;
-    let mut chunks = rest.chunks_exact(8);
-    for (i, chunk) in chunks.by_ref().enumerate() {
-        if chunk != word(base + i as u64).to_le_bytes() {
-            return false;
-        }
-    }
-    let tail = chunks.remainder();
-    let mut expect = vec![0; tail.len()];
-    fill(&mut expect, offset + (buf.len() - tail.len()) as u64);
-    tail == expect.as_slice()
 }
 
 /// Verified bytes per class, written by the receivers, sampled by the clock.
@@ -207,17 +159,17 @@ fn run_session(
         .run_in_b(|| TcpListener::bind((wanem.addr_b(), 0)))?
         .map_err(io_err("bind listener in namespace B"))?;
     let addr = listener.local_addr().map_err(io_err("listener address"))?;
+    let config = |role| {
+        let mut config = SessionConfig::new(role);
+        config.recv_window_bytes = args.recv_window_mib << 20;
+        config.send_buffer_bytes = config.recv_window_bytes + config.recv_window_bytes / 4;
+        config.conn_inflight_bytes_max = args.conn_inflight_mib << 20;
+        config
+    };
     let (acceptor, dialer) = thread::scope(|s| {
-        let acceptor =
-            s.spawn(|| Link::accept(listener, tls, SessionConfig::new(Role::Destination)));
-        let dialer = wanem.run_in_a(|| {
-            Link::connect(
-                addr,
-                args.connections,
-                tls,
-                SessionConfig::new(Role::Source),
-            )
-        });
+        let acceptor = s.spawn(|| Link::accept(listener, tls, config(Role::Destination)));
+        let dialer =
+            wanem.run_in_a(|| Link::connect(addr, args.connections, tls, config(Role::Source)));
         (acceptor.join(), dialer)
     });
     let acceptor = acceptor.map_err(|_| BenchError::Panicked)??;
@@ -248,6 +200,10 @@ fn drive_session(
             .collect();
         let bulk = s.spawn(|| send_bulk(dialer, payload_bytes, &stop));
         let trickle = s.spawn(|| send_trickle(dialer, &stop));
+        if args.trace {
+            let stop = &stop;
+            s.spawn(move || trace_bulk(dialer, acceptor, stop));
+        }
         let sample = |counters: &Counters| {
             let stats = dialer.stats();
             let retx: u64 = stats.send.iter().map(|c| c.retransmitted_bytes).sum();
@@ -277,6 +233,33 @@ fn drive_session(
             None => measured,
         }
     })
+}
+
+/// How often `--trace` prints.
+const TRACE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `--trace`: one stderr line per [`TRACE_INTERVAL`] with the Bulk class's state, in MiB.
+fn trace_bulk(dialer: &Link, acceptor: &Link, stop: &AtomicBool) {
+    let bulk = StreamClass::ALL
+        .iter()
+        .position(|c| *c == StreamClass::Bulk)
+        .unwrap_or(3);
+    let started = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let (send, recv) = (dialer.stats().send[bulk], acceptor.stats().recv[bulk]);
+        eprintln!(
+            "trace t={:.2}s backlog={} credit_left={} unacked={} received={} applied={} \
+             reorder_frames={}",
+            started.elapsed().as_secs_f64(),
+            send.backlog_bytes >> 20,
+            send.credit_available_bytes >> 20,
+            (send.sent_bytes - send.acked_bytes) >> 20,
+            recv.received_bytes >> 20,
+            recv.applied_bytes >> 20,
+            recv.reorder_frames,
+        );
+        thread::sleep(TRACE_INTERVAL);
+    }
 }
 
 fn dialer_srtt(dialer: &Link) -> impl Fn() -> Option<f64> + '_ {
@@ -630,22 +613,4 @@ fn print_summary(r: &Value) {
         r["retransmitted_bytes"],
         r["tcp_retrans_segs"],
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_checks_at_any_offset() {
-        let stream = payload(4096, 0);
-        for (start, end) in [(0, 4096), (3, 17), (5, 4096), (8, 16), (1000, 1001)] {
-            assert!(check(&stream[start..end], start as u64));
-        }
-        assert!(!check(&stream[8..16], 0));
-        let mut bad = stream.clone();
-        bad[100] ^= 1;
-        assert!(!check(&bad, 0));
-        assert_eq!(payload(13, 5), stream[5..18].to_vec());
-    }
 }

@@ -22,6 +22,9 @@ pub enum Command {
     Certs(CertsArgs),
     /// Emulate a WAN between two network namespaces (delay, rate, loss, jitter, link cuts).
     Wanem(WanemArgs),
+    /// Check the link between two engines: one side listens, the other sends a stream
+    /// whose every byte the listener verifies; both print what they measured as JSON.
+    Link(LinkArgs),
     /// Measure parts of strait on this machine.
     Bench(BenchArgs),
 }
@@ -92,6 +95,63 @@ pub struct LinkBenchArgs {
     /// Session in-flight bound per connection, in MiB (session mode only).
     #[arg(long, default_value_t = strait_net::session::CONN_INFLIGHT_BYTES_MAX >> 20)]
     pub conn_inflight_mib: u64,
+    /// Print the Bulk class's flow-control state (MiB) every 100 ms to stderr, to see what
+    /// bounds the session: send backlog, credit left, unacked, received, applied, frames
+    /// held for reordering (session mode only).
+    #[arg(long)]
+    pub trace: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LinkArgs {
+    #[command(subcommand)]
+    pub command: LinkCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Accept one session, verify everything it carries, and exit once the sender
+    /// finished (exit status 1 if a byte was wrong or the session failed).
+    Listen(LinkListenArgs),
+    /// Open a session to a listening engine, send a verified stream, finish gracefully.
+    Send(LinkSendArgs),
+}
+
+/// How an engine authenticates its link: mutual TLS from a directory, or nothing.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct LinkSecurity {
+    /// Directory with `ca.pem`, `node.pem` and `node.key` (as `strait certs --out DIR`
+    /// writes): this engine's identity and the CA whose peers it trusts.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Plain TCP, no authentication: only to measure the cost of TLS.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LinkListenArgs {
+    /// Address and port to listen on (port 0 picks one; the address is printed).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub security: LinkSecurity,
+}
+
+#[derive(Debug, Args)]
+pub struct LinkSendArgs {
+    /// The listening engine.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub to: std::net::SocketAddr,
+    #[command(flatten)]
+    pub security: LinkSecurity,
+    /// How much to send, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mib: u64,
+    /// TCP connections the session stripes over.
+    #[arg(long, default_value_t = strait_net::session::DEFAULT_CONNECTIONS)]
+    pub connections: u16,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,9 @@ mod bench_link;
 pub mod cli;
 pub mod control;
 mod ctl;
+mod link_cmd;
 mod netcmd;
+mod pattern;
 mod serve;
 
 pub use serve::{ServeError, Server};
@@ -24,6 +26,8 @@ pub enum Error {
     Net(#[from] netcmd::NetCmdError),
     #[error(transparent)]
     Bench(#[from] Box<bench_link::BenchError>),
+    #[error(transparent)]
+    Link(#[from] link_cmd::LinkCmdError),
 }
 
 /// Runs one `strait` command to completion.
@@ -33,6 +37,7 @@ pub fn run(cli: cli::Cli) -> Result<(), Error> {
         cli::Command::Ctl(args) => ctl::run(args)?,
         cli::Command::Certs(args) => netcmd::certs(args)?,
         cli::Command::Wanem(args) => netcmd::wanem(args)?,
+        cli::Command::Link(cli::LinkArgs { command }) => link_cmd::run(command)?,
         cli::Command::Bench(cli::BenchArgs {
             command: cli::BenchCommand::Link(args),
         }) => bench_link::run(args).map_err(Box::new)?,

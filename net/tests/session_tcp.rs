@@ -5,8 +5,6 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,7 +14,8 @@ use strait_net::session::{SessionConfig, SessionError};
 use strait_net::tls::{write_certs, TlsIdentity};
 use strait_net::StreamClass;
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{transfer, MIB};
 
 fn identity(dir: &std::path::Path) -> TlsIdentity {
     write_certs(dir, &["127.0.0.1".to_string()]).unwrap();
@@ -40,82 +39,6 @@ fn open_pair(dir: &Path, connections: u16) -> (Link, Link) {
     let config = SessionConfig::new(Role::Source);
     let dialer = Link::connect(addr, connections, Some(&client_tls), config).unwrap();
     (dialer, acceptor.join().unwrap().unwrap())
-}
-
-fn fnv(hash: &mut u64, data: &[u8]) {
-    for b in data {
-        *hash = (*hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
-const CLASSES: [StreamClass; 3] = [StreamClass::Mirror, StreamClass::Memory, StreamClass::Bulk];
-
-/// Sends `total` bytes spread over three classes from `tx` to `rx`, calling `fault` with
-/// the bytes received so far; returns (sent digests, received digests).
-fn transfer(tx: &Link, rx: &Link, total: u64, mut fault: impl FnMut(u64)) -> ([u64; 3], [u64; 3]) {
-    let received_bytes = Arc::new(AtomicU64::new(0));
-    let (sent, got) = thread::scope(|scope| {
-        let counter = received_bytes.clone();
-        let receiver = scope.spawn(move || {
-            let mut digests = [0xcbf2_9ce4_8422_2325u64; 3];
-            let mut bytes = 0;
-            let deadline = Instant::now() + Duration::from_secs(50);
-            while bytes < total {
-                assert!(
-                    Instant::now() < deadline,
-                    "receive timed out at {bytes} bytes"
-                );
-                let mut idle = true;
-                for (i, class) in CLASSES.into_iter().enumerate() {
-                    while let Some(p) = rx.recv(class, Duration::ZERO).unwrap() {
-                        fnv(&mut digests[i], &p);
-                        bytes += p.len() as u64;
-                        rx.mark_applied(class, p.len() as u64).unwrap();
-                        idle = false;
-                    }
-                }
-                counter.store(bytes, Ordering::Relaxed);
-                if idle {
-                    if let Some(p) = rx
-                        .recv(StreamClass::Memory, Duration::from_millis(5))
-                        .unwrap()
-                    {
-                        fnv(&mut digests[1], &p);
-                        bytes += p.len() as u64;
-                        rx.mark_applied(StreamClass::Memory, p.len() as u64)
-                            .unwrap();
-                    }
-                }
-            }
-            digests
-        });
-        let mut digests = [0xcbf2_9ce4_8422_2325u64; 3];
-        let mut sent = 0u64;
-        let mut k = 0u64;
-        while sent < total {
-            let len = (64 << 10) + (k * 7919) % (448 << 10);
-            let len = len.min(total - sent);
-            let i = (k % 3) as usize;
-            let payload: Vec<u8> = (0..len)
-                .map(|j| (j.wrapping_mul(k + 1) >> 3) as u8)
-                .collect();
-            fnv(&mut digests[i], &payload);
-            tx.send(CLASSES[i], payload, Duration::from_secs(30))
-                .unwrap();
-            sent += len;
-            k += 1;
-            fault(received_bytes.load(Ordering::Relaxed));
-        }
-        // The send buffers may take everything long before it arrives: keep offering
-        // the fault hook the receiver's progress until it is done.
-        while !receiver.is_finished() {
-            fault(received_bytes.load(Ordering::Relaxed));
-            thread::sleep(Duration::from_millis(1));
-        }
-        let got = receiver.join().unwrap();
-        (digests, got)
-    });
-    (sent, got)
 }
 
 #[test]

@@ -15,74 +15,20 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use strait_net::wanem::{run_cli, Wanem, WanemConfig, WanemError, WanemStats};
 
-/// Serialises the tests of this file: they measure time and throughput on two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
+use common::{netns_usable, serial, start};
 
 /// Bounds every blocking socket call, so a broken forwarder fails a test instead of hanging.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Read and write chunk of the bulk transfers: large enough that syscalls cost nothing.
 const BULK_CHUNK_BYTES: usize = 256 * 1024;
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether this machine can run the tests: root, `ip netns` works, /dev/net/tun exists.
-fn netns_usable() -> Result<(), String> {
-    static USABLE: OnceLock<Result<(), String>> = OnceLock::new();
-    USABLE
-        .get_or_init(|| {
-            // SAFETY: geteuid takes no arguments and cannot fail.
-            if unsafe { libc::geteuid() } != 0 {
-                return Err("not root".into());
-            }
-            if !std::path::Path::new("/dev/net/tun").exists() {
-                return Err("no /dev/net/tun".into());
-            }
-            // Creating a namespace is what needs the privilege; try it on a scratch thread,
-            // which is the only one that moves.
-            let unshared = thread::spawn(|| {
-                // SAFETY: unshare takes no pointers and moves only this thread, which
-                // exits right after.
-                unsafe { libc::unshare(libc::CLONE_NEWNET) }
-            })
-            .join();
-            if !matches!(unshared, Ok(0)) {
-                return Err("cannot create a network namespace (unshare CLONE_NEWNET)".into());
-            }
-            match Command::new("ip").args(["netns", "list"]).output() {
-                Ok(out) if out.status.success() => Ok(()),
-                Ok(out) => Err(format!(
-                    "`ip netns list` failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )),
-                Err(err) => Err(format!("cannot run `ip`: {err}")),
-            }
-        })
-        .clone()
-}
-
-/// Starts an emulator, or returns None (after saying so loudly) where netns is unusable
-/// outside CI.
-fn start(config: WanemConfig) -> Option<Wanem> {
-    if let Err(why) = netns_usable() {
-        if std::env::var_os("CI").is_some() {
-            panic!("network namespaces are required in CI but unusable: {why}");
-        }
-        eprintln!("SKIPPED: network namespaces unusable here ({why})");
-        return None;
-    }
-    Some(Wanem::start(config).unwrap())
-}
 
 fn config(rtt_ms: u32, rate_mbit: u32) -> WanemConfig {
     WanemConfig {

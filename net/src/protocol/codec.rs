@@ -209,6 +209,12 @@ pub(super) fn decode_payload(
                 Frame::ResumeState(point)
             }
         }
+        FrameType::Delivered => {
+            let w: &DeliveredWire = wire(t, &payload)?;
+            Frame::Delivered(Delivered {
+                bytes: w.bytes.get(),
+            })
+        }
         FrameType::Close => {
             let w: &CloseWire = wire(t, &payload)?;
             zero_padding(t, &w.padding)?;
@@ -281,6 +287,11 @@ pub fn encode_frame_into(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeE
         .to_vec(),
         Frame::ResumeRequest(r) | Frame::ResumeState(r) => ResumeWire {
             last_seq_received: r.last_seq_received.map(U64::new),
+        }
+        .as_bytes()
+        .to_vec(),
+        Frame::Delivered(d) => DeliveredWire {
+            bytes: d.bytes.into(),
         }
         .as_bytes()
         .to_vec(),

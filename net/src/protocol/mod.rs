@@ -36,6 +36,14 @@
 //! 6. Ack: the receiver of a class sends `Ack { class, seq }`: every frame of that class
 //!    up to and including `seq` has been received and handed on. Acks are cumulative, so,
 //!    like credits, the largest wins. The sender frees its retransmit buffer up to `seq`.
+//!    `Delivered { bytes }`, on each connection that carries data: the total payload
+//!    bytes of `Data` frames (every class, duplicates too) that arrived on *this*
+//!    connection, sent on the same connection. It tells the sender what each connection
+//!    has delivered, independently of `Ack`, which waits for every earlier `seq` of the
+//!    class whichever connection carried it: a loss repaired on one connection then does
+//!    not make the others look full ([`crate::session::CONN_INFLIGHT_BYTES_MAX`]).
+//!    Cumulative, so the largest wins; more than the connection carried is a protocol
+//!    violation.
 //! 7. Ping/Pong: `Ping { nonce, sent_at_ns }` is echoed unchanged as `Pong`; the sender
 //!    measures the connection's RTT against its own clock and counts a connection that
 //!    stays silent as dead.
@@ -108,6 +116,7 @@
 //! Credit         16  class u8, pad [7], limit_bytes u64
 //! Ack            16  class u8, pad [7], seq u64
 //! Ping, Pong     16  nonce u64, sent_at_ns u64
+//! Delivered       8  bytes u64
 //! ResumeRequest,
 //! ResumeState    32  last_seq_received u64 × 4 (control, mirror, memory, bulk)
 //! Close           8  reason u16, pad [6]
@@ -206,11 +215,13 @@ pub enum FrameType {
     ResumeState = 10,
     /// Ends the session (step 9).
     Close = 11,
+    /// Reports what one connection delivered (step 6).
+    Delivered = 12,
 }
 
 impl FrameType {
     /// Every frame type, in code order.
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 12] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Refuse,
@@ -222,6 +233,7 @@ impl FrameType {
         FrameType::ResumeRequest,
         FrameType::ResumeState,
         FrameType::Close,
+        FrameType::Delivered,
     ];
 
     /// The type with wire code `code`, if there is one.
@@ -241,6 +253,7 @@ impl FrameType {
             FrameType::Ping | FrameType::Pong => size_of::<PingWire>(),
             FrameType::ResumeRequest | FrameType::ResumeState => size_of::<ResumeWire>(),
             FrameType::Close => size_of::<CloseWire>(),
+            FrameType::Delivered => size_of::<DeliveredWire>(),
         })
     }
 }
@@ -498,6 +511,13 @@ pub struct Ack {
     pub seq: u64,
 }
 
+/// What one connection delivered (step 6), sent on that connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Cumulative payload bytes of the `Data` frames that arrived on the connection.
+    pub bytes: u64,
+}
+
 /// Measures RTT (step 7); `Pong` echoes it unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ping {
@@ -559,6 +579,8 @@ pub enum Frame {
     ResumeState(ResumePoint),
     /// See [`Close`].
     Close(Close),
+    /// See [`Delivered`].
+    Delivered(Delivered),
 }
 
 impl Frame {
@@ -576,6 +598,7 @@ impl Frame {
             Frame::ResumeRequest(_) => FrameType::ResumeRequest,
             Frame::ResumeState(_) => FrameType::ResumeState,
             Frame::Close(_) => FrameType::Close,
+            Frame::Delivered(_) => FrameType::Delivered,
         }
     }
 }
@@ -648,6 +671,12 @@ struct ResumeWire {
 
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct DeliveredWire {
+    bytes: U64,
+}
+
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 struct CloseWire {
     reason: U16,
     padding: [u8; 6],
@@ -661,6 +690,7 @@ const _: () = assert!(size_of::<AckWire>() == 16);
 const _: () = assert!(size_of::<PingWire>() == 16);
 const _: () = assert!(size_of::<ResumeWire>() == 32);
 const _: () = assert!(size_of::<CloseWire>() == 8);
+const _: () = assert!(size_of::<DeliveredWire>() == 8);
 
 mod codec;
 mod handshake;

@@ -79,6 +79,9 @@ fn sample_frames() -> Vec<Frame> {
         Frame::Close(Close {
             reason: CloseReason::Done,
         }),
+        Frame::Delivered(Delivered {
+            bytes: 0x1122_3344_5566_7788,
+        }),
     ];
     for t in FrameType::ALL {
         assert!(
@@ -263,8 +266,8 @@ fn header_rules_are_enforced_even_with_a_valid_crc() {
             DecodeError::FrameType { code: 0 },
         ),
         (
-            raw_frame(|h| h.frame_type = 12, &[1]),
-            DecodeError::FrameType { code: 12 },
+            raw_frame(|h| h.frame_type = 13, &[1]),
+            DecodeError::FrameType { code: 13 },
         ),
         (
             raw_frame(|h| h.class = 5, &[1]),

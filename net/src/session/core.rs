@@ -10,14 +10,14 @@ use super::sched::{ConnTuning, Drr};
 use super::send::{SendClass, SendStats};
 use super::{
     ConnError, ConnId, RecvStats, SendError, SessionConfig, SessionError, SessionEvent,
-    ACK_EVERY_BYTES, CONN_CONTROL_QUEUE_BYTES_MAX, EVENTS_MAX, RECONNECT_BACKOFF_NS,
-    SEND_BUFFER_FRAMES_MAX, TRANSMIT_BATCH_BYTES,
+    ACK_EVERY_BYTES, CONN_CONTROL_QUEUE_BYTES_MAX, CONN_DELIVERED_EVERY_BYTES, EVENTS_MAX,
+    RECONNECT_BACKOFF_NS, SEND_BUFFER_FRAMES_MAX, TRANSMIT_BATCH_BYTES,
 };
 use crate::protocol::{
     check_hello_ack, encode_data_into, encode_frame_into, negotiate, Ack, Close, CloseReason,
-    Credit, Frame, FrameDecoder, HandshakeError, HandshakePolicy, Hello, HelloAck, Intent, Ping,
-    RefuseReason, ResumePoint, ResumeToken, SessionId, CLASS_COUNT, MAX_FRAME_PAYLOAD_BYTES,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Credit, Delivered, Frame, FrameDecoder, HandshakeError, HandshakePolicy, Hello, HelloAck,
+    Intent, Ping, RefuseReason, ResumePoint, ResumeToken, SessionId, CLASS_COUNT,
+    MAX_FRAME_PAYLOAD_BYTES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use crate::StreamClass;
 
@@ -72,13 +72,27 @@ struct Conn {
     decoder: FrameDecoder,
     /// Invariant: `control_out.len() <= CONN_CONTROL_QUEUE_BYTES_MAX`.
     control_out: Vec<u8>,
-    /// Invariant: data bytes sent on this connection and not acked; the scheduler sends
-    /// no data while it is at `conn_inflight_bytes_max` or more.
+    /// Invariant: `sent_bytes - delivered_bytes`, data bytes sent on this connection that
+    /// the peer has not reported delivered; the scheduler sends no data on it while this
+    /// is at `conn_inflight_bytes_max` or more.
     inflight_bytes: u64,
+    /// Data payload bytes sent on this connection.
+    sent_bytes: u64,
+    /// The peer's latest `Delivered` for this connection; never above `sent_bytes`.
+    delivered_bytes: u64,
+    /// Data payload bytes that arrived on this connection (the peer's `sent_bytes`).
+    received_bytes: u64,
+    /// The last `Delivered` we sent on this connection.
+    received_reported: u64,
+    /// When the bytes received and not yet reported must be reported at the latest.
+    report_due_at_ns: Option<u64>,
     last_rx_ns: u64,
     next_ping_ns: u64,
     /// Emit `ConnectionClosed` once `control_out` (a `Refuse`) was handed out.
     close_after_flush: Option<ConnError>,
+    /// The driver says the connection's socket has as much on the network as it should:
+    /// no new data goes to it (control frames still do).
+    wire_full: bool,
     /// Surplus after the dialer went back to fewer connections: it carries no new data
     /// and is closed once its in-flight data is acked.
     retiring: bool,
@@ -151,6 +165,9 @@ struct Finish {
     /// The peer's `Close { Done }` arrived: it has nothing more to send.
     peer_done: bool,
 }
+
+mod close;
+mod join;
 
 fn class_index(class: StreamClass) -> usize {
     StreamClass::ALL
@@ -299,7 +316,18 @@ impl SessionCore {
     /// True when the dialer should open a connection now (it is short of connections and
     /// the backoff allows). The acceptor never dials.
     pub fn wants_connection(&self, now_ns: u64) -> bool {
-        now_ns >= self.next_attempt_ns && self.live_count() < self.connections_wanted()
+        self.connections_missing(now_ns) > 0
+    }
+
+    /// How many connections the dialer should open now, all at once: a driver that dials
+    /// them one after the other starts each TCP flow's slow start an RTT or two after the
+    /// previous one, which at 200 ms is a second of a half-empty pipe. Zero while the
+    /// backoff holds, and on the acceptor.
+    pub fn connections_missing(&self, now_ns: u64) -> usize {
+        if now_ns < self.next_attempt_ns {
+            return 0;
+        }
+        self.connections_wanted().saturating_sub(self.live_count())
     }
 
     /// Connections the dialer keeps: one until the session is open (the others join it).
@@ -316,7 +344,10 @@ impl SessionCore {
     /// A dial failed before any connection existed: back off.
     pub fn on_connect_failed(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
-        self.back_off(now_ns);
+        // Parallel dials fail together: one failed round backs off one step.
+        if now_ns >= self.next_attempt_ns {
+            self.back_off(now_ns);
+        }
     }
 
     /// A new connection (TLS established) is up. The dialer greets on it.
@@ -335,6 +366,12 @@ impl SessionCore {
             decoder: FrameDecoder::new(),
             control_out: Vec::new(),
             inflight_bytes: 0,
+            wire_full: false,
+            sent_bytes: 0,
+            delivered_bytes: 0,
+            received_bytes: 0,
+            received_reported: 0,
+            report_due_at_ns: None,
             last_rx_ns: now_ns,
             next_ping_ns: now_ns,
             close_after_flush: None,
@@ -501,6 +538,9 @@ impl SessionCore {
         for c in self.conns.values() {
             if c.phase == Phase::Ready {
                 at(c.next_ping_ns);
+                if let Some(due) = c.report_due_at_ns {
+                    at(due);
+                }
             }
             at(c.last_rx_ns.saturating_add(self.config.idle_timeout_ns));
         }
@@ -518,8 +558,17 @@ impl SessionCore {
         self.events.pop_front()
     }
 
+    /// Tells the core whether `conn`'s socket already holds as much unacknowledged and
+    /// unsent data as it should (see the driver); while it does, `conn` gets no new data.
+    pub fn set_wire_full(&mut self, conn: ConnId, full: bool) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.wire_full = full;
+        }
+    }
+
     /// Encoded frames to write on `conn`, if it has anything to send now.
     pub fn poll_transmit(&mut self, conn: ConnId) -> Option<Vec<u8>> {
+        let (over, now_ns) = (self.is_over(), self.now_ns);
         let c = self.conns.get_mut(&conn)?;
         let mut out = std::mem::take(&mut c.control_out);
         if let Some(reason) = c.close_after_flush.take() {
@@ -530,7 +579,8 @@ impl SessionCore {
             self.push_event(SessionEvent::ConnectionClosed { conn, reason });
             return (!out.is_empty()).then_some(out);
         }
-        if c.phase == Phase::Ready && !self.is_over() {
+        if c.phase == Phase::Ready && !over {
+            write_delivered(c, now_ns, &mut out);
             self.write_flow_control(&mut out);
             while out.len() < TRANSMIT_BATCH_BYTES {
                 if !self.write_one_data(conn, &mut out) {
@@ -559,7 +609,7 @@ impl SessionCore {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
-        if c.inflight_bytes >= self.config.conn_inflight_bytes_max || c.retiring {
+        if c.inflight_bytes >= self.config.conn_inflight_bytes_max || c.retiring || c.wire_full {
             return false;
         }
         let Some(class_i) = self.pick_class() else {
@@ -578,6 +628,7 @@ impl SessionCore {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.inflight_bytes += len;
+            c.sent_bytes += len;
         }
         true
     }
@@ -638,6 +689,11 @@ impl SessionCore {
     fn on_ready_frame(&mut self, conn: ConnId, frame: Frame, now_ns: u64) -> Result<(), ConnError> {
         match frame {
             Frame::Data(d) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.received_bytes += d.payload.len() as u64;
+                    c.report_due_at_ns
+                        .get_or_insert(now_ns.saturating_add(self.config.ack_delay_ns));
+                }
                 let i = class_index(d.class);
                 self.recv[i].on_data(
                     d.seq,
@@ -648,6 +704,19 @@ impl SessionCore {
                 )?;
             }
             Frame::Credit(c) => self.send[class_index(c.class)].on_credit(c.limit_bytes),
+            Frame::Delivered(d) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if d.bytes > c.sent_bytes {
+                        return Err(ConnError::DeliveredBeyondSent {
+                            delivered_bytes: d.bytes,
+                            sent_bytes: c.sent_bytes,
+                        });
+                    }
+                    c.delivered_bytes = c.delivered_bytes.max(d.bytes);
+                    c.inflight_bytes = c.sent_bytes - c.delivered_bytes;
+                }
+                self.close_retired();
+            }
             Frame::Ack(a) => {
                 self.on_ack(a.class, a.seq, now_ns)?;
                 self.close_retired();
@@ -684,219 +753,15 @@ impl SessionCore {
     }
 
     fn on_ack(&mut self, class: StreamClass, seq: u64, now_ns: u64) -> Result<(), ConnError> {
-        let acked = self.send[class_index(class)]
+        self.send[class_index(class)]
             .on_ack(seq, now_ns)
             .map_err(|e| ConnError::AckBeyondSent {
                 class,
                 seq: e.seq,
                 highest_sent_seq: e.highest_sent_seq,
             })?;
-        for (conn, bytes) in acked.per_conn {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.inflight_bytes = c.inflight_bytes.saturating_sub(bytes);
-            }
-        }
+        // Per-connection in-flight follows `Delivered`, not this cumulative ack.
         Ok(())
-    }
-
-    fn on_hello(&mut self, conn: ConnId, hello: Hello, now_ns: u64) {
-        let verdict = negotiate(&hello, &self.policy)
-            .map_err(|r| r.reason)
-            .and_then(|agreed| {
-                let Side::Acceptor { session_id } = self.side else {
-                    return Err(RefuseReason::InvalidHello);
-                };
-                match (agreed.intent, session_id) {
-                    (Intent::Open, None) => Ok(agreed),
-                    // The dialer lost the first connection before our HelloAck arrived and
-                    // opens again: the same session, so it replaces connection 0.
-                    (Intent::Open, Some(id)) if id == agreed.session_id => Ok(agreed),
-                    (Intent::Open, Some(_)) => Err(RefuseReason::Busy),
-                    (Intent::Join, Some(id)) if id != agreed.session_id => {
-                        Err(RefuseReason::UnknownSession)
-                    }
-                    (Intent::Join, None) => Err(RefuseReason::UnknownSession),
-                    (Intent::Join, Some(_)) if !self.token.matches(&agreed.resume_token) => {
-                        Err(RefuseReason::BadResumeToken)
-                    }
-                    (Intent::Join, Some(_)) => Ok(agreed),
-                }
-            });
-        let agreed = match verdict {
-            Ok(agreed) => agreed,
-            Err(reason) => {
-                let refuse = self.policy_refuse(reason);
-                warn!(conn = conn.0, %reason, "refusing hello");
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    push_control(c, &Frame::Refuse(refuse));
-                    c.close_after_flush = Some(ConnError::Refused(refuse));
-                }
-                return;
-            }
-        };
-        // A join that reuses a live index replaces that connection: the dialer saw it
-        // die before we did.
-        let stale: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(id, c)| **id != conn && c.index == agreed.connection_index)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            self.close_conn(id, ConnError::Replaced, now_ns);
-        }
-        if self.live_count() > usize::from(self.config.connections_max) {
-            let refuse = self.policy_refuse(RefuseReason::TooManyConnections);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                push_control(c, &Frame::Refuse(refuse));
-                c.close_after_flush = Some(ConnError::Refused(refuse));
-            }
-            return;
-        }
-        self.side = Side::Acceptor {
-            session_id: Some(agreed.session_id),
-        };
-        let ack = HelloAck {
-            version: agreed.version,
-            role: self.config.role,
-            connection_index: agreed.connection_index,
-            connections_max: self.config.connections_max,
-            session_id: agreed.session_id,
-            resume_token: self.token,
-        };
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        c.index = agreed.connection_index;
-        push_control(c, &Frame::HelloAck(ack));
-        if agreed.intent == Intent::Open {
-            self.conn_ready(conn, now_ns);
-        } else {
-            c.phase = Phase::AwaitResumeRequest;
-        }
-    }
-
-    fn policy_refuse(&self, reason: RefuseReason) -> crate::protocol::Refuse {
-        crate::protocol::Refuse {
-            reason,
-            version_min: self.policy.version_min,
-            version_max: self.policy.version_max,
-        }
-    }
-
-    fn on_hello_reply(
-        &mut self,
-        conn: ConnId,
-        hello: Hello,
-        reply: &Frame,
-        now_ns: u64,
-    ) -> Result<(), ConnError> {
-        match check_hello_ack(&hello, reply, &self.policy) {
-            Ok(ack) => {
-                if hello.intent == Intent::Open {
-                    self.token = ack.resume_token;
-                    self.conn_ready(conn, now_ns);
-                } else {
-                    let point = self.resume_point();
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        push_control(c, &Frame::ResumeRequest(point));
-                        c.phase = Phase::AwaitResumeState;
-                    }
-                }
-                Ok(())
-            }
-            Err(
-                e @ HandshakeError::Refused {
-                    reason: RefuseReason::TooManyConnections | RefuseReason::Busy,
-                    ..
-                },
-            ) if hello.intent == Intent::Join => Err(ConnError::PeerRefused(e)),
-            Err(e) => {
-                warn!(conn = conn.0, error = %e, "handshake failed");
-                self.fail(SessionError::Handshake(e));
-                Ok(())
-            }
-        }
-    }
-
-    fn resume_point(&self) -> ResumePoint {
-        ResumePoint {
-            last_seq_received: std::array::from_fn(|i| self.recv[i].contiguous_seq()),
-        }
-    }
-
-    /// Applies the peer's resume point as a cumulative ack. False if the session failed.
-    ///
-    /// A point *below* what the peer already acked is stale, not a violation: with
-    /// several connections joining at once, an ack sent later on another connection can
-    /// overtake the `ResumeState` of this one. Acks are cumulative, so it is ignored. A
-    /// point beyond what was ever sent cannot be explained and fails the session.
-    fn apply_resume_point(&mut self, point: &ResumePoint, now_ns: u64) -> bool {
-        for class in StreamClass::ALL {
-            let s = &self.send[class_index(class)];
-            let stated = point.get(class);
-            if stated > s.highest_sent_seq() {
-                let reason = SessionError::ResumeViolation {
-                    class,
-                    stated,
-                    acked_seq: s.acked_seq(),
-                    highest_sent_seq: s.highest_sent_seq(),
-                };
-                self.fail(reason);
-                return false;
-            }
-        }
-        for class in StreamClass::ALL {
-            // Checked above, so this cannot fail; a stale point frees nothing.
-            let _ = self.on_ack(class, point.get(class), now_ns);
-        }
-        self.maybe_finish();
-        true
-    }
-
-    fn conn_ready(&mut self, conn: ConnId, now_ns: u64) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.phase = Phase::Ready;
-            c.last_rx_ns = now_ns;
-            c.next_ping_ns = now_ns;
-        }
-        self.failed_attempts = 0;
-        self.next_attempt_ns = now_ns;
-        self.resend_control = true;
-        // Our `Close { Done }` may have been lost with the connections that carried it.
-        if self.finish.done_sent {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                push_control(
-                    c,
-                    &Frame::Close(Close {
-                        reason: CloseReason::Done,
-                    }),
-                );
-            }
-        }
-        match self.state {
-            SessionState::Connecting => {
-                info!(conn = conn.0, "session established");
-                self.state = SessionState::Established;
-                self.push_event(SessionEvent::Connected);
-            }
-            SessionState::Reconnecting { since_ns } => {
-                let retransmitted_bytes =
-                    self.send.iter().map(|s| s.pending_retransmit_bytes()).sum();
-                info!(
-                    conn = conn.0,
-                    down_ns = now_ns - since_ns,
-                    retransmitted_bytes,
-                    "session resumed"
-                );
-                self.state = SessionState::Established;
-                self.stats.resumes += 1;
-                self.push_event(SessionEvent::Resumed {
-                    retransmitted_bytes,
-                });
-            }
-            SessionState::Established | SessionState::Closed | SessionState::Failed(_) => {}
-        }
     }
 
     // ----- Helpers -----
@@ -955,132 +820,6 @@ impl SessionCore {
         self.events.push_back(event);
     }
 
-    /// Ends the session from this side: sends `Close { reason }` on every ready
-    /// connection (best effort: the peer that misses it fails when its resume window
-    /// expires) and refuses further sends. The driver flushes, then drops the sockets.
-    pub fn close(&mut self, reason: CloseReason) {
-        for c in self.conns.values_mut().filter(|c| c.phase == Phase::Ready) {
-            push_control(c, &Frame::Close(Close { reason }));
-        }
-        self.closing = true;
-    }
-
-    /// Finishes the session gracefully (step 9 of [`crate::protocol`]): refuses further
-    /// sends, keeps sending and resending what is queued until the peer acked all of it,
-    /// then sends `Close { Done }`. The session reaches [`SessionState::Closed`] (and
-    /// reports [`SessionEvent::Closed`]) once the peer's own `Close { Done }` arrived;
-    /// until then it receives, acks and resumes as before. Received payloads stay
-    /// readable with [`SessionCore::recv`] after the close.
-    pub fn close_gracefully(&mut self) {
-        if self.is_over() {
-            return;
-        }
-        self.closing = true;
-        self.finish.wanted = true;
-        self.maybe_finish();
-    }
-
-    /// The peer sent `Close { Done }`: it has sent everything and we acked it all. We
-    /// stop taking new payloads, finish sending what is queued, and answer with our own.
-    fn on_peer_done(&mut self) {
-        if !self.finish.peer_done {
-            info!("peer finished; finishing our side");
-        }
-        self.finish.peer_done = true;
-        self.closing = true;
-        self.finish.wanted = true;
-        self.maybe_finish();
-    }
-
-    /// Sends `Close { Done }` once everything is acked, and closes once both sides did.
-    fn maybe_finish(&mut self) {
-        if !self.finish.wanted || self.is_over() {
-            return;
-        }
-        if !self.finish.done_sent && self.is_send_idle() {
-            let ready: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.phase == Phase::Ready)
-                .map(|(id, _)| *id)
-                .collect();
-            // Without a ready connection, `conn_ready` sends it on the next one.
-            self.finish.done_sent = true;
-            // On every ready connection: one lost with its connection costs nothing.
-            for id in ready {
-                if let Some(c) = self.conns.get_mut(&id) {
-                    push_control(
-                        c,
-                        &Frame::Close(Close {
-                            reason: CloseReason::Done,
-                        }),
-                    );
-                }
-            }
-        }
-        if self.finish.done_sent && self.finish.peer_done {
-            info!("session closed gracefully");
-            self.state = SessionState::Closed;
-            // Each connection hands out its last control frames (our `Close`), then the
-            // driver closes it: `poll_transmit` reports `ConnectionClosed`.
-            for c in self.conns.values_mut() {
-                c.close_after_flush = Some(ConnError::SessionEnded);
-            }
-            self.push_event(SessionEvent::Closed);
-        }
-    }
-
-    /// Judges the connection count once per [`ConnTuning`] period. A period in which the
-    /// count was not all ready, or no data waited to be sent (the application, not the
-    /// link, was the limit), says nothing and is skipped.
-    fn tune_connections(&mut self, now_ns: u64) {
-        if !matches!(self.side, Side::Dialer { .. }) || !self.tuning.period_over(now_ns) {
-            return;
-        }
-        let target = self.tuning.target;
-        let waiting = self.send.iter().any(|s| s.next_sendable().is_some());
-        if self.closing
-            || self.state != SessionState::Established
-            || self.ready_count() < usize::from(target)
-            || !waiting
-        {
-            return;
-        }
-        let rate: u64 = self
-            .send
-            .iter()
-            .map(|s| s.stats(now_ns).drain_rate_bytes_per_s)
-            .sum();
-        if self.tuning.judge(rate) {
-            self.retire_surplus();
-        }
-    }
-
-    /// Marks the connections beyond the target, highest index first, as retiring.
-    fn retire_surplus(&mut self) {
-        let mut live: Vec<(u16, ConnId)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.retiring)
-            .map(|(id, c)| (c.index, *id))
-            .collect();
-        live.sort_unstable();
-        for (_, id) in live.into_iter().skip(usize::from(self.tuning.target)) {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.retiring = true;
-            }
-        }
-    }
-
-    /// Closes retiring connections that have no data in flight any more.
-    fn close_retired(&mut self) {
-        for c in self.conns.values_mut() {
-            if c.retiring && c.inflight_bytes == 0 && c.close_after_flush.is_none() {
-                c.close_after_flush = Some(ConnError::Retired);
-            }
-        }
-    }
-
     /// Closed or failed: nothing more happens but the flush of the last control frames.
     fn is_over(&self) -> bool {
         matches!(self.state, SessionState::Closed | SessionState::Failed(_))
@@ -1090,6 +829,21 @@ impl SessionCore {
     /// handed to the driver.
     pub fn has_unsent_control(&self) -> bool {
         self.conns.values().any(|c| !c.control_out.is_empty())
+    }
+}
+
+/// Appends `Delivered` for what arrived on `c` when enough did, or the oldest unreported
+/// byte waited [`SessionConfig::ack_delay_ns`].
+fn write_delivered(c: &mut Conn, now_ns: u64, out: &mut Vec<u8>) {
+    let unreported = c.received_bytes - c.received_reported;
+    let due = c.report_due_at_ns.is_some_and(|t| t <= now_ns);
+    if unreported >= CONN_DELIVERED_EVERY_BYTES || (unreported > 0 && due) {
+        let report = Frame::Delivered(Delivered {
+            bytes: c.received_bytes,
+        });
+        let _ = encode_frame_into(&report, out);
+        c.received_reported = c.received_bytes;
+        c.report_due_at_ns = None;
     }
 }
 

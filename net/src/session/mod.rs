@@ -63,11 +63,17 @@ use crate::StreamClass;
 const NS_PER_S: u64 = 1_000_000_000;
 const NS_PER_MS: u64 = 1_000_000;
 
-/// Receive window per class, the credit a receiver grants beyond what it applied. The
-/// link must keep a bandwidth-delay product in flight to run at speed: 1 Gbit/s × 250 ms
-/// = 31.25 MB (29.8 MiB), rounded up to 32 MiB. Four classes bound a session's receive
-/// buffering at 128 MiB.
-pub const RECV_WINDOW_BYTES: u64 = 32 << 20;
+/// Receive window per class, the credit a receiver grants beyond what it applied: three
+/// bandwidth-delay products of 1 Gbit/s × 250 ms (29.8 MiB each), rounded to 96 MiB. One
+/// is in flight. The second is what the other connections keep delivering while one TCP
+/// connection repairs a loss: TCP hands nothing after a hole to the session until the
+/// retransmission arrives, about an RTT later, and at 0.1 % loss each connection has a
+/// hole most of the time. The third covers the credit's own trip back and the grant
+/// batching ([`CREDIT_GRANT_FRACTION`]). Measured at 214 ms with 0.1 % loss (mutual
+/// TLS): 64 MiB gave 0.76 of the link, 96 MiB 0.85 (`bench/results/link.md`). Memory is
+/// only used by a class that is behind; four busy classes bound a session's receive
+/// buffering at 384 MiB.
+pub const RECV_WINDOW_BYTES: u64 = 96 << 20;
 
 /// Send buffer per class (queued plus unacked): a full window in flight plus a quarter
 /// window queued, so the application can stay about 60 ms of link time ahead of the wire.
@@ -91,11 +97,19 @@ pub const ACK_EVERY_BYTES: u64 = 1 << 20;
 /// freeing of the sender's buffer, while batching the acks of a burst.
 pub const ACK_DELAY_NS: u64 = 5 * NS_PER_MS;
 
-/// Data bytes one connection may have sent and not yet acked. 8 MiB is twice Linux's
-/// default 4 MiB socket buffer (so the socket never runs dry while acks return) and,
-/// over 4 connections, the 32 MiB bandwidth-delay product; it also bounds what one lost
-/// connection makes the session retransmit.
-pub const CONN_INFLIGHT_BYTES_MAX: u64 = 8 << 20;
+/// Data bytes one connection may have sent and the peer not yet reported delivered on it
+/// (`Delivered`, not the class `Ack`, so a loss being repaired on one connection does not
+/// hold back the others). It counts what is on the wire *and* what the peer's TCP holds
+/// behind a hole, so it is twice the TCP driver's network bound per connection (10 MiB,
+/// see `tcp::CONN_WIRE_BYTES_MAX`), rounded up: the driver keeps the network from
+/// being overfilled, this bound keeps a connection that stalls from taking every byte of
+/// credit. It also bounds what one lost connection makes the session retransmit.
+pub const CONN_INFLIGHT_BYTES_MAX: u64 = 16 << 20;
+
+/// Bytes delivered on one connection after which the receiver reports them at once with
+/// `Delivered`: 256 KiB, a fiftieth of [`CONN_INFLIGHT_BYTES_MAX`], so the sender's view of
+/// a connection lags by well under its bound; [`ACK_DELAY_NS`] reports the rest.
+pub const CONN_DELIVERED_EVERY_BYTES: u64 = 256 << 10;
 
 /// Most bytes one `poll_transmit` returns (one frame may exceed it, up to a full frame):
 /// large enough to amortise a write call, small enough that a Control frame waits for at
@@ -321,6 +335,16 @@ pub enum ConnError {
         seq: u64,
         /// Every seq up to this one was received.
         contiguous_seq: u64,
+    },
+    /// A `Delivered` report of more than the connection carried.
+    #[error(
+        "peer reported {delivered_bytes} bytes delivered on a connection that carried {sent_bytes}"
+    )]
+    DeliveredBeyondSent {
+        /// Bytes the peer reported.
+        delivered_bytes: u64,
+        /// Bytes sent on the connection.
+        sent_bytes: u64,
     },
     /// An ack for frames never sent.
     #[error("{class:?}: ack of seq {seq}, only {highest_sent_seq} sent")]

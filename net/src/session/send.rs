@@ -32,13 +32,6 @@ struct Frame {
     retransmit: bool,
 }
 
-/// What an ack did.
-#[derive(Debug, Default)]
-pub(super) struct Acked {
-    /// Bytes freed per connection they were in flight on.
-    pub per_conn: Vec<(ConnId, u64)>,
-}
-
 /// An ack or resume point the sender cannot have earned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct AckBeyondSent {
@@ -173,14 +166,13 @@ impl SendClass {
     }
 
     /// A cumulative ack (or a resume point): frees every frame up to `seq`.
-    pub fn on_ack(&mut self, seq: u64, now_ns: u64) -> Result<Acked, AckBeyondSent> {
+    pub fn on_ack(&mut self, seq: u64, now_ns: u64) -> Result<(), AckBeyondSent> {
         if seq > self.highest_sent_seq {
             return Err(AckBeyondSent {
                 seq,
                 highest_sent_seq: self.highest_sent_seq,
             });
         }
-        let mut acked = Acked::default();
         while self.acked_seq < seq {
             let Some(frame) = self.frames.pop_front() else {
                 break;
@@ -191,13 +183,10 @@ impl SendClass {
             self.buffered_bytes -= len;
             self.acked_bytes += len;
             self.pending.remove(&frame.seq);
-            if let Some(conn) = frame.sent_on {
-                acked.per_conn.push((conn, len));
-            }
         }
         debug_assert_eq!(self.frames.len() as u64, self.next_seq - 1 - self.acked_seq);
         self.sample_drain(now_ns);
-        Ok(acked)
+        Ok(())
     }
 
     /// Every frame last sent on `conn` and not acked goes back in the queue, flagged as

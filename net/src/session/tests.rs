@@ -168,6 +168,62 @@ fn an_ack_for_frames_never_sent_closes_the_connection() {
 }
 
 #[test]
+fn a_delivered_report_beyond_what_the_connection_carried_closes_it() {
+    let (mut a, _) = open();
+    assert_eq!(a.send(StreamClass::Bulk, vec![1; 10]), Ok(1));
+    assert!(a.poll_transmit(CONN).is_some());
+    let report = Frame::Delivered(crate::protocol::Delivered { bytes: 11 });
+    a.on_bytes(CONN, &encode_frame(&report).unwrap(), 2);
+    assert_eq!(
+        closed_reason(&mut a),
+        ConnError::DeliveredBeyondSent {
+            delivered_bytes: 11,
+            sent_bytes: 10,
+        }
+    );
+}
+
+/// `Delivered` frees a connection's in-flight bound on its own, before the class's
+/// cumulative `Ack` (which, across connections, may wait for a loss elsewhere).
+#[test]
+fn delivered_reopens_a_full_connection_before_any_ack() {
+    const FRAME: usize = 64 << 10;
+    const INFLIGHT: u64 = 8 * FRAME as u64;
+    let mut config = SessionConfig::new(Role::Source);
+    config.conn_inflight_bytes_max = INFLIGHT;
+    let mut a = SessionCore::dialer(config, SessionId([3; 16]), 0).unwrap();
+    let mut b = acceptor();
+    a.on_connection_up(CONN, 0);
+    b.on_connection_up(CONN, 0);
+    pump(&mut a, &mut b, 1);
+    for i in 0..16u8 {
+        a.send(StreamClass::Bulk, vec![i; FRAME]).unwrap();
+    }
+    let bulk = StreamClass::ALL.len() - 1;
+    let mut wire = Vec::new();
+    while let Some(bytes) = a.poll_transmit(CONN) {
+        wire.extend_from_slice(&bytes);
+    }
+    assert_eq!(a.stats().send[bulk].sent_bytes, INFLIGHT, "the bound holds");
+    b.on_bytes(CONN, &wire, 1);
+    // 512 KiB arrived at once: past CONN_DELIVERED_EVERY_BYTES, short of ACK_EVERY_BYTES,
+    // and no time passed, so the answer is a Delivered and no Ack.
+    let answer = b.poll_transmit(CONN).unwrap();
+    a.on_bytes(CONN, &answer, 1);
+    assert_eq!(a.stats().send[bulk].acked_bytes, 0, "no ack yet");
+    while let Some(bytes) = a.poll_transmit(CONN) {
+        b.on_bytes(CONN, &bytes, 1);
+    }
+    assert_eq!(a.stats().send[bulk].sent_bytes, 2 * INFLIGHT);
+    pump(&mut a, &mut b, 1 + ACK_DELAY_NS);
+    let received: Vec<u8> = std::iter::from_fn(|| b.recv(StreamClass::Bulk))
+        .flatten()
+        .collect();
+    let expected: Vec<u8> = (0..16u8).flat_map(|i| vec![i; FRAME]).collect();
+    assert_eq!(received, expected);
+}
+
+#[test]
 fn a_refused_open_fails_the_session_with_the_reason() {
     // Both ends claim to be the source.
     let (mut a, mut b) = (dialer(Role::Destination), acceptor());
