@@ -52,8 +52,8 @@ pub const OPEN_ATTEMPTS_MAX: u32 = 3;
 /// a finished link waits for the peer's end of stream before shutting its sockets.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Bytes one connection's socket may hold on the network or unsent ([`wire_bytes`]) before
-/// its writer takes no new data. Four connections × 10 MiB = 40 MiB: 1.5 times the
+/// Bytes one connection's socket may hold on the network or unsent, as `TCP_INFO` shows
+/// them, before its writer takes no new data. Four connections × 10 MiB = 40 MiB: 1.5 times the
 /// 27 MiB bandwidth-delay product of 1 Gbit/s × 214 ms, so the pipe stays full through
 /// BBR's probing cycles, yet below that BDP plus a router queue of one BDP (54 MiB). Without
 /// it, four BBR flows starting together overshoot into the queue and lose thousands of
