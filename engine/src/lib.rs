@@ -11,6 +11,7 @@ mod ctl;
 mod link_cmd;
 mod netcmd;
 mod pattern;
+pub mod replication;
 mod serve;
 
 pub use serve::{ServeError, Server};

@@ -1,0 +1,308 @@
+//! The destination side of replication, sans-IO: it checks who is sending what, decides
+//! which bytes of each mirror write and bulk chunk may land (never older data over newer,
+//! see `docs/replication.md`), and what to confirm once the caller made them durable.
+
+use thiserror::Error;
+
+use super::wire::{Message, RefuseReason, ID_BYTES};
+use super::{chunk_count, chunk_len, ConfigError};
+
+/// Settings of the destination's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestConfig {
+    /// The disk this destination holds a replica of.
+    pub disk_id: [u8; ID_BYTES],
+    /// Its size; at least the source's.
+    pub disk_bytes: u64,
+    /// The bulk copy's unit; the source must use the same.
+    pub chunk_bytes: u64,
+}
+
+/// What the caller does to its disk, or sends back, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Apply {
+    /// Write `data` at `offset`.
+    Write { offset: u64, data: Vec<u8> },
+    /// Make `len` bytes at `offset` read as zeros.
+    Zero { offset: u64, len: u64 },
+    /// Send this to the source on Control.
+    Reply(Message),
+}
+
+/// A source message that breaks the protocol: the session is closed, nothing of the
+/// message was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DestError {
+    #[error("{0} before the source was welcomed")]
+    NotWelcomed(&'static str),
+    #[error("{what} at {offset}+{len} is outside the source's {disk_bytes}-byte disk")]
+    OutOfRange {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        disk_bytes: u64,
+    },
+    #[error("chunk {index} does not exist (the disk has {chunks})")]
+    NoSuchChunk { index: u64, chunks: u64 },
+    #[error("chunk {index} carries {len} bytes, not {expected} (or none, for zeros)")]
+    ChunkLength { index: u64, len: u64, expected: u64 },
+    #[error("mirror seq {seq} arrived after seq {applied}: the mirror stream is ordered")]
+    OutOfOrder { seq: u64, applied: u64 },
+    #[error("the source sent {0}, which only a destination sends")]
+    Unexpected(&'static str),
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestStats {
+    pub mirror_bytes_applied: u64,
+    /// Mirror bytes not written because a newer bulk chunk already holds them.
+    pub mirror_bytes_superseded: u64,
+    pub chunks_applied: u64,
+    pub chunks_redone: u64,
+    pub refusals: u64,
+}
+
+/// The destination's replication state for one disk.
+#[derive(Debug)]
+pub struct ReplicaDest {
+    config: DestConfig,
+    /// The source this replica belongs to, once one was welcomed.
+    source: Option<[u8; ID_BYTES]>,
+    /// Its disk size, once welcomed.
+    source_bytes: u64,
+    welcomed: bool,
+    promoted: bool,
+    /// Per chunk: the highest mirror seq applied to any byte of it.
+    mirror_seq: Vec<u64>,
+    /// Per chunk: the snapshot seq of the bulk copy last applied.
+    bulk_seq: Vec<u64>,
+    /// The last mirror seq applied, and the last one confirmed durable.
+    applied_seq: u64,
+    confirmed_seq: u64,
+    /// Chunks applied and not yet confirmed.
+    chunks_unconfirmed: Vec<(u64, u64)>,
+    stats: DestStats,
+}
+
+impl ReplicaDest {
+    /// A destination that has received nothing yet.
+    pub fn new(config: DestConfig) -> Result<ReplicaDest, ConfigError> {
+        let chunks = chunk_count(config.disk_bytes, config.chunk_bytes)?;
+        let len = usize::try_from(chunks).map_err(|_| ConfigError::TooManyChunks { chunks })?;
+        Ok(ReplicaDest {
+            config,
+            source: None,
+            source_bytes: 0,
+            welcomed: false,
+            promoted: false,
+            mirror_seq: vec![0; len],
+            bulk_seq: vec![0; len],
+            applied_seq: 0,
+            confirmed_seq: 0,
+            chunks_unconfirmed: Vec::new(),
+            stats: DestStats::default(),
+        })
+    }
+
+    /// The session ended: the next one starts with a `Hello` again.
+    pub fn on_disconnected(&mut self) {
+        self.welcomed = false;
+    }
+
+    /// Makes this replica a disk of its own: every later `Hello` is refused.
+    pub fn promote(&mut self) {
+        self.promoted = true;
+        self.welcomed = false;
+    }
+
+    /// One message from the source.
+    pub fn on_message(&mut self, message: Message) -> Result<Vec<Apply>, DestError> {
+        match message {
+            Message::Hello {
+                disk_id,
+                source_id,
+                disk_bytes,
+                chunk_bytes,
+            } => Ok(vec![Apply::Reply(self.on_hello(
+                disk_id,
+                source_id,
+                disk_bytes,
+                chunk_bytes,
+            ))]),
+            Message::Write { seq, offset, data } => {
+                let len = data.len() as u64;
+                self.check_mirror("Write", seq, offset, len)?;
+                Ok(self.mirror(seq, offset, len, Some(&data)))
+            }
+            Message::Zero { seq, offset, len } => {
+                self.check_mirror("Zero", seq, offset, len)?;
+                Ok(self.mirror(seq, offset, len, None))
+            }
+            Message::Chunk { index, seq, data } => self.chunk(index, seq, data),
+            Message::Welcome => Err(DestError::Unexpected("Welcome")),
+            Message::Refuse(_) => Err(DestError::Unexpected("Refuse")),
+            Message::Applied { .. } => Err(DestError::Unexpected("Applied")),
+            Message::ChunkDone { .. } => Err(DestError::Unexpected("ChunkDone")),
+            Message::Redo { .. } => Err(DestError::Unexpected("Redo")),
+        }
+    }
+
+    /// Everything applied so far is durable (the caller synced its disk): the
+    /// confirmations to send on Control.
+    pub fn on_synced(&mut self) -> Vec<Message> {
+        let mut out: Vec<Message> = self
+            .chunks_unconfirmed
+            .drain(..)
+            .map(|(index, seq)| Message::ChunkDone { index, seq })
+            .collect();
+        if self.applied_seq > self.confirmed_seq {
+            self.confirmed_seq = self.applied_seq;
+            out.push(Message::Applied {
+                seq: self.applied_seq,
+            });
+        }
+        out
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DestStats {
+        self.stats
+    }
+
+    fn on_hello(
+        &mut self,
+        disk_id: [u8; ID_BYTES],
+        source_id: [u8; ID_BYTES],
+        disk_bytes: u64,
+        chunk_bytes: u64,
+    ) -> Message {
+        let refusal = if self.promoted {
+            Some(RefuseReason::Promoted)
+        } else if chunk_bytes != self.config.chunk_bytes {
+            Some(RefuseReason::ChunkSize)
+        } else if disk_id != self.config.disk_id {
+            Some(RefuseReason::WrongDisk)
+        } else if disk_bytes > self.config.disk_bytes {
+            Some(RefuseReason::DiskTooSmall)
+        } else if self.source.is_some_and(|s| s != source_id) {
+            Some(RefuseReason::Busy)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.stats.refusals += 1;
+            return Message::Refuse(reason);
+        }
+        self.source = Some(source_id);
+        self.source_bytes = disk_bytes;
+        self.welcomed = true;
+        Message::Welcome
+    }
+
+    fn check_mirror(
+        &self,
+        what: &'static str,
+        seq: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), DestError> {
+        if !self.welcomed {
+            return Err(DestError::NotWelcomed(what));
+        }
+        let end = offset.checked_add(len).filter(|&e| e <= self.source_bytes);
+        if len == 0 || end.is_none() {
+            return Err(DestError::OutOfRange {
+                what,
+                offset,
+                len,
+                disk_bytes: self.source_bytes,
+            });
+        }
+        // Pieces of one large write share a seq.
+        if seq < self.applied_seq || seq == 0 {
+            return Err(DestError::OutOfOrder {
+                seq,
+                applied: self.applied_seq,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a mirror write chunk by chunk: a part whose chunk holds a bulk copy taken
+    /// after this write (snapshot seq at or past it) is already newer and is skipped.
+    fn mirror(&mut self, seq: u64, offset: u64, len: u64, data: Option<&[u8]>) -> Vec<Apply> {
+        let chunk_bytes = self.config.chunk_bytes;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let index = at / chunk_bytes;
+            let part_end = ((index + 1) * chunk_bytes).min(offset + len);
+            let part = part_end - at;
+            let i = index as usize;
+            if seq > self.bulk_seq[i] {
+                let rel = (at - offset) as usize;
+                out.push(match data {
+                    Some(d) => Apply::Write {
+                        offset: at,
+                        data: d[rel..rel + part as usize].to_vec(),
+                    },
+                    None => Apply::Zero {
+                        offset: at,
+                        len: part,
+                    },
+                });
+                self.mirror_seq[i] = self.mirror_seq[i].max(seq);
+                self.stats.mirror_bytes_applied += part;
+            } else {
+                self.stats.mirror_bytes_superseded += part;
+            }
+            at = part_end;
+        }
+        self.applied_seq = seq;
+        out
+    }
+
+    /// Applies a bulk chunk unless a mirror write newer than its snapshot already landed
+    /// in it; then the chunk is dropped and the source asked to copy it again.
+    fn chunk(&mut self, index: u64, seq: u64, data: Vec<u8>) -> Result<Vec<Apply>, DestError> {
+        if !self.welcomed {
+            return Err(DestError::NotWelcomed("Chunk"));
+        }
+        let chunks = chunk_count(self.source_bytes, self.config.chunk_bytes).unwrap_or(0);
+        if index >= chunks {
+            return Err(DestError::NoSuchChunk { index, chunks });
+        }
+        let expected = chunk_len(index, self.source_bytes, self.config.chunk_bytes);
+        let len = data.len() as u64;
+        if len != expected && len != 0 {
+            return Err(DestError::ChunkLength {
+                index,
+                len,
+                expected,
+            });
+        }
+        let i = index as usize;
+        if seq < self.mirror_seq[i] {
+            self.stats.chunks_redone += 1;
+            return Ok(vec![Apply::Reply(Message::Redo { index })]);
+        }
+        self.chunks_unconfirmed.push((index, seq));
+        if seq < self.bulk_seq[i] {
+            // A copy older than one already applied (only a confused peer sends it):
+            // the chunk already holds newer data.
+            return Ok(Vec::new());
+        }
+        self.bulk_seq[i] = seq;
+        self.stats.chunks_applied += 1;
+        let offset = index * self.config.chunk_bytes;
+        Ok(vec![if data.is_empty() {
+            Apply::Zero {
+                offset,
+                len: expected,
+            }
+        } else {
+            Apply::Write { offset, data }
+        }])
+    }
+}

@@ -1,0 +1,355 @@
+//! The source side of replication, sans-IO: it decides, for each completed guest write,
+//! whether it is mirrored or only remembered in the dirty bitmap; which chunk the bulk
+//! copy reads next and under which snapshot; and what a lost session must copy again.
+//! The caller reads the disk, moves the messages and reports what came back.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use thiserror::Error;
+
+use super::wire::{Message, RefuseReason, ID_BYTES};
+use super::{chunk_count, chunk_len, ConfigError};
+
+/// Settings of one replicated disk on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// The disk's identity, which the destination checks.
+    pub disk_id: [u8; ID_BYTES],
+    /// This engine's identity: a destination serves one source.
+    pub source_id: [u8; ID_BYTES],
+    /// The disk's size.
+    pub disk_bytes: u64,
+    /// The bulk copy's unit, see [`super::CHUNK_BYTES`].
+    pub chunk_bytes: u64,
+    /// Mirrored bytes the destination has not yet confirmed durable, at most; see
+    /// [`super::MIRROR_BACKLOG_BYTES_MAX`].
+    pub mirror_backlog_bytes_max: u64,
+    /// Bulk chunks sent and not yet confirmed, at most; see [`super::BULK_INFLIGHT_MAX`].
+    pub bulk_inflight_max: usize,
+}
+
+/// What became of a guest write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteVerdict {
+    /// Send it on the Mirror class as `Write`/`Zero` with this `seq`.
+    Mirror { seq: u64 },
+    /// Not sent: the chunks it touched are dirty and the bulk copy carries it.
+    Tracked { seq: u64 },
+}
+
+/// A chunk for the caller to read and send as `Chunk { index, seq, .. }`. The read must
+/// start after this is returned (it may include newer writes; never older ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkJob {
+    pub index: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// Every guest write with a `seq` up to this one completed before the read.
+    pub seq: u64,
+}
+
+/// Where replication of this disk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceState {
+    /// No session.
+    Disconnected,
+    /// A session, waiting for the destination's answer to `Hello`.
+    Connecting,
+    /// The destination refused this source.
+    Refused(RefuseReason),
+    /// First full copy in progress.
+    Copying { done_bytes: u64, total_bytes: u64 },
+    /// Copying again what changed while the link was lost (or overflowed).
+    Resyncing { dirty_bytes: u64, total_bytes: u64 },
+    /// Every chunk copied; mirrored writes the destination has not yet confirmed.
+    Behind { lag_bytes: u64 },
+    /// The destination holds everything acknowledged to the guest so far.
+    InSync,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    pub writes_mirrored: u64,
+    pub writes_tracked: u64,
+    pub bytes_mirrored: u64,
+    pub chunks_sent: u64,
+    pub chunks_redone: u64,
+    /// Sessions lost with something unconfirmed, which went back to the bitmap.
+    pub sessions_lost: u64,
+}
+
+/// A reply the source cannot have earned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SourceError {
+    #[error("destination confirmed mirror seq {seq}, but the last write is {last}")]
+    AppliedBeyondWritten { seq: u64, last: u64 },
+    #[error("destination named chunk {index}, but the disk has {chunks}")]
+    NoSuchChunk { index: u64, chunks: u64 },
+    #[error("destination sent {0:?}, which only a source sends")]
+    Unexpected(&'static str),
+    #[error("guest write at {offset}+{len} is outside the {disk_bytes}-byte disk")]
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        disk_bytes: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Unacked {
+    seq: u64,
+    first: u64,
+    last: u64,
+    bytes: u64,
+}
+
+/// The source's replication state for one disk.
+#[derive(Debug)]
+pub struct ReplicaSource {
+    config: SourceConfig,
+    chunks: u64,
+    /// Chunks the destination may hold older than the source.
+    dirty: Vec<bool>,
+    dirty_count: u64,
+    /// Chunks sent by bulk and not yet confirmed, with their snapshot seq.
+    inflight: BTreeMap<u64, u64>,
+    /// Where the bulk scan continues.
+    cursor: u64,
+    /// The last guest write's seq.
+    seq: u64,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: u64,
+    connected: bool,
+    welcomed: bool,
+    refused: Option<RefuseReason>,
+    /// The first full copy finished once.
+    copied_once: bool,
+    stats: SourceStats,
+}
+
+impl ReplicaSource {
+    /// A source whose destination holds nothing yet: every chunk is dirty.
+    pub fn new(config: SourceConfig) -> Result<ReplicaSource, ConfigError> {
+        let chunks = chunk_count(config.disk_bytes, config.chunk_bytes)?;
+        if config.bulk_inflight_max == 0 {
+            return Err(ConfigError::Zero("bulk_inflight_max"));
+        }
+        let len = usize::try_from(chunks).map_err(|_| ConfigError::TooManyChunks { chunks })?;
+        Ok(ReplicaSource {
+            config,
+            chunks,
+            dirty: vec![true; len],
+            dirty_count: chunks,
+            inflight: BTreeMap::new(),
+            cursor: 0,
+            seq: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            connected: false,
+            welcomed: false,
+            refused: None,
+            copied_once: false,
+            stats: SourceStats::default(),
+        })
+    }
+
+    /// A session is up: send this first, on Control.
+    pub fn on_connected(&mut self) -> Message {
+        self.connected = true;
+        self.welcomed = false;
+        Message::Hello {
+            disk_id: self.config.disk_id,
+            source_id: self.config.source_id,
+            disk_bytes: self.config.disk_bytes,
+            chunk_bytes: self.config.chunk_bytes,
+        }
+    }
+
+    /// The session is gone for good (past the link's resume window): whatever the
+    /// destination did not confirm goes back to the bitmap, to be copied again.
+    pub fn on_disconnected(&mut self) {
+        self.connected = false;
+        self.welcomed = false;
+        let lost = !self.inflight.is_empty() || !self.unacked.is_empty();
+        let inflight = std::mem::take(&mut self.inflight);
+        for index in inflight.into_keys() {
+            self.mark_dirty(index);
+        }
+        while let Some(u) = self.unacked.pop_front() {
+            for index in u.first..=u.last {
+                self.mark_dirty(index);
+            }
+        }
+        self.unacked_bytes = 0;
+        self.stats.sessions_lost += u64::from(lost);
+    }
+
+    /// A guest write of `len` bytes at `offset` completed on the local disk (data,
+    /// zeroes or discard alike).
+    pub fn on_guest_write(&mut self, offset: u64, len: u64) -> Result<WriteVerdict, SourceError> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.config.disk_bytes);
+        if len == 0 || end.is_none() {
+            return Err(SourceError::OutOfRange {
+                offset,
+                len,
+                disk_bytes: self.config.disk_bytes,
+            });
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let first = offset / self.config.chunk_bytes;
+        let last = (offset + len - 1) / self.config.chunk_bytes;
+        // A write only to chunks the bulk copy has yet to read needs no mirroring.
+        let all_pending =
+            (first..=last).all(|i| self.dirty[i as usize] && !self.inflight.contains_key(&i));
+        let room = self.unacked_bytes + len <= self.config.mirror_backlog_bytes_max;
+        if self.welcomed && room && !all_pending {
+            self.unacked.push_back(Unacked {
+                seq,
+                first,
+                last,
+                bytes: len,
+            });
+            self.unacked_bytes += len;
+            self.stats.writes_mirrored += 1;
+            self.stats.bytes_mirrored += len;
+            return Ok(WriteVerdict::Mirror { seq });
+        }
+        for index in first..=last {
+            self.mark_dirty(index);
+        }
+        self.stats.writes_tracked += 1;
+        Ok(WriteVerdict::Tracked { seq })
+    }
+
+    /// The next chunk to copy, if one is dirty and the in-flight bound allows.
+    pub fn next_bulk(&mut self) -> Option<BulkJob> {
+        if !self.welcomed
+            || self.dirty_count == 0
+            || self.inflight.len() >= self.config.bulk_inflight_max
+        {
+            return None;
+        }
+        let index = (0..self.chunks)
+            .map(|k| (self.cursor + k) % self.chunks)
+            .find(|&i| self.dirty[i as usize] && !self.inflight.contains_key(&i))?;
+        self.dirty[index as usize] = false;
+        self.dirty_count -= 1;
+        self.inflight.insert(index, self.seq);
+        self.cursor = (index + 1) % self.chunks;
+        self.stats.chunks_sent += 1;
+        Some(BulkJob {
+            index,
+            offset: index * self.config.chunk_bytes,
+            len: chunk_len(index, self.config.disk_bytes, self.config.chunk_bytes),
+            seq: self.seq,
+        })
+    }
+
+    /// A message from the destination.
+    pub fn on_message(&mut self, message: Message) -> Result<(), SourceError> {
+        match message {
+            Message::Welcome => self.welcomed = self.connected,
+            Message::Refuse(reason) => {
+                self.refused = Some(reason);
+                self.welcomed = false;
+            }
+            Message::Applied { seq } => {
+                if seq > self.seq {
+                    return Err(SourceError::AppliedBeyondWritten {
+                        seq,
+                        last: self.seq,
+                    });
+                }
+                while self.unacked.front().is_some_and(|u| u.seq <= seq) {
+                    if let Some(u) = self.unacked.pop_front() {
+                        self.unacked_bytes -= u.bytes;
+                    }
+                }
+            }
+            Message::ChunkDone { index, seq } => {
+                self.check_index(index)?;
+                if self.inflight.get(&index) == Some(&seq) {
+                    self.inflight.remove(&index);
+                }
+            }
+            Message::Redo { index } => {
+                self.check_index(index)?;
+                self.inflight.remove(&index);
+                self.mark_dirty(index);
+                self.stats.chunks_redone += 1;
+            }
+            Message::Hello { .. } => return Err(SourceError::Unexpected("Hello")),
+            Message::Write { .. } => return Err(SourceError::Unexpected("Write")),
+            Message::Zero { .. } => return Err(SourceError::Unexpected("Zero")),
+            Message::Chunk { .. } => return Err(SourceError::Unexpected("Chunk")),
+        }
+        if self.dirty_count == 0 && self.inflight.is_empty() {
+            self.copied_once = true;
+        }
+        Ok(())
+    }
+
+    /// Where replication stands.
+    pub fn state(&self) -> SourceState {
+        let total_bytes = self.config.disk_bytes;
+        let pending = (self.dirty_count + self.inflight.len() as u64) * self.config.chunk_bytes;
+        let pending = pending.min(total_bytes);
+        if let Some(reason) = self.refused {
+            SourceState::Refused(reason)
+        } else if !self.connected {
+            SourceState::Disconnected
+        } else if !self.welcomed {
+            SourceState::Connecting
+        } else if pending > 0 && !self.copied_once {
+            SourceState::Copying {
+                done_bytes: total_bytes - pending,
+                total_bytes,
+            }
+        } else if pending > 0 {
+            SourceState::Resyncing {
+                dirty_bytes: pending,
+                total_bytes,
+            }
+        } else if self.unacked_bytes > 0 {
+            SourceState::Behind {
+                lag_bytes: self.unacked_bytes,
+            }
+        } else {
+            SourceState::InSync
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SourceStats {
+        self.stats
+    }
+
+    /// Mirrored bytes the destination has not confirmed: what the guest's back-pressure
+    /// and the switchover's drain are computed from.
+    pub fn mirror_backlog_bytes(&self) -> u64 {
+        self.unacked_bytes
+    }
+
+    fn mark_dirty(&mut self, index: u64) {
+        let i = index as usize;
+        if !self.dirty[i] {
+            self.dirty[i] = true;
+            self.dirty_count += 1;
+        }
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), SourceError> {
+        if index < self.chunks {
+            Ok(())
+        } else {
+            Err(SourceError::NoSuchChunk {
+                index,
+                chunks: self.chunks,
+            })
+        }
+    }
+}

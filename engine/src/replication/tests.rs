@@ -1,0 +1,249 @@
+//! Unit tests of the replication state machines against a wrong or hostile peer. The
+//! convergence of the two under faults is `engine/tests/replication_sim.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use super::wire::{Message, RefuseReason};
+use super::*;
+
+const CHUNK: u64 = 16 << 10;
+const DISK: u64 = 8 * CHUNK;
+
+fn source() -> ReplicaSource {
+    ReplicaSource::new(SourceConfig {
+        disk_id: [7; 16],
+        source_id: [1; 16],
+        disk_bytes: DISK,
+        chunk_bytes: CHUNK,
+        mirror_backlog_bytes_max: 1 << 20,
+        bulk_inflight_max: 2,
+    })
+    .unwrap()
+}
+
+fn dest(disk_bytes: u64) -> ReplicaDest {
+    ReplicaDest::new(DestConfig {
+        disk_id: [7; 16],
+        disk_bytes,
+        chunk_bytes: CHUNK,
+    })
+    .unwrap()
+}
+
+fn hello(disk_id: u8, source_id: u8, disk_bytes: u64, chunk_bytes: u64) -> Message {
+    Message::Hello {
+        disk_id: [disk_id; 16],
+        source_id: [source_id; 16],
+        disk_bytes,
+        chunk_bytes,
+    }
+}
+
+fn reply(d: &mut ReplicaDest, m: Message) -> Message {
+    match d.on_message(m).unwrap().as_slice() {
+        [Apply::Reply(r)] => r.clone(),
+        other => panic!("expected one reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_hellos_are_refused_with_the_reason_and_nothing_is_written() {
+    let mut d = dest(DISK);
+    let cases = [
+        (hello(7, 1, DISK + 1, CHUNK), RefuseReason::DiskTooSmall),
+        (hello(8, 1, DISK, CHUNK), RefuseReason::WrongDisk),
+        (hello(7, 1, DISK, CHUNK * 2), RefuseReason::ChunkSize),
+    ];
+    for (m, reason) in cases {
+        assert_eq!(reply(&mut d, m), Message::Refuse(reason));
+    }
+    // Refused, so data is still refused.
+    let write = Message::Write {
+        seq: 1,
+        offset: 0,
+        data: vec![1; 512],
+    };
+    assert_eq!(
+        d.on_message(write.clone()),
+        Err(DestError::NotWelcomed("Write"))
+    );
+    assert_eq!(reply(&mut d, hello(7, 1, DISK, CHUNK)), Message::Welcome);
+    // A second source is refused; the first may come back.
+    assert_eq!(
+        reply(&mut d, hello(7, 2, DISK, CHUNK)),
+        Message::Refuse(RefuseReason::Busy)
+    );
+    assert_eq!(reply(&mut d, hello(7, 1, DISK, CHUNK)), Message::Welcome);
+    d.promote();
+    assert_eq!(
+        reply(&mut d, hello(7, 1, DISK, CHUNK)),
+        Message::Refuse(RefuseReason::Promoted)
+    );
+    assert_eq!(d.on_message(write), Err(DestError::NotWelcomed("Write")));
+    assert_eq!(d.stats().refusals, 5);
+}
+
+#[test]
+fn hostile_data_is_refused_before_anything_is_applied() {
+    let mut d = dest(DISK);
+    reply(&mut d, hello(7, 1, DISK, CHUNK));
+    let out_of_range = Message::Write {
+        seq: 1,
+        offset: DISK - 256,
+        data: vec![1; 512],
+    };
+    assert!(matches!(
+        d.on_message(out_of_range),
+        Err(DestError::OutOfRange { .. })
+    ));
+    let wraps = Message::Zero {
+        seq: 1,
+        offset: u64::MAX - 10,
+        len: 100,
+    };
+    assert!(matches!(
+        d.on_message(wraps),
+        Err(DestError::OutOfRange { .. })
+    ));
+    let short_chunk = Message::Chunk {
+        index: 0,
+        seq: 0,
+        data: vec![1; 100],
+    };
+    assert!(matches!(
+        d.on_message(short_chunk),
+        Err(DestError::ChunkLength { .. })
+    ));
+    let no_chunk = Message::Chunk {
+        index: 8,
+        seq: 0,
+        data: Vec::new(),
+    };
+    assert!(matches!(
+        d.on_message(no_chunk),
+        Err(DestError::NoSuchChunk { .. })
+    ));
+    let w = |seq| Message::Write {
+        seq,
+        offset: 0,
+        data: vec![1; 512],
+    };
+    assert_eq!(d.on_message(w(5)).unwrap().len(), 1);
+    assert_eq!(
+        d.on_message(w(4)),
+        Err(DestError::OutOfOrder { seq: 4, applied: 5 })
+    );
+    assert_eq!(
+        d.on_message(Message::Welcome),
+        Err(DestError::Unexpected("Welcome"))
+    );
+}
+
+/// The mirror race both ways: a chunk read before a write that already landed is
+/// dropped and asked again; a write older than a chunk that already landed is skipped.
+#[test]
+fn neither_side_of_the_race_lands_older_data() {
+    let mut d = dest(DISK);
+    reply(&mut d, hello(7, 1, DISK, CHUNK));
+    let newer_write = Message::Write {
+        seq: 9,
+        offset: 100 * 512,
+        data: vec![9; 512],
+    };
+    assert_eq!(d.on_message(newer_write).unwrap().len(), 1);
+    let stale_chunk = Message::Chunk {
+        index: 3,
+        seq: 8,
+        data: vec![8; CHUNK as usize],
+    };
+    assert_eq!(
+        d.on_message(stale_chunk).unwrap(),
+        vec![Apply::Reply(Message::Redo { index: 3 })]
+    );
+    let fresh_chunk = Message::Chunk {
+        index: 5,
+        seq: 20,
+        data: vec![2; CHUNK as usize],
+    };
+    assert_eq!(d.on_message(fresh_chunk).unwrap().len(), 1);
+    // Seq 15 spans chunks 4 and 5: only chunk 4's part may land.
+    let spanning = Message::Write {
+        seq: 15,
+        offset: 5 * CHUNK - 512,
+        data: vec![15; 1024],
+    };
+    assert_eq!(
+        d.on_message(spanning).unwrap(),
+        vec![Apply::Write {
+            offset: 5 * CHUNK - 512,
+            data: vec![15; 512]
+        }]
+    );
+    assert_eq!(d.stats().mirror_bytes_superseded, 512);
+    assert_eq!(
+        d.on_synced(),
+        vec![
+            Message::ChunkDone { index: 5, seq: 20 },
+            Message::Applied { seq: 15 }
+        ]
+    );
+}
+
+#[test]
+fn the_source_copies_everything_then_mirrors_and_reports_sync() {
+    let mut s = source();
+    assert_eq!(s.state(), SourceState::Disconnected);
+    assert!(matches!(s.on_connected(), Message::Hello { .. }));
+    assert_eq!(s.next_bulk(), None, "nothing before Welcome");
+    s.on_message(Message::Welcome).unwrap();
+    // A write to a chunk not copied yet is left to the copy.
+    assert_eq!(
+        s.on_guest_write(0, 512).unwrap(),
+        WriteVerdict::Tracked { seq: 1 }
+    );
+    let mut done = 0;
+    while done < 8 {
+        let a = s.next_bulk().unwrap();
+        let b = s.next_bulk().unwrap();
+        assert_eq!(s.next_bulk(), None, "the in-flight bound holds");
+        for job in [a, b] {
+            s.on_message(Message::ChunkDone {
+                index: job.index,
+                seq: job.seq,
+            })
+            .unwrap();
+            done += 1;
+        }
+    }
+    assert_eq!(s.state(), SourceState::InSync);
+    assert_eq!(
+        s.on_guest_write(CHUNK, 4096).unwrap(),
+        WriteVerdict::Mirror { seq: 2 }
+    );
+    assert_eq!(s.state(), SourceState::Behind { lag_bytes: 4096 });
+    assert_eq!(
+        s.on_message(Message::Applied { seq: 3 }),
+        Err(SourceError::AppliedBeyondWritten { seq: 3, last: 2 })
+    );
+    s.on_message(Message::Applied { seq: 2 }).unwrap();
+    assert_eq!(s.state(), SourceState::InSync);
+    // A lost session puts the unconfirmed mirror write back in the bitmap.
+    s.on_guest_write(2 * CHUNK, 512).unwrap();
+    s.on_disconnected();
+    assert_eq!(s.state(), SourceState::Disconnected);
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    assert_eq!(
+        s.state(),
+        SourceState::Resyncing {
+            dirty_bytes: CHUNK,
+            total_bytes: DISK
+        }
+    );
+    assert_eq!(s.next_bulk().map(|j| j.index), Some(2));
+    assert!(s.on_guest_write(DISK - 256, 512).is_err());
+    assert!(matches!(
+        s.on_message(Message::Redo { index: 99 }),
+        Err(SourceError::NoSuchChunk { .. })
+    ));
+}

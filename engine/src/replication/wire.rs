@@ -1,0 +1,333 @@
+//! The replication messages, carried as payloads of the link's classes (Control, Mirror,
+//! Bulk), and their encoding: a one-byte type, fixed little-endian fields, then the data.
+//! Everything decoded here comes from the peer and is checked before it is acted on
+//! (lengths here, ranges against the disk in [`super::dest`]).
+
+use thiserror::Error;
+
+/// Bytes of the fixed part of every message: type, padding, and up to three u64 fields.
+pub const HEADER_BYTES: usize = 32;
+
+/// Most data one message carries: half of the link's largest frame (1 MiB), so a chunk
+/// message with its header always fits in one frame.
+pub const DATA_BYTES_MAX: usize = 512 << 10;
+
+/// Bytes of the disk and source identities.
+pub const ID_BYTES: usize = 16;
+
+/// One replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Source → destination, first on every session: who is sending which disk.
+    Hello {
+        /// The disk's identity: the destination only accepts the disk it was set up for.
+        disk_id: [u8; ID_BYTES],
+        /// The source engine's identity: one destination takes one source at a time.
+        source_id: [u8; ID_BYTES],
+        /// The source disk's size; the destination's must be at least this.
+        disk_bytes: u64,
+        /// The bulk copy's unit.
+        chunk_bytes: u64,
+    },
+    /// Destination → source: the Hello is accepted; bulk and mirror may flow.
+    Welcome,
+    /// Destination → source: the Hello is refused; nothing was written.
+    Refuse(RefuseReason),
+    /// Source → destination (Mirror): guest data `data` now lives at `offset`. A write
+    /// larger than [`DATA_BYTES_MAX`] travels as several messages with the same `seq`.
+    Write {
+        seq: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Source → destination (Mirror): `len` bytes at `offset` now read as zeros (write
+    /// zeroes or discard).
+    Zero { seq: u64, offset: u64, len: u64 },
+    /// Source → destination (Bulk): chunk `index` as read after every write up to `seq`
+    /// completed; `data` is the whole chunk, or empty when it reads as zeros.
+    Chunk { index: u64, seq: u64, data: Vec<u8> },
+    /// Destination → source: every mirror message up to `seq` is applied and durable.
+    Applied { seq: u64 },
+    /// Destination → source: chunk `index` (sent with snapshot `seq`) is applied and
+    /// durable.
+    ChunkDone { index: u64, seq: u64 },
+    /// Destination → source: chunk `index` arrived older than a mirror write already
+    /// applied there, so it was dropped; copy it again.
+    Redo { index: u64 },
+}
+
+/// Why a destination refuses a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[repr(u8)]
+pub enum RefuseReason {
+    /// The destination's disk is smaller than the source's.
+    #[error("the destination disk is smaller than the source disk")]
+    DiskTooSmall = 1,
+    /// The source claims another disk than the one this destination replicates.
+    #[error("the source sends another disk than the one this destination holds")]
+    WrongDisk = 2,
+    /// Another source is already replicating to this destination.
+    #[error("another source is already replicating to this destination")]
+    Busy = 3,
+    /// The chunk size is not one this destination accepts.
+    #[error("unsupported chunk size")]
+    ChunkSize = 4,
+    /// The destination was promoted: it is no longer a replica.
+    #[error("the destination was promoted and takes no more replication")]
+    Promoted = 5,
+}
+
+impl RefuseReason {
+    fn from_code(code: u8) -> Option<RefuseReason> {
+        [
+            RefuseReason::DiskTooSmall,
+            RefuseReason::WrongDisk,
+            RefuseReason::Busy,
+            RefuseReason::ChunkSize,
+            RefuseReason::Promoted,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == code)
+    }
+}
+
+/// A message that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    /// Shorter than its fixed part.
+    #[error("message of {len} bytes is shorter than the {HEADER_BYTES}-byte header")]
+    Short { len: usize },
+    /// An unknown type byte.
+    #[error("unknown message type {code}")]
+    Type { code: u8 },
+    /// Padding or unused fields not zero, or data where the type carries none.
+    #[error("message type {code} has non-zero padding or trailing bytes")]
+    Malformed { code: u8 },
+    /// More data than [`DATA_BYTES_MAX`].
+    #[error("message carries {len} data bytes, more than {DATA_BYTES_MAX}")]
+    TooLong { len: usize },
+    /// An unknown refusal reason.
+    #[error("unknown refusal reason {code}")]
+    Reason { code: u8 },
+}
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_REFUSE: u8 = 3;
+const T_WRITE: u8 = 4;
+const T_ZERO: u8 = 5;
+const T_CHUNK: u8 = 6;
+const T_APPLIED: u8 = 7;
+const T_CHUNK_DONE: u8 = 8;
+const T_REDO: u8 = 9;
+
+fn header(code: u8, a: u64, b: u64, c: u64, extra: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + extra);
+    out.push(code);
+    out.extend_from_slice(&[0; 7]);
+    for v in [a, b, c] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+impl Message {
+    /// The encoding: the fixed header, then the data (or the Hello's identities).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Message::Hello {
+                disk_id,
+                source_id,
+                disk_bytes,
+                chunk_bytes,
+            } => {
+                let mut out = header(T_HELLO, *disk_bytes, *chunk_bytes, 0, 2 * ID_BYTES);
+                out.extend_from_slice(disk_id);
+                out.extend_from_slice(source_id);
+                out
+            }
+            Message::Welcome => header(T_WELCOME, 0, 0, 0, 0),
+            Message::Refuse(reason) => header(T_REFUSE, *reason as u64, 0, 0, 0),
+            Message::Write { seq, offset, data } => {
+                let mut out = header(T_WRITE, *seq, *offset, 0, data.len());
+                out.extend_from_slice(data);
+                out
+            }
+            Message::Zero { seq, offset, len } => header(T_ZERO, *seq, *offset, *len, 0),
+            Message::Chunk { index, seq, data } => {
+                let mut out = header(T_CHUNK, *index, *seq, 0, data.len());
+                out.extend_from_slice(data);
+                out
+            }
+            Message::Applied { seq } => header(T_APPLIED, *seq, 0, 0, 0),
+            Message::ChunkDone { index, seq } => header(T_CHUNK_DONE, *index, *seq, 0, 0),
+            Message::Redo { index } => header(T_REDO, *index, 0, 0, 0),
+        }
+    }
+
+    /// Decodes one message; every byte is accounted for.
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        if bytes.len() < HEADER_BYTES {
+            return Err(WireError::Short { len: bytes.len() });
+        }
+        let code = bytes[0];
+        let field = |i: usize| {
+            let mut b = [0; 8];
+            b.copy_from_slice(&bytes[8 + 8 * i..16 + 8 * i]);
+            u64::from_le_bytes(b)
+        };
+        let (a, b, c) = (field(0), field(1), field(2));
+        let rest = &bytes[HEADER_BYTES..];
+        let malformed = WireError::Malformed { code };
+        if bytes[1..8].iter().any(|&x| x != 0) {
+            return Err(malformed);
+        }
+        if rest.len() > DATA_BYTES_MAX {
+            return Err(WireError::TooLong { len: rest.len() });
+        }
+        let bare = |fields_used: usize| {
+            let unused_zero = [a, b, c][fields_used..].iter().all(|&v| v == 0);
+            if rest.is_empty() && unused_zero {
+                Ok(())
+            } else {
+                Err(WireError::Malformed { code })
+            }
+        };
+        Ok(match code {
+            T_HELLO => {
+                if rest.len() != 2 * ID_BYTES || c != 0 {
+                    return Err(malformed);
+                }
+                let mut disk_id = [0; ID_BYTES];
+                let mut source_id = [0; ID_BYTES];
+                disk_id.copy_from_slice(&rest[..ID_BYTES]);
+                source_id.copy_from_slice(&rest[ID_BYTES..]);
+                Message::Hello {
+                    disk_id,
+                    source_id,
+                    disk_bytes: a,
+                    chunk_bytes: b,
+                }
+            }
+            T_WELCOME => bare(0).map(|()| Message::Welcome)?,
+            T_REFUSE => {
+                bare(1)?;
+                let code = u8::try_from(a).map_err(|_| WireError::Reason { code: 0 })?;
+                Message::Refuse(RefuseReason::from_code(code).ok_or(WireError::Reason { code })?)
+            }
+            T_WRITE => {
+                if rest.is_empty() || c != 0 {
+                    return Err(malformed);
+                }
+                Message::Write {
+                    seq: a,
+                    offset: b,
+                    data: rest.to_vec(),
+                }
+            }
+            T_ZERO => bare(3).map(|()| Message::Zero {
+                seq: a,
+                offset: b,
+                len: c,
+            })?,
+            T_CHUNK => {
+                if c != 0 {
+                    return Err(malformed);
+                }
+                Message::Chunk {
+                    index: a,
+                    seq: b,
+                    data: rest.to_vec(),
+                }
+            }
+            T_APPLIED => bare(1).map(|()| Message::Applied { seq: a })?,
+            T_CHUNK_DONE => bare(2).map(|()| Message::ChunkDone { index: a, seq: b })?,
+            T_REDO => bare(1).map(|()| Message::Redo { index: a })?,
+            code => return Err(WireError::Type { code }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                disk_id: [1; ID_BYTES],
+                source_id: [2; ID_BYTES],
+                disk_bytes: 1 << 40,
+                chunk_bytes: 512 << 10,
+            },
+            Message::Welcome,
+            Message::Refuse(RefuseReason::Busy),
+            Message::Write {
+                seq: 7,
+                offset: 4096,
+                data: vec![9; 4096],
+            },
+            Message::Zero {
+                seq: 8,
+                offset: 0,
+                len: 1 << 20,
+            },
+            Message::Chunk {
+                index: 3,
+                seq: 8,
+                data: vec![5; 512 << 10],
+            },
+            Message::Chunk {
+                index: 4,
+                seq: 8,
+                data: Vec::new(),
+            },
+            Message::Applied { seq: 8 },
+            Message::ChunkDone { index: 3, seq: 8 },
+            Message::Redo { index: 3 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            assert_eq!(Message::decode(&m.encode()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn hostile_bytes_are_errors() {
+        assert_eq!(Message::decode(&[4; 10]), Err(WireError::Short { len: 10 }));
+        let mut bad = Message::Welcome.encode();
+        bad[0] = 99;
+        assert_eq!(Message::decode(&bad), Err(WireError::Type { code: 99 }));
+        let mut padded = Message::Applied { seq: 1 }.encode();
+        padded[3] = 1;
+        assert!(matches!(
+            Message::decode(&padded),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut trailing = Message::Redo { index: 1 }.encode();
+        trailing.push(0);
+        assert!(matches!(
+            Message::decode(&trailing),
+            Err(WireError::Malformed { .. })
+        ));
+        let empty_write = header(T_WRITE, 1, 0, 0, 0);
+        assert!(matches!(
+            Message::decode(&empty_write),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut huge = header(T_CHUNK, 0, 0, 0, 0);
+        huge.resize(HEADER_BYTES + DATA_BYTES_MAX + 1, 0);
+        assert!(matches!(
+            Message::decode(&huge),
+            Err(WireError::TooLong { .. })
+        ));
+        let refuse = header(T_REFUSE, 77, 0, 0, 0);
+        assert_eq!(
+            Message::decode(&refuse),
+            Err(WireError::Reason { code: 77 })
+        );
+    }
+}
