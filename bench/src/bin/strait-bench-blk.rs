@@ -191,7 +191,7 @@ fn job_spec(a: &Args) -> Result<JobSpec> {
 fn line(r: &JobResult) -> String {
     format!(
         "{:>9.0} IOPS {:>8.1} MB/s  p50 {:>7.1} us  p99 {:>7.1} us  p99.9 {:>8.1} us  \
-         backend CPU {} ({} us/IO)  loader CPU {:.2} s{}",
+         backend CPU {} ({} us/IO)  loader CPU {:.2} s  others {}  kicks/IO {:.3} sleeps/IO {:.3}{}",
         r.iops,
         r.mb_per_s,
         r.p50_us,
@@ -201,6 +201,9 @@ fn line(r: &JobResult) -> String {
         r.backend_cpu_us_per_io
             .map_or("-".into(), |c| format!("{c:.1}")),
         r.loader_cpu_s,
+        r.other_cpu_s.map_or("-".into(), |c| format!("{c:.2} s")),
+        r.kicks_per_io,
+        r.sleeps_per_io,
         if r.errors + r.mismatches + r.bad_used_len > 0 {
             format!(
                 "  errors {} mismatches {} bad used len {}",

@@ -17,6 +17,9 @@ pub const FIGURES: &[&str] = &[
     "p99_us",
     "p999_us",
     "backend_cpu_us_per_io",
+    "kicks_per_io",
+    "sleeps_per_io",
+    "other_cpu_s",
 ];
 
 fn figure(r: &JobResult, name: &str) -> Option<f64> {
@@ -27,6 +30,9 @@ fn figure(r: &JobResult, name: &str) -> Option<f64> {
         "p99_us" => Some(r.p99_us),
         "p999_us" => Some(r.p999_us),
         "backend_cpu_us_per_io" => r.backend_cpu_us_per_io,
+        "kicks_per_io" => Some(r.kicks_per_io),
+        "sleeps_per_io" => Some(r.sleeps_per_io),
+        "other_cpu_s" => r.other_cpu_s,
         _ => None,
     }
 }

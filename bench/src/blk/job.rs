@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::frontend::Device;
 use super::guest::GuestRam;
 use super::pattern::SECTOR_BYTES;
-use super::procstat::CpuClock;
+use super::procstat::{machine_busy_s, CpuClock};
 use super::ring::{DriverRing, RingLayout, DESC_BYTES};
 use super::worker::{QueueOutcome, Worker, DESCS_PER_REQUEST};
 
@@ -206,6 +206,15 @@ pub struct JobResult {
     pub backend_cpu_us_per_io: Option<f64>,
     /// CPU seconds this load generator used in the window.
     pub loader_cpu_s: f64,
+    /// CPU seconds everything else on the machine used in the window (other processes,
+    /// kernel threads not counted to either side): a run disturbed by others shows here.
+    pub other_cpu_s: Option<f64>,
+    /// Kicks the generator sent per completed request (the backend asks for them with
+    /// `avail_event`; fewer means the backend was polling its ring).
+    pub kicks_per_io: f64,
+    /// Sleeps on the call eventfd per completed request (each costs the backend an
+    /// eventfd write and the generator a wake-up).
+    pub sleeps_per_io: f64,
     pub first_problem: Option<String>,
 }
 
@@ -275,8 +284,10 @@ pub fn run_job(socket: &Path, spec: &JobSpec, backend_pid: Option<u32>) -> Resul
     let me = CpuClock::for_pid(std::process::id());
     sleep_until(start + spec.warmup);
     let cpu_start = (backend.as_ref().map(|c| c.cpu_s()), me.cpu_s());
+    let machine_start = machine_busy_s();
     sleep_until(start + spec.warmup + spec.duration);
     let cpu_end = (backend.as_ref().map(|c| c.cpu_s()), me.cpu_s());
+    let machine_end = machine_busy_s();
 
     let mut outcomes = Vec::new();
     for (q, handle) in handles.into_iter().enumerate() {
@@ -292,7 +303,11 @@ pub fn run_job(socket: &Path, spec: &JobSpec, backend_pid: Option<u32>) -> Resul
         None => None,
     };
     let loader_cpu_s = cpu_end.1? - cpu_start.1?;
-    summarise(spec, outcomes, backend_cpu_s, loader_cpu_s)
+    let machine_s = machine_end? - machine_start?;
+    let mut r = summarise(spec, outcomes, backend_cpu_s, loader_cpu_s)?;
+    // Only meaningful when the backend is another process (its CPU is then known).
+    r.other_cpu_s = backend_cpu_s.map(|b| (machine_s - b - loader_cpu_s).max(0.0));
+    Ok(r)
 }
 
 fn sleep_until(t: Instant) {
@@ -328,8 +343,12 @@ fn summarise(
         backend_cpu_s,
         backend_cpu_us_per_io: None,
         loader_cpu_s,
+        other_cpu_s: None,
+        kicks_per_io: 0.0,
+        sleeps_per_io: 0.0,
         first_problem: None,
     };
+    let (mut kicks, mut sleeps, mut completed) = (0u64, 0u64, 0u64);
     let mut bytes = 0u64;
     for o in outcomes {
         latency
@@ -342,6 +361,9 @@ fn summarise(
         r.mismatches += o.mismatches;
         r.verified_reads += o.verified_reads;
         bytes += o.bytes;
+        kicks += o.kicks;
+        sleeps += o.sleeps;
+        completed += o.completed;
         if r.first_problem.is_none() {
             r.first_problem = o.first_problem;
         }
@@ -355,6 +377,8 @@ fn summarise(
     r.p999_us = us(latency.value_at_quantile(0.999));
     r.max_us = us(latency.max());
     r.mean_us = latency.mean() / 1000.0;
+    r.kicks_per_io = kicks as f64 / completed.max(1) as f64;
+    r.sleeps_per_io = sleeps as f64 / completed.max(1) as f64;
     r.backend_cpu_us_per_io = backend_cpu_s
         .filter(|_| ios > 0)
         .map(|cpu| cpu * 1e6 / ios as f64);

@@ -33,6 +33,29 @@ impl CpuClock {
     }
 }
 
+/// CPU seconds the whole machine has been busy (every CPU, every process): the `cpu` line
+/// of `/proc/stat` less idle and iowait. Lets a run tell how much CPU others took.
+pub fn machine_busy_s() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = parse_machine_busy(&text).context("parsing /proc/stat")?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / if per_s > 0 { per_s as f64 } else { 100.0 })
+}
+
+/// Busy ticks from the aggregate `cpu` line: user nice system idle iowait irq softirq
+/// steal (guest time is already inside user).
+fn parse_machine_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (v.len() == 8).then(|| v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
+}
+
 /// `utime + stime` (fields 14 and 15) from a `/proc/PID/stat` line. The command name (field
 /// 2) may contain spaces and parentheses, so fields are counted after its last `)`.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
@@ -52,6 +75,13 @@ mod tests {
     fn parses_names_with_spaces_and_parens() {
         let line = "1234 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 1 0";
         assert_eq!(parse_cpu_ticks(line), Some(281));
+    }
+
+    #[test]
+    fn machine_busy_skips_idle_and_iowait() {
+        let stat = "cpu  10 1 5 1000 7 2 3 4 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
+        assert_eq!(parse_machine_busy(stat), Some(10 + 1 + 5 + 2 + 3 + 4));
+        assert!(machine_busy_s().expect("/proc/stat") > 0.0);
     }
 
     #[test]

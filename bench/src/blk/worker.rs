@@ -43,6 +43,13 @@ pub struct QueueOutcome {
     pub bad_used_len: u64,
     pub mismatches: u64,
     pub verified_reads: u64,
+    /// Kicks sent (the device asked for them through `avail_event`), whole run.
+    pub kicks: u64,
+    /// Times the thread slept on the call eventfd, whole run.
+    pub sleeps: u64,
+    /// Requests completed over the whole run (warm-up and drain included), the base of
+    /// the two counters above.
+    pub completed: u64,
     pub first_problem: Option<String>,
 }
 
@@ -295,19 +302,21 @@ impl Worker {
         Some(s)
     }
 
-    fn kick_if_needed(&mut self) -> Result<()> {
+    fn kick_if_needed(&mut self, out: &mut QueueOutcome) -> Result<()> {
         if self.ring.publish() {
             self.kick.write(1).context("kick eventfd")?;
+            out.kicks += 1;
         }
         Ok(())
     }
 
     /// Sleeps on the call eventfd (after arming the interrupt) for at most one slice.
-    fn sleep(&self) {
+    fn sleep(&self, out: &mut QueueOutcome) {
         self.ring.arm_interrupt();
         if self.ring.has_used() {
             return;
         }
+        out.sleeps += 1;
         let mut pfd = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&self.call),
             events: libc::POLLIN,
@@ -350,13 +359,16 @@ impl Worker {
                 bad_used_len: 0,
                 mismatches: 0,
                 verified_reads: 0,
+                kicks: 0,
+                sleeps: 0,
+                completed: 0,
                 first_problem: None,
             },
         };
         for s in 0..depth {
             self.submit(&mut st, s);
         }
-        self.kick_if_needed()?;
+        self.kick_if_needed(&mut st.out)?;
         let mut inflight = depth;
         let mut last_progress = Instant::now();
         let mut spins = 0u32;
@@ -373,13 +385,14 @@ impl Worker {
                     );
                 };
                 progressed = true;
+                st.out.completed += 1;
                 if stopping {
                     inflight -= 1;
                 } else {
                     self.submit(&mut st, s);
                 }
             }
-            self.kick_if_needed()?;
+            self.kick_if_needed(&mut st.out)?;
             if stopping && inflight == 0 {
                 return Ok(st.out);
             }
@@ -402,7 +415,7 @@ impl Worker {
                 }
                 continue;
             }
-            self.sleep();
+            self.sleep(&mut st.out);
         }
     }
 }
