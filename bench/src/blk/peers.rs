@@ -195,7 +195,7 @@ impl RunningPeer {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_TIMEOUT`].
+    /// SIGTERM, then SIGKILL if it has not exited within `STOP_TIMEOUT` (10 s).
     pub fn stop(mut self) -> Result<()> {
         self.terminate()
     }
