@@ -15,11 +15,17 @@
 //!   attaches to;
 //! - hostile descriptor chains are answered with `IOERR`/`UNSUPP` and counted, never trusted.
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod bitmap;
+#[cfg(not(any(test, feature = "fuzzing")))]
 mod bitmap;
 mod capture;
 mod config;
 mod device;
 mod limits;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod metrics;
+#[cfg(not(any(test, feature = "fuzzing")))]
 mod metrics;
 mod queue;
 #[cfg(any(test, feature = "fuzzing"))]
