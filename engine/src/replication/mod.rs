@@ -7,7 +7,9 @@
 //! range lock is needed) is argued in `docs/replication.md`; `engine/tests/replication_sim.rs`
 //! checks it over thousands of seeded runs of the real session on the simulated link.
 
+pub mod capture;
 pub mod dest;
+pub mod driver;
 pub mod source;
 pub mod wire;
 
@@ -47,6 +49,27 @@ pub enum ConfigError {
     TooManyChunks { chunks: u64 },
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+}
+
+/// What stops a replication driver from starting.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("cannot open the disk image {path}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the replication thread")]
+    Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Chunks of a disk of `disk_bytes` (the last one may be shorter).

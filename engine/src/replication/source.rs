@@ -334,6 +334,15 @@ impl ReplicaSource {
         self.unacked_bytes
     }
 
+    /// A write to chunk `index` completed without a seq of its own (its capture shard
+    /// was full): the bulk copy carries it.
+    pub fn mark_chunk_dirty(&mut self, index: u64) {
+        if index < self.chunks {
+            self.mark_dirty(index);
+            self.stats.writes_tracked += 1;
+        }
+    }
+
     fn mark_dirty(&mut self, index: u64) {
         let i = index as usize;
         if !self.dirty[i] {

@@ -1,0 +1,548 @@
+//! The threads that run replication over the real link and real files: the source's
+//! (drain the capture shards, copy chunks, mirror writes, redial a lost link) and the
+//! destination's (accept, apply, sync, confirm). The decisions are the state machines'
+//! ([`ReplicaSource`], [`ReplicaDest`]); this only moves bytes.
+
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use strait_net::protocol::Role;
+use strait_net::session::tcp::{Link, LinkError};
+use strait_net::session::SessionConfig;
+use strait_net::tls::TlsIdentity;
+use strait_net::StreamClass;
+use tracing::{info, warn};
+
+use super::capture::{Captured, MirrorCapture};
+use super::wire::{Message, DATA_BYTES_MAX};
+use super::{
+    Apply, DestConfig, DestStats, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
+    SourceStats, WriteVerdict,
+};
+
+/// Captured writes taken from each shard per round: enough to empty a shard that filled
+/// during a millisecond, few enough that bulk copy and replies get their turn.
+const DRAIN_BATCH: usize = 1024;
+
+/// Longest a send waits for room in the link. The session fails by itself when the link
+/// stays down past its resume window; a peer that stays connected but stops granting
+/// credit for this long is treated as lost (its writes go back to the bitmap).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause of a thread that found nothing to do: short against any RTT, cheap when idle.
+const IDLE_PAUSE: Duration = Duration::from_millis(1);
+
+/// Between two attempts to reach the destination.
+const REDIAL_PAUSE: Duration = Duration::from_secs(1);
+
+/// The destination syncs its disk and confirms at least this often while it applies:
+/// confirmations free the source's mirror backlog, so they must not wait long, and a
+/// `fdatasync` per 10 ms is cheap next to the WAN round trip.
+const SYNC_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What the engine reports about a running replication.
+#[derive(Debug, Clone)]
+pub struct SourceStatus {
+    pub to: SocketAddr,
+    pub state: SourceState,
+    pub stats: SourceStats,
+    pub mirror_backlog_bytes: u64,
+    /// Writes that found their capture shard full and went to the bitmap.
+    pub overflowed_writes: u64,
+    /// Guest mutations captured, and how many of them this status already accounts for:
+    /// `state` covers every write when the two are equal.
+    pub captured_writes: u64,
+    pub accounted_writes: u64,
+    pub last_error: Option<String>,
+}
+
+/// Where a source sends its disk.
+pub struct SourceTarget {
+    pub to: SocketAddr,
+    pub tls: Option<Arc<TlsIdentity>>,
+    pub connections: u16,
+}
+
+/// A running source replication thread.
+pub struct SourceDriver {
+    status: Arc<Mutex<SourceStatus>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SourceDriver {
+    /// Starts replicating `image` (read from here, written by the data path) to `target`,
+    /// mirroring what `capture` collects.
+    pub fn start(
+        image: &Path,
+        config: SourceConfig,
+        capture: Arc<MirrorCapture>,
+        target: SourceTarget,
+    ) -> Result<SourceDriver, super::DriverError> {
+        let file = File::open(image).map_err(|source| super::DriverError::Open {
+            path: image.to_path_buf(),
+            source,
+        })?;
+        let source = ReplicaSource::new(config)?;
+        let status = Arc::new(Mutex::new(SourceStatus {
+            to: target.to,
+            state: source.state(),
+            stats: source.stats(),
+            mirror_backlog_bytes: 0,
+            overflowed_writes: 0,
+            captured_writes: 0,
+            accounted_writes: 0,
+            last_error: None,
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut runner = SourceRunner {
+            file,
+            source,
+            capture,
+            target,
+            link: None,
+            status: status.clone(),
+            stop: stop.clone(),
+        };
+        let thread = thread::Builder::new()
+            .name("strait-replicate".into())
+            .spawn(move || runner.run())
+            .map_err(super::DriverError::Thread)?;
+        Ok(SourceDriver {
+            status,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// A snapshot of where replication stands.
+    pub fn status(&self) -> SourceStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Stops the thread (its link closes; the destination keeps what it confirmed).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SourceDriver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct SourceRunner {
+    file: File,
+    source: ReplicaSource,
+    capture: Arc<MirrorCapture>,
+    target: SourceTarget,
+    link: Option<Link>,
+    status: Arc<Mutex<SourceStatus>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SourceRunner {
+    fn run(&mut self) {
+        let mut next_dial = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.link.is_none() && Instant::now() >= next_dial {
+                self.dial();
+                next_dial = Instant::now() + REDIAL_PAUSE;
+            }
+            let busy = match self.round() {
+                Ok(busy) => busy,
+                Err(e) => {
+                    self.lost(&e);
+                    true
+                }
+            };
+            self.publish();
+            if !busy {
+                thread::sleep(IDLE_PAUSE);
+            }
+        }
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+    }
+
+    fn dial(&mut self) {
+        let t = &self.target;
+        let config = SessionConfig::new(Role::Source);
+        match Link::connect(t.to, t.connections, t.tls.as_deref(), config) {
+            Ok(link) => {
+                let hello = self.source.on_connected();
+                match link.send(StreamClass::Control, hello.encode(), SEND_TIMEOUT) {
+                    Ok(_) => {
+                        info!(to = %t.to, "replication session open");
+                        self.link = Some(link);
+                    }
+                    Err(e) => self.lost(&e.to_string()),
+                }
+            }
+            Err(e) => {
+                warn!(to = %t.to, error = %e, "cannot reach the destination");
+                lock(&self.status).last_error = Some(error_chain(&e));
+            }
+        }
+    }
+
+    /// The session is gone: everything unconfirmed goes back to the bitmap.
+    fn lost(&mut self, why: &str) {
+        warn!(
+            error = why,
+            "replication session lost; changes go to the dirty bitmap"
+        );
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+        self.source.on_disconnected();
+        lock(&self.status).last_error = Some(why.to_string());
+    }
+
+    /// One round: captured writes, overflowed chunks, replies, bulk copy.
+    fn round(&mut self) -> Result<bool, String> {
+        let mut captured = Vec::new();
+        let drained = self.capture.drain(DRAIN_BATCH, |c| captured.push(c));
+        for c in captured {
+            self.mirror(c)?;
+        }
+        let mut overflowed = Vec::new();
+        self.capture.take_overflow(|chunk| overflowed.push(chunk));
+        for chunk in overflowed {
+            self.source.mark_chunk_dirty(chunk);
+        }
+        let Some(link) = &self.link else {
+            return Ok(drained > 0);
+        };
+        let mut replies = 0;
+        while let Some(p) = link
+            .recv(StreamClass::Control, Duration::ZERO)
+            .map_err(err)?
+        {
+            let _ = link.mark_applied(StreamClass::Control, p.len() as u64);
+            let message = Message::decode(&p).map_err(|e| e.to_string())?;
+            self.source.on_message(message).map_err(|e| e.to_string())?;
+            replies += 1;
+        }
+        if let SourceState::Refused(reason) = self.source.state() {
+            return Err(format!("the destination refused: {reason}"));
+        }
+        let mut chunks = 0;
+        while let Some(job) = self.source.next_bulk() {
+            let mut data = vec![0; job.len as usize];
+            self.file
+                .read_exact_at(&mut data, job.offset)
+                .map_err(|e| format!("reading chunk {} of the disk: {e}", job.index))?;
+            if data.iter().all(|&b| b == 0) {
+                data = Vec::new();
+            }
+            let message = Message::Chunk {
+                index: job.index,
+                seq: job.seq,
+                data,
+            };
+            self.send(StreamClass::Bulk, message)?;
+            chunks += 1;
+        }
+        Ok(drained + replies + chunks > 0)
+    }
+
+    fn mirror(&mut self, c: Captured) -> Result<(), String> {
+        let verdict = self
+            .source
+            .on_guest_write(c.offset, c.len)
+            .map_err(|e| e.to_string())?;
+        let WriteVerdict::Mirror { seq } = verdict else {
+            return Ok(());
+        };
+        let Some(data) = c.data else {
+            return self.send(
+                StreamClass::Mirror,
+                Message::Zero {
+                    seq,
+                    offset: c.offset,
+                    len: c.len,
+                },
+            );
+        };
+        for (i, piece) in data.chunks(DATA_BYTES_MAX).enumerate() {
+            let offset = c.offset + (i * DATA_BYTES_MAX) as u64;
+            let message = Message::Write {
+                seq,
+                offset,
+                data: piece.to_vec(),
+            };
+            self.send(StreamClass::Mirror, message)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, class: StreamClass, message: Message) -> Result<(), String> {
+        // No link: the state machine was told (on_disconnected) and tracks everything.
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        link.send(class, message.encode(), SEND_TIMEOUT)
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    fn publish(&self) {
+        let (captured, accounted) = self.capture.counts();
+        let mut s = lock(&self.status);
+        s.captured_writes = captured;
+        s.accounted_writes = accounted;
+        s.state = self.source.state();
+        s.stats = self.source.stats();
+        s.mirror_backlog_bytes = self.source.mirror_backlog_bytes();
+        s.overflowed_writes = self.capture.overflowed_writes();
+    }
+}
+
+fn err(e: LinkError) -> String {
+    error_chain(&e)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// What a destination reports.
+#[derive(Debug, Clone, Default)]
+pub struct DestStatus {
+    pub connected: bool,
+    pub stats: DestStats,
+    pub sessions: u64,
+    pub last_error: Option<String>,
+}
+
+/// A running destination: accepts sessions on `listen` and applies them to its disk.
+pub struct DestDriver {
+    status: Arc<Mutex<DestStatus>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    listen: SocketAddr,
+}
+
+impl DestDriver {
+    /// Starts listening; the disk at `image` receives the replica.
+    pub fn start(
+        image: &Path,
+        config: DestConfig,
+        listen: SocketAddr,
+        tls: Option<Arc<TlsIdentity>>,
+    ) -> Result<DestDriver, super::DriverError> {
+        let open = |source| super::DriverError::Open {
+            path: image.to_path_buf(),
+            source,
+        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(image)
+            .map_err(open)?;
+        let dest = ReplicaDest::new(config)?;
+        // Bind now, so a wrong address fails the start and not a thread later.
+        let listen_err = |source| super::DriverError::Listen {
+            addr: listen,
+            source,
+        };
+        let listener = TcpListener::bind(listen).map_err(listen_err)?;
+        // Port 0 picked one: keep it, so a new session after a lost one finds us there.
+        let listen = listener.local_addr().map_err(listen_err)?;
+        let status = Arc::new(Mutex::new(DestStatus::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (status.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name("strait-replica".into())
+            .spawn(move || dest_thread(file, dest, listener, listen, tls, &s, &st))
+            .map_err(super::DriverError::Thread)?;
+        Ok(DestDriver {
+            status,
+            stop,
+            thread: Some(thread),
+            listen,
+        })
+    }
+
+    /// The address sources connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// A snapshot of where the destination stands.
+    pub fn status(&self) -> DestStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Stops applying. A session still being accepted is abandoned (its thread ends
+    /// when the accept gives up).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn dest_thread(
+    file: File,
+    mut dest: ReplicaDest,
+    first: TcpListener,
+    listen: SocketAddr,
+    tls: Option<Arc<TlsIdentity>>,
+    status: &Mutex<DestStatus>,
+    stop: &AtomicBool,
+) {
+    let mut listener = Some(first);
+    while !stop.load(Ordering::Relaxed) {
+        let l = match listener
+            .take()
+            .map_or_else(|| TcpListener::bind(listen), Ok)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                lock(status).last_error = Some(format!("cannot listen on {listen}: {e}"));
+                thread::sleep(REDIAL_PAUSE);
+                continue;
+            }
+        };
+        let link = match Link::accept(l, tls.as_deref(), SessionConfig::new(Role::Destination)) {
+            Ok(link) => link,
+            Err(e) => {
+                lock(status).last_error = Some(error_chain(&e));
+                continue;
+            }
+        };
+        {
+            let mut s = lock(status);
+            s.connected = true;
+            s.sessions += 1;
+        }
+        info!("replication session accepted");
+        let outcome = serve_session(&file, &mut dest, &link, status, stop);
+        dest.on_disconnected();
+        link.close();
+        let mut s = lock(status);
+        s.connected = false;
+        if let Err(e) = outcome {
+            warn!(error = %e, "replication session ended");
+            s.last_error = Some(e);
+        }
+    }
+}
+
+fn serve_session(
+    file: &File,
+    dest: &mut ReplicaDest,
+    link: &Link,
+    status: &Mutex<DestStatus>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut busy = false;
+        for class in [StreamClass::Control, StreamClass::Mirror, StreamClass::Bulk] {
+            while let Some(p) = link.recv(class, Duration::ZERO).map_err(err)? {
+                busy = true;
+                let _ = link.mark_applied(class, p.len() as u64);
+                let message = Message::decode(&p).map_err(|e| e.to_string())?;
+                for action in dest.on_message(message).map_err(|e| e.to_string())? {
+                    match action {
+                        Apply::Write { offset, data } => {
+                            file.write_all_at(&data, offset)
+                                .map_err(|e| e.to_string())?;
+                            unsynced = true;
+                        }
+                        Apply::Zero { offset, len } => {
+                            zero(file, offset, len).map_err(|e| e.to_string())?;
+                            unsynced = true;
+                        }
+                        Apply::Reply(m) => {
+                            link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                                .map_err(err)?;
+                        }
+                    }
+                }
+                if class == StreamClass::Bulk {
+                    // One chunk at a time, so mirror writes are never starved.
+                    break;
+                }
+            }
+        }
+        if last_sync.elapsed() >= SYNC_INTERVAL {
+            // Confirm even when nothing was written: a superseded mirror write or a
+            // chunk already newer is applied by doing nothing, and is confirmed too.
+            if unsynced {
+                file.sync_data()
+                    .map_err(|e| format!("syncing the replica: {e}"))?;
+                unsynced = false;
+            }
+            last_sync = Instant::now();
+            for m in dest.on_synced() {
+                link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                    .map_err(err)?;
+            }
+        }
+        lock(status).stats = dest.stats();
+        if !busy {
+            thread::sleep(IDLE_PAUSE);
+        }
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `offset` read as zeros: a hole where the filesystem can punch
+/// one, written zeros where it cannot.
+fn zero(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0; DATA_BYTES_MAX];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
