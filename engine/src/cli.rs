@@ -205,8 +205,21 @@ pub struct ServeArgs {
     #[arg(long)]
     pub disk: PathBuf,
     /// Path of the vhost-user socket the VMM connects to (created; must not exist).
+    /// Required unless the engine receives a replica (`--listen`).
+    #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+    pub vhost_socket: Option<PathBuf>,
+    /// Receive a replica of a source engine's disk into `--disk` (which must be at least as
+    /// large), instead of serving a VMM. Accepts only the peers `--tls-dir` trusts.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Directory with `ca.pem`, `node.pem` and `node.key` (`strait certs --out DIR`): this
+    /// engine's identity on the link, and the CA whose peers it trusts. Needed to
+    /// replicate or to `--listen`, unless `--insecure`.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+    /// Replicate over plain TCP without authentication: only to measure the cost of TLS.
     #[arg(long)]
-    pub vhost_socket: PathBuf,
+    pub insecure: bool,
     /// Path of the JSON control socket (created with mode 0600; must not exist).
     #[arg(long)]
     pub control: PathBuf,
@@ -238,12 +251,20 @@ pub struct CtlArgs {
     pub command: CtlCommand,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
-    /// The served disk, its queues, negotiated features and whether a VMM is connected.
+    /// The served disk, its queues, negotiated features, whether a VMM is connected, and
+    /// replication (state, progress, lag).
     Status,
     /// Per-queue request counts, throughput, latency percentiles and error counters.
     Stats,
+    /// Replicate the served disk to a destination engine (`strait serve --listen`):
+    /// bulk copy, then asynchronous mirroring of guest writes.
+    Replicate {
+        /// The destination engine's address.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: std::net::SocketAddr,
+    },
 }
 
 /// A list of CPU cores, as `--cores` takes it.

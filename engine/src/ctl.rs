@@ -35,9 +35,14 @@ pub enum CtlError {
 
 /// Runs `strait ctl`.
 pub fn run(args: CtlArgs) -> Result<(), CtlError> {
-    let command = match args.command {
-        CtlCommand::Status => "status",
-        CtlCommand::Stats => "stats",
+    let (command, call_args) = match &args.command {
+        CtlCommand::Status => ("status", serde_json::Map::new()),
+        CtlCommand::Stats => ("stats", serde_json::Map::new()),
+        CtlCommand::Replicate { to } => {
+            let mut a = serde_json::Map::new();
+            a.insert("to".into(), Value::String(to.to_string()));
+            ("replicate", a)
+        }
     };
     let mut client = ControlClient::connect(&args.control).map_err(|err| match err {
         ControlError::Connect { path, source } => CtlError::Connect { path, source },
@@ -46,11 +51,13 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             source,
         },
     })?;
-    let result = client.call(command).map_err(|source| CtlError::Call {
-        command,
-        path: args.control.clone(),
-        source,
-    })?;
+    let result = client
+        .call_with_args(command, call_args)
+        .map_err(|source| CtlError::Call {
+            command,
+            path: args.control.clone(),
+            source,
+        })?;
     let text = if args.json {
         // Pretty: `jq` reads it as well as one line, and a person can read it too.
         serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string()) + "\n"
@@ -58,6 +65,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         match args.command {
             CtlCommand::Status => render_status(&result),
             CtlCommand::Stats => render_stats(&result),
+            CtlCommand::Replicate { to } => format!("replicating to {to}\n"),
         }
     };
     // This is the command's output, so it goes to stdout; writing through the handle (not
@@ -106,7 +114,39 @@ pub fn render_status(status: &Value) -> String {
     if let Some(features) = status.get("features") {
         render_features(&mut out, features);
     }
+    if let Some(r) = status.get("replication").filter(|r| !r.is_null()) {
+        render_replication(&mut out, r);
+    }
     out
+}
+
+fn render_replication(out: &mut String, r: &Value) {
+    let state = str_field(r, "state").unwrap_or("?");
+    let mut text = state.to_string();
+    if let Some(to) = str_field(r, "to") {
+        let _ = write!(text, " (to {to})");
+    }
+    let done = r.get("done_bytes").and_then(Value::as_u64);
+    let total = r.get("total_bytes").and_then(Value::as_u64);
+    if let (Some(done), Some(total)) = (done, total) {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        let _ = write!(
+            text,
+            ", {percent}% copied ({} of {})",
+            format_bytes_binary(done),
+            format_bytes_binary(total)
+        );
+    }
+    if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
+        let _ = write!(text, ", {} behind", format_bytes_binary(lag));
+    }
+    if let Some(from) = str_field(r, "listening") {
+        let _ = write!(text, " (listening on {from})");
+    }
+    labelled(out, "replication", &text);
+    if let Some(error) = str_field(r, "last_error") {
+        labelled(out, "last error", error);
+    }
 }
 
 fn render_disk(out: &mut String, disk: &Value) {

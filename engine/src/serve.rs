@@ -4,12 +4,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
+use strait_net::tls::{TlsError, TlsIdentity};
 use strait_vhost_blk::{Backend, BackendConfig, QueueSnapshot, QueueStats};
 
 use crate::cli::ServeArgs;
-use crate::control::{ControlError, ControlServer, Handler, API_VERSION};
+use crate::control::{ControlError, ControlServer, ErrorCode, Handler, API_VERSION};
+use crate::replication::capture::MirrorCapture;
+use crate::replication::driver::{DestDriver, SourceDriver, SourceStatus, SourceTarget};
+use crate::replication::{
+    DestConfig, DriverError, SourceConfig, SourceState, BULK_INFLIGHT_MAX, CHUNK_BYTES,
+    MIRROR_BACKLOG_BYTES_MAX,
+};
 
 /// What can stop `strait serve` from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +31,29 @@ pub enum ServeError {
     Control(#[from] ControlError),
     #[error("cannot install the SIGTERM/SIGINT handler")]
     Signals(#[source] std::io::Error),
+    #[error("cannot load the TLS identity from {dir}")]
+    Tls {
+        dir: PathBuf,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("--listen needs --tls-dir DIR (or --insecure): a replica accepts only peers it can authenticate")]
+    NoPeerAuth,
+    #[error("cannot read the size of {path}")]
+    DiskSize {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start receiving the replica")]
+    Replica(#[source] DriverError),
 }
 
-/// A running `strait serve`: the block backend and its control server.
+/// A running `strait serve`: the block backend (or, with `--listen`, the replica
+/// receiver) and its control server.
 pub struct Server {
-    backend: Arc<Backend>,
+    backend: Option<Arc<Backend>>,
+    handler: Arc<EngineHandler>,
     control: Option<ControlServer>,
 }
 
@@ -38,6 +63,24 @@ impl Server {
         if !args.disk.exists() {
             return Err(ServeError::MissingDisk(args.disk.clone()));
         }
+        let tls = match &args.tls_dir {
+            Some(dir) => Some(Arc::new(TlsIdentity::load(dir).map_err(|source| {
+                ServeError::Tls {
+                    dir: dir.clone(),
+                    source: Box::new(source),
+                }
+            })?)),
+            None => None,
+        };
+        let disk_bytes = std::fs::metadata(&args.disk)
+            .map_err(|source| ServeError::DiskSize {
+                path: args.disk.clone(),
+                source,
+            })?
+            .len();
+        let (Some(vhost_socket), None) = (&args.vhost_socket, args.listen) else {
+            return Server::start_replica(args, tls, disk_bytes);
+        };
         let cores = args.cores.clone().map_or_else(|| vec![0], |c| c.0);
         let online = online_cores();
         if let Some(&core) = cores.iter().find(|c| **c >= online) {
@@ -48,7 +91,7 @@ impl Server {
         }
         let backend = Arc::new(Backend::start(BackendConfig {
             disk: args.disk.clone(),
-            socket: args.vhost_socket.clone(),
+            socket: vhost_socket.clone(),
             queues: args.queues,
             cores,
             read_only: args.read_only,
@@ -56,10 +99,17 @@ impl Server {
             direct_io: true,
         })?);
         let handler = Arc::new(EngineHandler {
-            backend: backend.clone(),
+            backend: Some(backend.clone()),
+            disk: args.disk.clone(),
+            disk_bytes,
+            queues: args.queues,
+            tls,
+            insecure: args.insecure,
+            source: Mutex::new(None),
+            replica: None,
             last_stats: Mutex::new(None),
         });
-        let control = match ControlServer::start(&args.control, handler) {
+        let control = match ControlServer::start(&args.control, handler.clone()) {
             Ok(c) => c,
             Err(err) => {
                 // Do not leave a half-started backend behind.
@@ -70,23 +120,70 @@ impl Server {
             }
         };
         Ok(Server {
-            backend,
+            backend: Some(backend),
+            handler,
             control: Some(control),
         })
     }
 
-    /// Stops the control API, disconnects the VMM, flushes the image.
+    /// `--listen`: no VMM; the disk receives a replica from a source engine.
+    fn start_replica(
+        args: &ServeArgs,
+        tls: Option<Arc<TlsIdentity>>,
+        disk_bytes: u64,
+    ) -> Result<Server, ServeError> {
+        let listen = args.listen.ok_or(ServeError::NoPeerAuth)?;
+        if tls.is_none() && !args.insecure {
+            return Err(ServeError::NoPeerAuth);
+        }
+        let config = DestConfig {
+            disk_id: None,
+            disk_bytes,
+            chunk_bytes: CHUNK_BYTES,
+        };
+        let replica = DestDriver::start(&args.disk, config, listen, tls.clone())
+            .map_err(ServeError::Replica)?;
+        tracing::info!(listen = %replica.local_addr(), "receiving a replica");
+        let handler = Arc::new(EngineHandler {
+            backend: None,
+            disk: args.disk.clone(),
+            disk_bytes,
+            queues: 0,
+            tls,
+            insecure: args.insecure,
+            source: Mutex::new(None),
+            replica: Some(replica),
+            last_stats: Mutex::new(None),
+        });
+        let control = ControlServer::start(&args.control, handler.clone())?;
+        Ok(Server {
+            backend: None,
+            handler,
+            control: Some(control),
+        })
+    }
+
+    /// Stops the control API and replication, disconnects the VMM, flushes the image.
     pub fn shutdown(mut self) -> Result<(), ServeError> {
         if let Some(control) = self.control.take() {
             control.shutdown();
         }
-        match Arc::try_unwrap(self.backend) {
-            Ok(backend) => backend.shutdown()?,
-            // Still referenced by a handler being torn down: Drop stops it.
-            Err(_) => tracing::warn!("backend still referenced at shutdown"),
+        if let Some(source) = lock(&self.handler.source).take() {
+            source.stop();
+        }
+        if let Some(backend) = self.backend.take() {
+            match Arc::try_unwrap(backend) {
+                Ok(backend) => backend.shutdown()?,
+                // Still referenced by a handler being torn down: Drop stops it.
+                Err(_) => tracing::warn!("backend still referenced at shutdown"),
+            }
         }
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn online_cores() -> usize {
@@ -111,7 +208,16 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 }
 
 struct EngineHandler {
-    backend: Arc<Backend>,
+    backend: Option<Arc<Backend>>,
+    disk: PathBuf,
+    disk_bytes: u64,
+    queues: u16,
+    tls: Option<Arc<TlsIdentity>>,
+    insecure: bool,
+    /// Replication of the served disk, once `replicate` started it.
+    source: Mutex<Option<SourceDriver>>,
+    /// With `--listen`: the replica being received.
+    replica: Option<DestDriver>,
     // The previous `stats` answer, to turn counters into rates over the interval between
     // two calls.
     last_stats: Mutex<Option<(Instant, Vec<QueueStats>)>>,
@@ -119,7 +225,17 @@ struct EngineHandler {
 
 impl Handler for EngineHandler {
     fn status(&self) -> Value {
-        let s = self.backend.status();
+        let replication = self.replication_json();
+        let Some(backend) = &self.backend else {
+            return json!({
+                "engine_version": env!("CARGO_PKG_VERSION"),
+                "api_version": API_VERSION,
+                "disk": { "path": self.disk, "size_bytes": self.disk_bytes },
+                "vmm_connected": false,
+                "replication": replication,
+            });
+        };
+        let s = backend.status();
         json!({
             "engine_version": env!("CARGO_PKG_VERSION"),
             "api_version": API_VERSION,
@@ -143,13 +259,82 @@ impl Handler for EngineHandler {
                 "writeback": s.writeback,
             },
             "uptime_s": s.uptime_s,
+            "replication": replication,
         })
+    }
+
+    fn replicate(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
+        let invalid = |m: &str| (ErrorCode::InvalidArgs, m.to_string());
+        let refused = |m: String| (ErrorCode::Refused, m);
+        let to = args
+            .get("to")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("`to` (\"ADDR:PORT\", a string) is required"))?;
+        let to: std::net::SocketAddr = to
+            .parse()
+            .map_err(|_| invalid("`to` must be an IP address and port, like \"10.0.0.2:7400\""))?;
+        if args.keys().any(|k| k != "to") {
+            return Err(invalid("`replicate` takes only `to`"));
+        }
+        let Some(backend) = &self.backend else {
+            return Err(refused(
+                "this engine receives a replica (--listen); it has no disk of its own to send"
+                    .into(),
+            ));
+        };
+        if self.tls.is_none() && !self.insecure {
+            return Err(refused(
+                "the engine was started without --tls-dir (or --insecure): it cannot authenticate a destination".into(),
+            ));
+        }
+        let mut source = lock(&self.source);
+        if let Some(running) = source.as_ref() {
+            return Err(refused(format!(
+                "already replicating to {}",
+                running.status().to
+            )));
+        }
+        let capture = Arc::new(MirrorCapture::new(
+            self.queues,
+            self.disk_bytes,
+            CHUNK_BYTES,
+        ));
+        // A disk is named by the serial the guest sees (device and inode unless set) and
+        // its size, so a destination that holds another disk refuses this one.
+        let serial = backend.status().serial;
+        let disk_id = id_of(&[serial.as_bytes(), &self.disk_bytes.to_le_bytes()]);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let source_id = id_of(&[host.trim().as_bytes(), &disk_id]);
+        let config = SourceConfig {
+            disk_id,
+            source_id,
+            disk_bytes: self.disk_bytes,
+            chunk_bytes: CHUNK_BYTES,
+            mirror_backlog_bytes_max: MIRROR_BACKLOG_BYTES_MAX,
+            bulk_inflight_max: BULK_INFLIGHT_MAX,
+        };
+        let target = SourceTarget {
+            to,
+            tls: self.tls.clone(),
+            connections: strait_net::session::DEFAULT_CONNECTIONS,
+        };
+        // Capture first, then start: the driver sees every write from its first chunk on.
+        backend
+            .set_capture(capture.clone())
+            .map_err(|e| refused(format!("cannot attach the capture point: {e}")))?;
+        let driver = SourceDriver::start(&self.disk, config, capture, target)
+            .map_err(|e| refused(format!("cannot start replication: {e}")))?;
+        *source = Some(driver);
+        Ok(json!({ "to": to.to_string() }))
     }
 
     fn stats(&self) -> Value {
         let now = Instant::now();
-        let current = self.backend.stats();
-        let uptime_s = self.backend.status().uptime_s;
+        let Some(backend) = &self.backend else {
+            return json!({ "queues": [], "replication": self.replication_json() });
+        };
+        let current = backend.stats();
+        let uptime_s = backend.status().uptime_s;
         let mut last = self.last_stats.lock().unwrap_or_else(|e| e.into_inner());
         let (interval_s, previous) = match last.as_ref() {
             Some((at, prev)) => (now.duration_since(*at).as_secs_f64(), Some(prev.clone())),
@@ -180,6 +365,97 @@ impl Handler for EngineHandler {
             "totals": queue_json(&total, &total_prev, interval_s),
         })
     }
+}
+
+impl EngineHandler {
+    /// The `replication` object of `status`: null when the engine neither sends nor
+    /// receives a replica.
+    fn replication_json(&self) -> Value {
+        if let Some(replica) = &self.replica {
+            let s = replica.status();
+            return json!({
+                "role": "destination",
+                "state": if s.connected { "receiving" } else { "waiting" },
+                "listening": replica.local_addr().to_string(),
+                "sessions": s.sessions,
+                "chunks_applied": s.stats.chunks_applied,
+                "chunks_redone": s.stats.chunks_redone,
+                "mirror_bytes_applied": s.stats.mirror_bytes_applied,
+                "refusals": s.stats.refusals,
+                "last_error": s.last_error,
+            });
+        }
+        lock(&self.source)
+            .as_ref()
+            .map_or(Value::Null, |d| source_json(&d.status()))
+    }
+}
+
+fn source_json(s: &SourceStatus) -> Value {
+    let mut v = json!({
+        "role": "source",
+        "to": s.to.to_string(),
+        "mirror_backlog_bytes": s.mirror_backlog_bytes,
+        "writes_mirrored": s.stats.writes_mirrored,
+        "writes_tracked": s.stats.writes_tracked,
+        "bytes_mirrored": s.stats.bytes_mirrored,
+        "chunks_sent": s.stats.chunks_sent,
+        "chunks_redone": s.stats.chunks_redone,
+        "sessions_lost": s.stats.sessions_lost,
+        "overflowed_writes": s.overflowed_writes,
+        "captured_writes": s.captured_writes,
+        "accounted_writes": s.accounted_writes,
+        "last_error": s.last_error,
+    });
+    let (state, extra) = match s.state {
+        SourceState::Disconnected => ("disconnected", json!({})),
+        SourceState::Connecting => ("connecting", json!({})),
+        SourceState::Refused(reason) => ("refused", json!({ "reason": reason.to_string() })),
+        SourceState::Copying {
+            done_bytes,
+            total_bytes,
+        } => (
+            "copying",
+            json!({ "done_bytes": done_bytes, "total_bytes": total_bytes }),
+        ),
+        SourceState::Resyncing {
+            dirty_bytes,
+            total_bytes,
+        } => (
+            "resyncing",
+            json!({
+                "done_bytes": total_bytes - dirty_bytes,
+                "total_bytes": total_bytes,
+                "dirty_bytes": dirty_bytes,
+            }),
+        ),
+        SourceState::Behind { lag_bytes } => ("behind", json!({ "lag_bytes": lag_bytes })),
+        SourceState::InSync => ("in-sync", json!({})),
+    };
+    v["state"] = json!(state);
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+/// A 16-byte identity from some fields (FNV-1a, twice with different offsets): stable for
+/// the same inputs, not a secret.
+fn id_of(parts: &[&[u8]]) -> [u8; 16] {
+    let mut out = [0; 16];
+    for (half, basis) in [0xcbf2_9ce4_8422_2325u64, 0x6c62_272e_07bb_0142]
+        .iter()
+        .enumerate()
+    {
+        let mut h = *basis;
+        for part in parts {
+            for b in part.iter().chain(&[0xff]) {
+                h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        out[half * 8..half * 8 + 8].copy_from_slice(&h.to_le_bytes());
+    }
+    out
 }
 
 /// One queue's figures: counters since start, rates and latency over the interval.

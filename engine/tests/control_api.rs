@@ -134,7 +134,21 @@ fn version_and_help_are_answered_by_the_server() {
         .iter()
         .map(|command| command["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["status", "stats", "version", "help"]);
+    assert_eq!(names, ["status", "stats", "version", "help", "replicate"]);
+}
+
+/// `replicate` checks its arguments; a handler that does not replicate refuses it.
+#[test]
+fn replicate_checks_its_arguments_and_is_refused_where_unsupported() {
+    let fixture = Fixture::new();
+    let mut client = fixture.client();
+    let raw = client.call_raw(r#"{"id":1,"cmd":"replicate","args":{"to":"10.0.0.2:7400"}}"#);
+    let response = raw.unwrap();
+    assert_eq!(response["ok"], json!(false));
+    assert_eq!(response["error"]["code"], json!("refused"));
+    let raw = client.call_raw(r#"{"id":2,"cmd":"status","args":{"to":"x"}}"#);
+    let response = raw.unwrap();
+    assert_eq!(response["error"]["code"], json!("invalid_request"));
 }
 
 #[test]

@@ -71,7 +71,7 @@ fn a_live_disk_replicates_byte_exact_over_tls() {
     let dest = DestDriver::start(
         &dst,
         DestConfig {
-            disk_id: DISK_ID,
+            disk_id: Some(DISK_ID),
             disk_bytes: DISK,
             chunk_bytes: CHUNK_BYTES,
         },

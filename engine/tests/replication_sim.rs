@@ -136,7 +136,7 @@ impl World {
         })
         .unwrap();
         let dest = ReplicaDest::new(DestConfig {
-            disk_id,
+            disk_id: Some(disk_id),
             disk_bytes: DISK + rng.below(2) * CHUNK,
             chunk_bytes: CHUNK,
         })

@@ -30,6 +30,17 @@ pub trait Handler: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
     /// Result object of the `stats` command.
     fn stats(&self) -> serde_json::Value;
+    /// Starts replication (`replicate`), or says why not.
+    fn replicate(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        let _ = args;
+        Err((
+            protocol::ErrorCode::Refused,
+            "this engine does not replicate".into(),
+        ))
+    }
 }
 
 /// What can fail in the control server or client.

@@ -57,17 +57,24 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The engine failed to answer a valid request (a handler panicked).
     Internal,
+    /// The command's arguments are missing, of the wrong type or out of range.
+    InvalidArgs,
+    /// The engine cannot do this now (for example it already replicates, or it was
+    /// started without a way to authenticate a peer); the message says why.
+    Refused,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::ParseError,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownCommand,
         ErrorCode::RequestTooLarge,
         ErrorCode::TooManyConnections,
         ErrorCode::Internal,
+        ErrorCode::InvalidArgs,
+        ErrorCode::Refused,
     ];
 
     /// The code as it appears in `error.code`.
@@ -79,6 +86,8 @@ impl ErrorCode {
             ErrorCode::RequestTooLarge => "request_too_large",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Internal => "internal",
+            ErrorCode::InvalidArgs => "invalid_args",
+            ErrorCode::Refused => "refused",
         }
     }
 }
@@ -100,15 +109,18 @@ pub enum Command {
     Version,
     /// The list of commands.
     Help,
+    /// Starts replicating the served disk to a destination engine (`args.to`).
+    Replicate,
 }
 
 impl Command {
     /// Every command, in the order `help` lists them.
-    pub const ALL: [Command; 4] = [
+    pub const ALL: [Command; 5] = [
         Command::Status,
         Command::Stats,
         Command::Version,
         Command::Help,
+        Command::Replicate,
     ];
 
     /// The command's name in `cmd`.
@@ -118,6 +130,7 @@ impl Command {
             Command::Stats => "stats",
             Command::Version => "version",
             Command::Help => "help",
+            Command::Replicate => "replicate",
         }
     }
 
@@ -132,6 +145,9 @@ impl Command {
             }
             Command::Version => "the control API version and the engine version",
             Command::Help => "this list of commands",
+            Command::Replicate => {
+                "replicate the served disk to a destination engine: args {\"to\": \"ADDR:PORT\"}"
+            }
         }
     }
 
@@ -240,9 +256,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         );
         return Err(RequestError::new(id, ErrorCode::UnknownCommand, message));
     };
-    // No command of version 1 takes arguments; refusing them tells a client written for a
-    // later version that this engine would not have honoured them.
-    if !args.is_empty() {
+    // Only `replicate` takes arguments (its handler checks them); refusing them elsewhere
+    // tells a client written for a later version that this engine would not honour them.
+    if !args.is_empty() && command != Command::Replicate {
         let message = format!("`{}` takes no arguments", command.name());
         return Err(RequestError::new(id, ErrorCode::InvalidRequest, message));
     }

@@ -505,13 +505,15 @@ impl Connection {
         let handler = &self.handler;
         // A bug in a handler must cost one response, not the connection or the server.
         let result = panic::catch_unwind(AssertUnwindSafe(|| match command {
-            Command::Status => handler.status(),
-            Command::Stats => handler.stats(),
-            Command::Version => protocol::version_result(),
-            Command::Help => protocol::help_result(),
+            Command::Status => Ok(handler.status()),
+            Command::Stats => Ok(handler.stats()),
+            Command::Version => Ok(protocol::version_result()),
+            Command::Help => Ok(protocol::help_result()),
+            Command::Replicate => handler.replicate(&request.args),
         }));
         match result {
-            Ok(result) => ok_response(&request.id, result),
+            Ok(Ok(result)) => ok_response(&request.id, result),
+            Ok(Err((code, message))) => error_response(&request.id, code, &message),
             Err(payload) => {
                 let reason = panic_message(payload.as_ref());
                 warn!(

@@ -10,8 +10,9 @@ use super::{chunk_count, chunk_len, ConfigError};
 /// Settings of the destination's disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DestConfig {
-    /// The disk this destination holds a replica of.
-    pub disk_id: [u8; ID_BYTES],
+    /// The disk this destination holds a replica of; `None` takes the first source's disk
+    /// and holds to it from then on.
+    pub disk_id: Option<[u8; ID_BYTES]>,
     /// Its size; at least the source's.
     pub disk_bytes: u64,
     /// The bulk copy's unit; the source must use the same.
@@ -181,7 +182,7 @@ impl ReplicaDest {
             Some(RefuseReason::Promoted)
         } else if chunk_bytes != self.config.chunk_bytes {
             Some(RefuseReason::ChunkSize)
-        } else if disk_id != self.config.disk_id {
+        } else if self.config.disk_id.is_some_and(|d| d != disk_id) {
             Some(RefuseReason::WrongDisk)
         } else if disk_bytes > self.config.disk_bytes {
             Some(RefuseReason::DiskTooSmall)
@@ -195,6 +196,7 @@ impl ReplicaDest {
             return Message::Refuse(reason);
         }
         self.source = Some(source_id);
+        self.config.disk_id = Some(disk_id);
         self.source_bytes = disk_bytes;
         self.welcomed = true;
         Message::Welcome

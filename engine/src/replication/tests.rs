@@ -23,7 +23,7 @@ fn source() -> ReplicaSource {
 
 fn dest(disk_bytes: u64) -> ReplicaDest {
     ReplicaDest::new(DestConfig {
-        disk_id: [7; 16],
+        disk_id: Some([7; 16]),
         disk_bytes,
         chunk_bytes: CHUNK,
     })
