@@ -161,7 +161,9 @@ impl SourceRunner {
     fn run(&mut self) {
         let mut next_dial = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            if self.link.is_none() && Instant::now() >= next_dial {
+            // A refusal (wrong disk, too small, promoted) does not fix itself: no redial.
+            let refused = matches!(self.source.state(), SourceState::Refused(_));
+            if self.link.is_none() && !refused && Instant::now() >= next_dial {
                 self.dial();
                 next_dial = Instant::now() + REDIAL_PAUSE;
             }
