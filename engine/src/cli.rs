@@ -255,7 +255,18 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// The served disk, its queues, negotiated features, whether a VMM is connected, and
     /// replication (state, progress, lag).
-    Status,
+    Status {
+        /// Follow replication: one progress line per interval (state, a bar, bytes, rate,
+        /// lag) until interrupted, or `--count` lines.
+        #[arg(long)]
+        watch: bool,
+        /// With `--watch`: milliseconds between lines.
+        #[arg(long, default_value_t = 1000, requires = "watch")]
+        interval_ms: u64,
+        /// With `--watch`: stop after this many lines.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+    },
     /// Per-queue request counts, throughput, latency percentiles and error counters.
     Stats,
     /// Replicate the served disk to a destination engine (`strait serve --listen`):

@@ -35,8 +35,16 @@ pub enum CtlError {
 
 /// Runs `strait ctl`.
 pub fn run(args: CtlArgs) -> Result<(), CtlError> {
+    if let CtlCommand::Status {
+        watch: true,
+        interval_ms,
+        count,
+    } = args.command
+    {
+        return watch(&args, interval_ms, count);
+    }
     let (command, call_args) = match &args.command {
-        CtlCommand::Status => ("status", serde_json::Map::new()),
+        CtlCommand::Status { .. } => ("status", serde_json::Map::new()),
         CtlCommand::Stats => ("stats", serde_json::Map::new()),
         CtlCommand::Replicate { to } => {
             let mut a = serde_json::Map::new();
@@ -63,7 +71,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string()) + "\n"
     } else {
         match args.command {
-            CtlCommand::Status => render_status(&result),
+            CtlCommand::Status { .. } => render_status(&result),
             CtlCommand::Stats => render_stats(&result),
             CtlCommand::Replicate { to } => format!("replicating to {to}\n"),
         }
@@ -77,6 +85,90 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(source) => Err(CtlError::Output { command, source }),
     }
+}
+
+/// Characters of the progress bar of `status --watch`.
+const BAR_WIDTH: u64 = 30;
+
+/// `status --watch`: one progress line per interval.
+fn watch(args: &CtlArgs, interval_ms: u64, count: Option<u64>) -> Result<(), CtlError> {
+    let command = "status";
+    let mut client = ControlClient::connect(&args.control).map_err(|err| match err {
+        ControlError::Connect { path, source } => CtlError::Connect { path, source },
+        source => CtlError::Client {
+            path: args.control.clone(),
+            source,
+        },
+    })?;
+    let mut previous: Option<(std::time::Instant, u64)> = None;
+    let mut lines = 0u64;
+    loop {
+        let status = client.call(command).map_err(|source| CtlError::Call {
+            command,
+            path: args.control.clone(),
+            source,
+        })?;
+        let r = &status["replication"];
+        let now = std::time::Instant::now();
+        let done = r["done_bytes"]
+            .as_u64()
+            .or_else(|| r["bytes_mirrored"].as_u64())
+            .unwrap_or(0);
+        let rate = previous.map(|(at, bytes)| {
+            done.saturating_sub(bytes) as f64 / now.duration_since(at).as_secs_f64().max(1e-3)
+        });
+        previous = Some((now, done));
+        let text = if args.json {
+            format!("{r}\n")
+        } else {
+            progress_line(r, rate)
+        };
+        match io::stdout().lock().write_all(text.as_bytes()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(source) => return Err(CtlError::Output { command, source }),
+        }
+        lines += 1;
+        if count.is_some_and(|c| lines >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(interval_ms.max(10)));
+    }
+}
+
+/// `copying   [#########.....................]  31% 80.0 MiB of 256 MiB, 95.2 MiB/s`.
+pub fn progress_line(r: &Value, rate_bytes_per_s: Option<f64>) -> String {
+    if r.is_null() {
+        return "replication: none\n".into();
+    }
+    let state = str_field(r, "state").unwrap_or("?");
+    let mut out = format!("{state:<12}");
+    let done = r.get("done_bytes").and_then(Value::as_u64);
+    let total = r.get("total_bytes").and_then(Value::as_u64);
+    if let (Some(done), Some(total)) = (done, total) {
+        let filled = (done * BAR_WIDTH).checked_div(total).unwrap_or(BAR_WIDTH);
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        let bar: String = (0..BAR_WIDTH)
+            .map(|i| if i < filled { '#' } else { '.' })
+            .collect();
+        let _ = write!(
+            out,
+            " [{bar}] {percent:>3}% {} of {}",
+            format_bytes_binary(done),
+            format_bytes_binary(total)
+        );
+    }
+    if let Some(rate) = rate_bytes_per_s {
+        let _ = write!(out, ", {}/s", format_bytes_binary(rate as u64));
+    }
+    if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
+        let _ = write!(out, ", {} behind", format_bytes_binary(lag));
+    }
+    if let Some(e) = str_field(r, "last_error") {
+        let _ = write!(out, " (last error: {e})");
+    }
+    out.push('\n');
+    out
 }
 
 /// Width of the label column of `render_status`.
@@ -432,6 +524,22 @@ fn format_bytes_binary(bytes: u64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn progress_lines_show_state_bar_bytes_rate_and_lag() {
+        let copying = json!({
+            "state": "copying", "done_bytes": 128u64 << 20, "total_bytes": 256u64 << 20,
+        });
+        let line = progress_line(&copying, Some(64.0 * 1_048_576.0));
+        assert!(line.starts_with("copying"), "{line}");
+        let bar = format!("[{}{}]", "#".repeat(15), ".".repeat(15));
+        assert!(line.contains(&bar), "{line}");
+        assert!(line.contains(" 50% "), "{line}");
+        assert!(line.contains("/s"), "{line}");
+        let behind = json!({ "state": "behind", "lag_bytes": 4096 });
+        assert!(progress_line(&behind, None).contains("behind"));
+        assert_eq!(progress_line(&Value::Null, None), "replication: none\n");
+    }
 
     fn sample_status() -> Value {
         json!({

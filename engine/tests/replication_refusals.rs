@@ -197,6 +197,16 @@ fn a_second_source_is_refused_while_the_first_replicates() {
     };
     eprintln!("second source: {error}");
     assert_eq!(first.replication()["state"], "in-sync");
+    let watch = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["ctl", "--control"])
+        .arg(&first.control)
+        .args(["status", "--watch", "--count", "2", "--interval-ms", "50"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&watch.stdout);
+    assert!(watch.status.success(), "{text}");
+    let in_sync = text.lines().filter(|l| l.starts_with("in-sync")).count();
+    assert_eq!(in_sync, 2, "{text}");
     assert_eq!(
         common::md5_file(&dst).unwrap(),
         common::md5_file(&a).unwrap()
