@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use crate::capture::GuestWrite;
 use crate::device::{DeviceShared, GuestMemory, QueueShared, Vring};
-use crate::limits::{MAX_INFLIGHT_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::limits::{MAX_INFLIGHT_BYTES, MAX_QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::metrics::{ErrorKind, OpKind};
 use crate::request::{Request, RequestKind, Segment};
 use crate::rt::{self, ImageFile};
@@ -62,6 +62,9 @@ pub(crate) struct QueueWorker {
     // The last walk found an avail index virtio-queue refuses (more entries than the ring
     // holds); only the guest can repair it, so the worker waits for a kick before retrying.
     ring_broken: bool,
+    // Completions waiting to be published; emptied by every `publish`. At most one per
+    // request in flight plus the chains one walk rejects, so it never outgrows a ring.
+    done: Vec<Completion>,
 }
 
 impl QueueWorker {
@@ -79,6 +82,7 @@ impl QueueWorker {
             stop_acked: 0,
             inflight_bytes: 0,
             ring_broken: false,
+            done: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
         }
     }
 
@@ -87,11 +91,10 @@ impl QueueWorker {
         let mut idle_since: Option<Instant> = None;
         loop {
             // Publish whatever finished, without waiting.
-            let mut done = Vec::new();
             while let Some(Some(c)) = inflight.next().now_or_never() {
-                done.push(c);
+                self.done.push(c);
             }
-            self.publish(done);
+            self.publish();
 
             if self.device.shutdown.load(Ordering::Acquire) && inflight.is_empty() {
                 return;
@@ -101,7 +104,8 @@ impl QueueWorker {
                 // GET_VRING_BASE: the ring is already marked not ready, so nothing new is
                 // popped; finish what is in flight, then let the VMM read the ring base.
                 while let Some(c) = inflight.next().await {
-                    self.publish(vec![c]);
+                    self.done.push(c);
+                    self.publish();
                 }
                 self.stop_acked = stop;
                 self.queue.ack_stop(stop);
@@ -117,26 +121,35 @@ impl QueueWorker {
                 idle_since = None;
                 continue;
             }
-            // With the in-flight budget spent (only a completion frees room) or a ring
-            // virtio-queue refuses to walk (only the guest can repair it, then kick), walking
-            // again at once finds nothing, and looping without an await would spin this core
-            // forever: the executor could neither submit nor reap our I/O. Wait instead.
-            let stalled = self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken;
-            if self.reenable_notification() && !stalled {
-                continue;
-            }
             if !inflight.is_empty() {
+                // Busy: guest notifications stay off (a kick would only wake the epoll
+                // thread and this executor for a ring we re-read anyway); every completion
+                // batch brings us back to the top, which walks the avail ring again. This
+                // also covers a spent in-flight budget and a broken ring: only a completion
+                // (or a stop/shutdown kick) can change what the next walk finds.
                 let queue = self.queue.clone();
                 let kick = pin!(queue.kick.notified());
                 match select(inflight.next(), kick).await {
-                    Either::Left((Some(c), _)) => self.publish(vec![c]),
+                    Either::Left((Some(c), _)) => self.done.push(c),
                     Either::Left((None, _)) | Either::Right(_) => {}
                 }
                 continue;
             }
+            // Idle. With the in-flight budget spent or a ring virtio-queue refuses to walk
+            // (only the guest can repair it, then kick), walking again at once finds nothing:
+            // go straight to sleep rather than spin this core.
+            let stalled = self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken;
             let idle = *idle_since.get_or_insert_with(Instant::now);
             if !stalled && idle.elapsed() < POLL_IDLE && self.vring.is_some() {
+                // Notifications stay off while we poll: a guest that submits within the
+                // window costs no kick, so no epoll-thread and executor wake-ups.
                 rt::yield_now().await;
+                continue;
+            }
+            // Re-enable notifications only now, then look once more: a request published
+            // between our last walk and the enable would otherwise never be kicked.
+            if self.reenable_notification() && !stalled {
+                idle_since = None;
                 continue;
             }
             self.queue.kick.notified().await;
@@ -166,7 +179,6 @@ impl QueueWorker {
             return 0;
         };
         let mem = self.device.guest.memory().into_inner();
-        let mut rejected = Vec::new();
         let mut count = 0;
         {
             let mut state = vring.get_mut();
@@ -214,7 +226,7 @@ impl QueueWorker {
                         } else {
                             (VIRTIO_BLK_S_IOERR, ErrorKind::BadDescriptor)
                         };
-                        rejected.push(Completion {
+                        self.done.push(Completion {
                             head,
                             status: rej.status.map(|a| (a, code as u8)),
                             written_len: 0,
@@ -228,22 +240,31 @@ impl QueueWorker {
                 }
             }
         }
-        self.publish(rejected);
+        self.publish();
         count
     }
 
     /// Writes status bytes and used entries, then interrupts the guest once if needed.
-    fn publish(&mut self, done: Vec<Completion>) {
-        if done.is_empty() {
+    fn publish(&mut self) {
+        if self.done.is_empty() {
             return;
         }
+        // Taken out (and put back) so the loop below can update the budget; the vector keeps
+        // its capacity, so publishing allocates nothing.
+        let mut done = std::mem::take(&mut self.done);
+        self.publish_batch(&done);
+        done.clear();
+        self.done = done;
+    }
+
+    fn publish_batch(&mut self, done: &[Completion]) {
         let Some(vring) = self.vring.clone() else {
             return;
         };
         let mem = self.device.guest.memory();
         let metrics = &self.queue.metrics;
         let mut state = vring.get_mut();
-        for c in &done {
+        for c in done {
             self.inflight_bytes -= c.inflight_bytes;
             let mut used_len = c.written_len;
             if let Some((addr, status)) = c.status {
