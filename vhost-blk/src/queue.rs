@@ -7,6 +7,7 @@
 //! batch of pops and once per batch of completions; only the protocol thread ever contends
 //! for it, on setup messages.
 
+use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,8 @@ struct Completion {
     op: OpKind,
     bytes: u64,
     inflight_bytes: u64,
+    /// The request counted in `QueueWorker::slow_inflight`.
+    slow: bool,
     started: Instant,
     error: Option<ErrorKind>,
 }
@@ -56,6 +59,9 @@ pub(crate) struct QueueWorker {
     vring_generation: u64,
     stop_acked: u64,
     inflight_bytes: u64,
+    // Requests in flight that may take milliseconds whatever the queue's load (flushes,
+    // discards, write-zeroes); while there are any, guest notifications stay on.
+    slow_inflight: usize,
     // The last walk found an avail index virtio-queue refuses (more entries than the ring
     // holds); only the guest can repair it, so the worker waits for a kick before retrying.
     ring_broken: bool,
@@ -81,6 +87,7 @@ impl QueueWorker {
             vring_generation: 0,
             stop_acked: 0,
             inflight_bytes: 0,
+            slow_inflight: 0,
             ring_broken: false,
             done: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
             notifications_on: true,
@@ -125,27 +132,18 @@ impl QueueWorker {
                 continue;
             }
             if !inflight.is_empty() {
-                // Busy: guest notifications stay off (a kick would only wake the epoll
-                // thread and this executor for a ring we re-read anyway); every completion
-                // batch brings us back to the top, which walks the avail ring again. This
-                // also covers a spent in-flight budget and a broken ring: only a completion
-                // (or a stop/shutdown kick) can change what the next walk finds.
-                let queue = self.queue.clone();
-                let kick = pin!(queue.kick.notified());
-                match select(inflight.next(), kick).await {
-                    Either::Left((Some(c), _)) => self.done.push(c),
-                    Either::Left((None, _)) | Either::Right(_) => {}
-                }
+                self.wait_busy(&mut inflight).await;
                 continue;
             }
             // Idle. With the in-flight budget spent or a ring virtio-queue refuses to walk
             // (only the guest can repair it, then kick), walking again at once finds nothing:
             // go straight to sleep rather than spin this core.
-            let stalled = self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken;
+            let stalled = self.stalled();
             let idle = *idle_since.get_or_insert_with(Instant::now);
             if !stalled && idle.elapsed() < POLL_IDLE && self.vring.is_some() {
-                // Notifications stay off while we poll: a guest that submits within the
-                // window costs no kick, so no epoll-thread and executor wake-ups.
+                // Notifications stay as the last busy period left them (off while the guest
+                // was active): a guest that submits within the window costs no kick, so no
+                // epoll-thread and executor wake-ups.
                 rt::yield_now().await;
                 continue;
             }
@@ -158,6 +156,39 @@ impl QueueWorker {
             self.queue.kick.notified().await;
             idle_since = None;
         }
+    }
+
+    /// Waits, with requests in flight, for a completion or a kick.
+    ///
+    /// Guest notifications stay off while only reads and writes are in flight: a kick would
+    /// only wake the epoll thread and this executor for a ring we re-walk after every
+    /// completion batch anyway. With a slow request in flight (a flush takes milliseconds on
+    /// a disk) they go back on, with the usual re-check, so a request the guest submits
+    /// behind it does not wait for it to finish.
+    async fn wait_busy<F>(&mut self, inflight: &mut FuturesUnordered<F>)
+    where
+        F: Future<Output = Completion>,
+    {
+        if !self.notifications_on
+            && self.slow_inflight > 0
+            && self.reenable_notification()
+            && !self.stalled()
+        {
+            return;
+        }
+        let queue = self.queue.clone();
+        let kick = pin!(queue.kick.notified());
+        match select(inflight.next(), kick).await {
+            Either::Left((Some(c), _)) => self.done.push(c),
+            Either::Left((None, _)) | Either::Right(_) => {}
+        }
+    }
+
+    /// Whether walking the ring again at once is pointless: the in-flight budget is spent
+    /// (only a completion frees room) or virtio-queue refuses to walk the ring (only the
+    /// guest can repair it, then kick).
+    fn stalled(&self) -> bool {
+        self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken
     }
 
     /// Turns guest notifications back on before sleeping; true if a request slipped in.
@@ -193,9 +224,14 @@ impl QueueWorker {
             if !state.is_enabled() || !state.get_queue().ready() {
                 return 0;
             }
-            // The guest need not kick while we are busy; re-enabled before we sleep.
             let queue = state.get_queue_mut();
-            if self.notifications_on {
+            if self.notifications_on
+                && queue
+                    .avail_idx(&*mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != queue.next_avail())
+            {
+                // The guest is active: it need not kick while we are busy. Turned back on
+                // before we sleep, or when a busy wait turns quiet.
                 let _ = queue.disable_notification(&*mem);
                 self.notifications_on = false;
             }
@@ -217,6 +253,11 @@ impl QueueWorker {
                     Ok(req) => {
                         let cost = u64::from(req.data_len);
                         self.inflight_bytes += cost;
+                        let slow = matches!(
+                            req.kind,
+                            RequestKind::Flush | RequestKind::Discard | RequestKind::WriteZeroes
+                        );
+                        self.slow_inflight += usize::from(slow);
                         let ctx = IoContext {
                             device: self.device.clone(),
                             queue: self.queue.index,
@@ -227,6 +268,7 @@ impl QueueWorker {
                             head,
                             started,
                             cost,
+                            slow,
                         };
                         inflight.push(start(ctx, ticket, req));
                     }
@@ -245,6 +287,7 @@ impl QueueWorker {
                             op: OpKind::Other,
                             bytes: 0,
                             inflight_bytes: 0,
+                            slow: false,
                             started,
                             error: Some(kind),
                         });
@@ -280,6 +323,7 @@ impl QueueWorker {
         let mut state = vring.get_mut();
         for c in done {
             self.inflight_bytes -= c.inflight_bytes;
+            self.slow_inflight -= usize::from(c.slow);
             let mut used_len = c.written_len;
             if let Some((addr, status)) = c.status {
                 if mem.write_obj(status, addr).is_ok() {
@@ -329,6 +373,8 @@ struct Ticket {
     started: Instant,
     /// In-flight budget bytes the request holds until it completes.
     cost: u64,
+    /// Counted in `QueueWorker::slow_inflight` until it completes.
+    slow: bool,
 }
 
 impl Ticket {
@@ -345,6 +391,7 @@ impl Ticket {
             op: OpKind::Other,
             bytes: 0,
             inflight_bytes: self.cost,
+            slow: self.slow,
             started: self.started,
             error: Some(kind),
         }
@@ -358,6 +405,7 @@ impl Ticket {
             op,
             bytes,
             inflight_bytes: self.cost,
+            slow: self.slow,
             started: self.started,
             error: None,
         }
