@@ -231,7 +231,7 @@ impl QueueWorker {
                     .is_ok_and(|idx| idx.0 != queue.next_avail())
             {
                 // The guest is active: it need not kick while we are busy. Turned back on
-                // before we sleep, or when a busy wait turns quiet.
+                // before we sleep, or while a flush, discard or write-zeroes is in flight.
                 let _ = queue.disable_notification(&*mem);
                 self.notifications_on = false;
             }
