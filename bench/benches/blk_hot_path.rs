@@ -20,7 +20,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use strait_vhost_blk::bitmap::{LogBitmap, LogSwitch};
 use strait_vhost_blk::metrics::{OpKind, QueueMetrics};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Guest memory of the copy cases: room for the largest copy at a page-aligned address.
 const MEMORY_BYTES: usize = 1 << 20;
@@ -57,9 +57,9 @@ fn memory(state: LogState) -> GuestMemoryMmap<LogBitmap> {
     let switch = Arc::new(LogSwitch::default());
     match state {
         LogState::Unattached => {}
-        LogState::Off => mem.iter().for_each(|r| r.bitmap().attach(&switch)),
+        LogState::Off => mem.iter().for_each(|r| (**r).bitmap().attach(&switch)),
         LogState::OnWithoutLog => {
-            mem.iter().for_each(|r| r.bitmap().attach(&switch));
+            mem.iter().for_each(|r| (**r).bitmap().attach(&switch));
             switch.set(true);
         }
     }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use vhost_user_backend::bitmap::{
     AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace, MemRegionBitmap, MmapLogReg,
 };
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::GuestMemoryRegion;
 
@@ -115,18 +115,18 @@ impl Bitmap for LogBitmap {
     }
 
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
-        LogBitmap {
-            inner: self.inner.slice_at(offset),
-            switch: self.switch.clone(),
-        }
+        RefSlice::new(self, offset)
     }
 }
 
+// vm-memory makes a bitmap slice for every guest memory access (each ring index, descriptor,
+// status byte and data copy). A slice that borrows the region's bitmap costs nothing; an
+// owned one (as `BitmapMmapRegion` makes) clones two `Arc`s and drops them again, four
+// atomic read-modify-writes per access on the data path. Offsets stay region-relative either
+// way, so the same bits are marked.
 impl<'a> WithBitmapSlice<'a> for LogBitmap {
-    type S = Self;
+    type S = RefSlice<'a, LogBitmap>;
 }
-
-impl BitmapSlice for LogBitmap {}
 
 impl NewBitmap for LogBitmap {
     fn with_len(len: usize) -> Self {

@@ -313,17 +313,17 @@ impl VhostUserBackend for BlockBackend {
 
     fn update_memory(&self, mem: AtomicMemory) -> std::io::Result<()> {
         use vhost_user_backend::bitmap::{BitmapReplace, MemRegionBitmap};
-        use vm_memory::GuestMemoryRegion;
         let mem = mem.memory();
         let log = self.shared.log.current_log();
         for region in mem.iter() {
+            // The region's own bitmap (the mmap's), not the borrowed slice that
+            // `GuestMemoryRegion::bitmap` hands out.
+            let bitmap: &LogBitmap = (**region).bitmap();
             // Every region's bitmap obeys the device's LOG_ALL switch, and a log shared
             // before this table keeps covering it.
-            region.bitmap().attach(&self.shared.log);
+            bitmap.attach(&self.shared.log);
             if let Some(log) = &log {
-                region
-                    .bitmap()
-                    .replace(RegionLog::new(region, log.clone())?);
+                bitmap.replace(RegionLog::new(region, log.clone())?);
             }
         }
         self.shared

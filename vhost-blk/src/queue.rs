@@ -8,7 +8,7 @@
 //! for it, on setup messages.
 
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,9 +21,9 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
-use crate::capture::GuestWrite;
+use crate::capture::{GuestWrite, WriteCapture};
 use crate::device::{DeviceShared, GuestMemory, QueueShared, Vring};
-use crate::limits::{MAX_INFLIGHT_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::limits::{MAX_INFLIGHT_BYTES, MAX_QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::metrics::{ErrorKind, OpKind};
 use crate::request::{Request, RequestKind, Segment};
 use crate::rt::{self, ImageFile};
@@ -35,8 +35,6 @@ use crate::rt::{self, ImageFile};
 /// idle period costs under 2% of a core at 1000 idle periods per second.
 const POLL_IDLE: Duration = Duration::from_micros(20);
 
-type IoFuture = Pin<Box<dyn Future<Output = Completion>>>;
-
 /// The outcome of one request, ready to publish.
 struct Completion {
     head: u16,
@@ -46,6 +44,8 @@ struct Completion {
     op: OpKind,
     bytes: u64,
     inflight_bytes: u64,
+    /// The request counted in `QueueWorker::slow_inflight`.
+    slow: bool,
     started: Instant,
     error: Option<ErrorKind>,
 }
@@ -59,9 +59,18 @@ pub(crate) struct QueueWorker {
     vring_generation: u64,
     stop_acked: u64,
     inflight_bytes: u64,
+    // Requests in flight that may take milliseconds whatever the queue's load (flushes,
+    // discards, write-zeroes); while there are any, guest notifications stay on.
+    slow_inflight: usize,
     // The last walk found an avail index virtio-queue refuses (more entries than the ring
     // holds); only the guest can repair it, so the worker waits for a kick before retrying.
     ring_broken: bool,
+    // Completions waiting to be published; emptied by every `publish`. At most one per
+    // request in flight plus the chains one walk rejects, so it never outgrows a ring.
+    done: Vec<Completion>,
+    // Whether we last left guest notifications enabled on this ring; saves rewriting the
+    // used flags (a guest memory write) on every walk while busy.
+    notifications_on: bool,
 }
 
 impl QueueWorker {
@@ -78,20 +87,22 @@ impl QueueWorker {
             vring_generation: 0,
             stop_acked: 0,
             inflight_bytes: 0,
+            slow_inflight: 0,
             ring_broken: false,
+            done: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
+            notifications_on: true,
         }
     }
 
     pub(crate) async fn run(mut self) {
-        let mut inflight: FuturesUnordered<IoFuture> = FuturesUnordered::new();
+        let mut inflight = FuturesUnordered::new();
         let mut idle_since: Option<Instant> = None;
         loop {
             // Publish whatever finished, without waiting.
-            let mut done = Vec::new();
             while let Some(Some(c)) = inflight.next().now_or_never() {
-                done.push(c);
+                self.done.push(c);
             }
-            self.publish(done);
+            self.publish();
 
             if self.device.shutdown.load(Ordering::Acquire) && inflight.is_empty() {
                 return;
@@ -101,7 +112,8 @@ impl QueueWorker {
                 // GET_VRING_BASE: the ring is already marked not ready, so nothing new is
                 // popped; finish what is in flight, then let the VMM read the ring base.
                 while let Some(c) = inflight.next().await {
-                    self.publish(vec![c]);
+                    self.done.push(c);
+                    self.publish();
                 }
                 self.stop_acked = stop;
                 self.queue.ack_stop(stop);
@@ -110,33 +122,35 @@ impl QueueWorker {
             if let Some((generation, vring)) = self.queue.vring_if_newer(self.vring_generation) {
                 self.vring_generation = generation;
                 self.vring = vring;
+                // A new ring starts with notifications on (used flags 0, no avail event).
+                self.notifications_on = true;
             }
 
-            let popped = self.pop(&mut inflight);
+            let popped = self.pop(&mut inflight, execute);
             if popped > 0 {
                 idle_since = None;
                 continue;
             }
-            // With the in-flight budget spent (only a completion frees room) or a ring
-            // virtio-queue refuses to walk (only the guest can repair it, then kick), walking
-            // again at once finds nothing, and looping without an await would spin this core
-            // forever: the executor could neither submit nor reap our I/O. Wait instead.
-            let stalled = self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken;
-            if self.reenable_notification() && !stalled {
-                continue;
-            }
             if !inflight.is_empty() {
-                let queue = self.queue.clone();
-                let kick = pin!(queue.kick.notified());
-                match select(inflight.next(), kick).await {
-                    Either::Left((Some(c), _)) => self.publish(vec![c]),
-                    Either::Left((None, _)) | Either::Right(_) => {}
-                }
+                self.wait_busy(&mut inflight).await;
                 continue;
             }
+            // Idle. With the in-flight budget spent or a ring virtio-queue refuses to walk
+            // (only the guest can repair it, then kick), walking again at once finds nothing:
+            // go straight to sleep rather than spin this core.
+            let stalled = self.stalled();
             let idle = *idle_since.get_or_insert_with(Instant::now);
             if !stalled && idle.elapsed() < POLL_IDLE && self.vring.is_some() {
+                // Notifications stay as the last busy period left them (off while the guest
+                // was active): a guest that submits within the window costs no kick, so no
+                // epoll-thread and executor wake-ups.
                 rt::yield_now().await;
+                continue;
+            }
+            // Re-enable notifications only now, then look once more: a request published
+            // between our last walk and the enable would otherwise never be kicked.
+            if self.reenable_notification() && !stalled {
+                idle_since = None;
                 continue;
             }
             self.queue.kick.notified().await;
@@ -144,8 +158,41 @@ impl QueueWorker {
         }
     }
 
+    /// Waits, with requests in flight, for a completion or a kick.
+    ///
+    /// Guest notifications stay off while only reads and writes are in flight: a kick would
+    /// only wake the epoll thread and this executor for a ring we re-walk after every
+    /// completion batch anyway. With a slow request in flight (a flush takes milliseconds on
+    /// a disk) they go back on, with the usual re-check, so a request the guest submits
+    /// behind it does not wait for it to finish.
+    async fn wait_busy<F>(&mut self, inflight: &mut FuturesUnordered<F>)
+    where
+        F: Future<Output = Completion>,
+    {
+        if !self.notifications_on
+            && self.slow_inflight > 0
+            && self.reenable_notification()
+            && !self.stalled()
+        {
+            return;
+        }
+        let queue = self.queue.clone();
+        let kick = pin!(queue.kick.notified());
+        match select(inflight.next(), kick).await {
+            Either::Left((Some(c), _)) => self.done.push(c),
+            Either::Left((None, _)) | Either::Right(_) => {}
+        }
+    }
+
+    /// Whether walking the ring again at once is pointless: the in-flight budget is spent
+    /// (only a completion frees room) or virtio-queue refuses to walk the ring (only the
+    /// guest can repair it, then kick).
+    fn stalled(&self) -> bool {
+        self.inflight_bytes >= MAX_INFLIGHT_BYTES || self.ring_broken
+    }
+
     /// Turns guest notifications back on before sleeping; true if a request slipped in.
-    fn reenable_notification(&self) -> bool {
+    fn reenable_notification(&mut self) -> bool {
         let Some(vring) = &self.vring else {
             return false;
         };
@@ -154,28 +201,40 @@ impl QueueWorker {
         if !state.get_queue().ready() {
             return false;
         }
+        self.notifications_on = true;
         state
             .get_queue_mut()
             .enable_notification(&*mem)
             .unwrap_or(false)
     }
 
-    /// Pops and starts every available request the in-flight budget allows.
-    fn pop(&mut self, inflight: &mut FuturesUnordered<IoFuture>) -> usize {
+    /// Pops and starts every available request the in-flight budget allows. `start` makes
+    /// a request's future ([`execute`]); taking it as a parameter keeps the future unboxed.
+    fn pop<F, S>(&mut self, inflight: &mut FuturesUnordered<F>, start: S) -> usize
+    where
+        S: Fn(IoContext, Ticket, Request) -> F,
+    {
         let Some(vring) = self.vring.clone() else {
             return 0;
         };
         let mem = self.device.guest.memory().into_inner();
-        let mut rejected = Vec::new();
         let mut count = 0;
         {
             let mut state = vring.get_mut();
             if !state.is_enabled() || !state.get_queue().ready() {
                 return 0;
             }
-            // The guest need not kick while we are busy; re-enabled before we sleep.
             let queue = state.get_queue_mut();
-            let _ = queue.disable_notification(&*mem);
+            if self.notifications_on
+                && queue
+                    .avail_idx(&*mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != queue.next_avail())
+            {
+                // The guest is active: it need not kick while we are busy. Turned back on
+                // before we sleep, or while a flush, discard or write-zeroes is in flight.
+                let _ = queue.disable_notification(&*mem);
+                self.notifications_on = false;
+            }
             let Ok(mut iter) = queue.iter(&*mem) else {
                 // A corrupt avail index: virtio-queue refuses to walk it. Treat the ring as
                 // empty; the next kick retries.
@@ -184,15 +243,21 @@ impl QueueWorker {
                 return 0;
             };
             self.ring_broken = false;
+            // One clock read per walk: the chains of one walk are popped microseconds apart.
+            let started = Instant::now();
             while self.inflight_bytes < MAX_INFLIGHT_BYTES {
                 let Some(mut chain) = iter.next() else { break };
                 count += 1;
                 let head = chain.head_index();
-                let started = Instant::now();
                 match Request::parse(&mut chain) {
                     Ok(req) => {
                         let cost = u64::from(req.data_len);
                         self.inflight_bytes += cost;
+                        let slow = matches!(
+                            req.kind,
+                            RequestKind::Flush | RequestKind::Discard | RequestKind::WriteZeroes
+                        );
+                        self.slow_inflight += usize::from(slow);
                         let ctx = IoContext {
                             device: self.device.clone(),
                             queue: self.queue.index,
@@ -203,8 +268,9 @@ impl QueueWorker {
                             head,
                             started,
                             cost,
+                            slow,
                         };
-                        inflight.push(Box::pin(execute(ctx, ticket, req)));
+                        inflight.push(start(ctx, ticket, req));
                     }
                     Err(rej) => {
                         tracing::debug!(queue = self.queue.index, head, error = %rej.error,
@@ -214,13 +280,14 @@ impl QueueWorker {
                         } else {
                             (VIRTIO_BLK_S_IOERR, ErrorKind::BadDescriptor)
                         };
-                        rejected.push(Completion {
+                        self.done.push(Completion {
                             head,
                             status: rej.status.map(|a| (a, code as u8)),
                             written_len: 0,
                             op: OpKind::Other,
                             bytes: 0,
                             inflight_bytes: 0,
+                            slow: false,
                             started,
                             error: Some(kind),
                         });
@@ -228,23 +295,35 @@ impl QueueWorker {
                 }
             }
         }
-        self.publish(rejected);
+        self.publish();
         count
     }
 
     /// Writes status bytes and used entries, then interrupts the guest once if needed.
-    fn publish(&mut self, done: Vec<Completion>) {
-        if done.is_empty() {
+    fn publish(&mut self) {
+        if self.done.is_empty() {
             return;
         }
+        // Taken out (and put back) so the loop below can update the budget; the vector keeps
+        // its capacity, so publishing allocates nothing.
+        let mut done = std::mem::take(&mut self.done);
+        self.publish_batch(&done);
+        done.clear();
+        self.done = done;
+    }
+
+    fn publish_batch(&mut self, done: &[Completion]) {
         let Some(vring) = self.vring.clone() else {
             return;
         };
         let mem = self.device.guest.memory();
         let metrics = &self.queue.metrics;
+        // One clock read per batch, as for pops.
+        let now = Instant::now();
         let mut state = vring.get_mut();
-        for c in &done {
+        for c in done {
             self.inflight_bytes -= c.inflight_bytes;
+            self.slow_inflight -= usize::from(c.slow);
             let mut used_len = c.written_len;
             if let Some((addr, status)) = c.status {
                 if mem.write_obj(status, addr).is_ok() {
@@ -259,7 +338,10 @@ impl QueueWorker {
             }
             match c.error {
                 Some(kind) => metrics.record_error(kind),
-                None => metrics.record(c.op, c.bytes, c.started.elapsed().as_nanos() as u64),
+                None => {
+                    let latency = now.saturating_duration_since(c.started);
+                    metrics.record(c.op, c.bytes, latency.as_nanos() as u64)
+                }
             }
         }
         if state
@@ -291,6 +373,8 @@ struct Ticket {
     started: Instant,
     /// In-flight budget bytes the request holds until it completes.
     cost: u64,
+    /// Counted in `QueueWorker::slow_inflight` until it completes.
+    slow: bool,
 }
 
 impl Ticket {
@@ -307,6 +391,7 @@ impl Ticket {
             op: OpKind::Other,
             bytes: 0,
             inflight_bytes: self.cost,
+            slow: self.slow,
             started: self.started,
             error: Some(kind),
         }
@@ -320,6 +405,7 @@ impl Ticket {
             op,
             bytes,
             inflight_bytes: self.cost,
+            slow: self.slow,
             started: self.started,
             error: None,
         }
@@ -348,7 +434,7 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
         RequestKind::Read => read(&file, &mem, &req)
             .await
             .map(|()| ok(OpKind::Read, u64::from(req.data_len), req.data_len)),
-        RequestKind::Write => write(&device, &file, &mem, &req, queue)
+        RequestKind::Write => write(&device, capture, &file, &mem, &req, queue)
             .await
             .map(|()| ok(OpKind::Write, u64::from(req.data_len), 0)),
         RequestKind::Flush => match file.fdatasync().await {
@@ -368,7 +454,7 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
             }
         }
         RequestKind::Discard | RequestKind::WriteZeroes => {
-            discard(&device, &file, &req, queue).await.map(|bytes| {
+            discard(capture, &file, &req, queue).await.map(|bytes| {
                 let op = if req.kind == RequestKind::Discard {
                     OpKind::Discard
                 } else {
@@ -423,6 +509,7 @@ fn guest_memory_gone() -> rt::RtError {
 
 async fn write(
     device: &DeviceShared,
+    capture: Option<&Arc<dyn WriteCapture>>,
     file: &ImageFile,
     mem: &GuestMemory,
     req: &Request,
@@ -430,7 +517,6 @@ async fn write(
 ) -> Result<(), rt::RtError> {
     let offset = req.sector * SECTOR_SIZE; // bounded by check_range
     let len = req.data_len as usize;
-    let capture = device.capture.get();
     let filled = file
         .write_at(
             offset,
@@ -456,12 +542,11 @@ async fn write(
 }
 
 async fn discard(
-    device: &DeviceShared,
+    capture: Option<&Arc<dyn WriteCapture>>,
     file: &ImageFile,
     req: &Request,
     queue: u16,
 ) -> Result<u64, rt::RtError> {
-    let capture = device.capture.get();
     let mut bytes = 0;
     for range in &req.ranges {
         let offset = range.sector * SECTOR_SIZE; // bounded by check_range

@@ -13,6 +13,8 @@
 
 use std::ops::Deref;
 
+use smallvec::SmallVec;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -108,6 +110,18 @@ pub struct SectorRange {
     pub unmap: bool,
 }
 
+/// Data segments kept inline in a [`Request`]. Linux frames a 4 KiB request in one data
+/// descriptor and a page-aligned 16 KiB one in at most four; longer scatter lists spill to
+/// the heap.
+pub const INLINE_SEGMENTS: usize = 4;
+
+/// Descriptors a chain is collected into before validation, inline: header, the inline data
+/// segments, status.
+const INLINE_DESCRIPTORS: usize = INLINE_SEGMENTS + 2;
+
+/// A request's data segments.
+pub type Segments = SmallVec<[Segment; INLINE_SEGMENTS]>;
+
 /// A validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -115,7 +129,7 @@ pub struct Request {
     pub sector: u64,
     /// Data segments in chain order (empty for flush, unsupported types and discards, whose
     /// ranges are in `ranges`).
-    pub segments: Vec<Segment>,
+    pub segments: Segments,
     /// Sum of `segments` lengths.
     pub data_len: u32,
     /// Discard / write-zeroes ranges.
@@ -191,7 +205,7 @@ impl Request {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let mut descriptors = Vec::with_capacity(4);
+        let mut descriptors: SmallVec<[_; INLINE_DESCRIPTORS]> = SmallVec::new();
         let mut last_has_next = false;
         for desc in chain.by_ref() {
             if descriptors.len() == MAX_SEGMENTS + 2 {
@@ -250,7 +264,7 @@ impl Request {
         let mut request = Request {
             kind,
             sector,
-            segments: Vec::new(),
+            segments: Segments::new(),
             data_len: 0,
             ranges: Vec::new(),
             status,
