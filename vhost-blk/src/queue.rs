@@ -314,6 +314,14 @@ impl QueueWorker {
 
     fn publish_batch(&mut self, done: &[Completion]) {
         let Some(vring) = self.vring.clone() else {
+            // The ring is gone (the VMM stopped or disconnected): nothing can be published,
+            // but the requests are over, so their share of the in-flight budget comes back;
+            // otherwise a queue that restarts after requests completed this way would find
+            // its budget shrunk, and eventually stall.
+            for c in done {
+                self.inflight_bytes -= c.inflight_bytes;
+                self.slow_inflight -= usize::from(c.slow);
+            }
             return;
         };
         let mem = self.device.guest.memory();
