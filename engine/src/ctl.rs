@@ -52,13 +52,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             ("replicate", a)
         }
     };
-    let mut client = ControlClient::connect(&args.control).map_err(|err| match err {
-        ControlError::Connect { path, source } => CtlError::Connect { path, source },
-        source => CtlError::Client {
-            path: args.control.clone(),
-            source,
-        },
-    })?;
+    let mut client = connect(&args)?;
     let result = client
         .call_with_args(command, call_args)
         .map_err(|source| CtlError::Call {
@@ -87,19 +81,23 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     }
 }
 
+fn connect(args: &CtlArgs) -> Result<ControlClient, CtlError> {
+    ControlClient::connect(&args.control).map_err(|err| match err {
+        ControlError::Connect { path, source } => CtlError::Connect { path, source },
+        source => CtlError::Client {
+            path: args.control.clone(),
+            source,
+        },
+    })
+}
+
 /// Characters of the progress bar of `status --watch`.
 const BAR_WIDTH: u64 = 30;
 
 /// `status --watch`: one progress line per interval.
 fn watch(args: &CtlArgs, interval_ms: u64, count: Option<u64>) -> Result<(), CtlError> {
     let command = "status";
-    let mut client = ControlClient::connect(&args.control).map_err(|err| match err {
-        ControlError::Connect { path, source } => CtlError::Connect { path, source },
-        source => CtlError::Client {
-            path: args.control.clone(),
-            source,
-        },
-    })?;
+    let mut client = connect(args)?;
     let mut previous: Option<(std::time::Instant, u64)> = None;
     let mut lines = 0u64;
     loop {

@@ -10,68 +10,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fill, Qemu, QemuConfig, Scenario, BOOT_AND_SCENARIO_TIMEOUT};
-use serde_json::{json, Map, Value};
-use strait_engine::control::ControlClient;
+use common::{Engine, Fill, Qemu, QemuConfig, Scenario, BOOT_AND_SCENARIO_TIMEOUT};
+use serde_json::{json, Map};
 use strait_net::tls::write_certs;
 use strait_net::wanem::{Wanem, WanemConfig};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
-/// Both engines create their sockets within milliseconds; 10 s covers a loaded host.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// 64 MiB over 100 ms at up to 1 Gbit/s, plus the guest's writes, on a loaded 2-core
 /// machine with TCG running: a minute is ample.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(90);
 /// The destination's port inside namespace B (private to the test's namespaces).
 const PORT: u16 = 7400;
-
-struct Engine {
-    child: Child,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl Engine {
-    fn start(mut command: Command, dir: &Path, name: &str, sockets: &[&Path]) -> Engine {
-        let log = dir.join(format!("{name}.log"));
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = common::kill_with_parent(&mut command).spawn().unwrap();
-        for socket in sockets {
-            common::wait_for_socket(socket, &mut child, name, Some(&log), START_TIMEOUT).unwrap();
-        }
-        Engine {
-            child,
-            control: sockets[sockets.len() - 1].to_path_buf(),
-            log,
-        }
-    }
-
-    fn call(&self, cmd: &str, args: Map<String, Value>) -> Value {
-        ControlClient::connect(&self.control)
-            .unwrap()
-            .call_with_args(cmd, args)
-            .unwrap_or_else(|e| panic!("{cmd}: {e}\n{}", self.log_text()))
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn wanem(config: WanemConfig) -> Option<Wanem> {
     match Wanem::start(config) {
@@ -129,7 +81,7 @@ fn replicate_guest_writes(cut: Option<(f64, f64)>) {
         .arg(&dst_control)
         .args(["--listen", &to, "--tls-dir"])
         .arg(&certs);
-    let destination = Engine::start(command, dir.path(), "destination", &[&dst_control]);
+    let destination = Engine::spawn(command, dir.path(), "destination", &[&dst_control]);
 
     let (vhost, src_control) = (dir.path().join("vhost.sock"), dir.path().join("src.sock"));
     let mut command = wanem.command_in_a(strait);
@@ -142,7 +94,7 @@ fn replicate_guest_writes(cut: Option<(f64, f64)>) {
         .arg(&src_control)
         .arg("--tls-dir")
         .arg(&certs);
-    let source = Engine::start(command, dir.path(), "source", &[&vhost, &src_control]);
+    let source = Engine::spawn(command, dir.path(), "source", &[&vhost, &src_control]);
     let mut args = Map::new();
     args.insert("to".into(), json!(to));
     source.call("replicate", args);

@@ -8,68 +8,27 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Fill;
+use common::{Engine, Fill};
 use serde_json::{json, Map, Value};
 use strait_engine::control::ControlClient;
 use strait_net::tls::write_certs;
 
 const MIB: u64 = 1 << 20;
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A refusal takes one session setup on loopback: milliseconds; a minute on a loaded host.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Engine {
-    child: Child,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl Engine {
-    fn start(dir: &Path, name: &str, args: &[&std::ffi::OsStr]) -> Engine {
-        let control = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
-        command
-            .arg("serve")
-            .args(args)
-            .arg("--control")
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = common::kill_with_parent(&mut command).spawn().unwrap();
-        common::wait_for_socket(&control, &mut child, name, Some(&log), START_TIMEOUT).unwrap();
-        Engine {
-            child,
-            control,
-            log,
-        }
-    }
-
-    fn call(&self, cmd: &str, args: Map<String, Value>) -> Value {
-        ControlClient::connect(&self.control)
-            .unwrap()
-            .call_with_args(cmd, args)
-            .unwrap_or_else(|e| panic!("{cmd}: {e}\n{}", self.log_text()))
-    }
-
-    fn replication(&self) -> Value {
-        self.call("status", Map::new())["replication"].clone()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr]) -> Engine {
+    let control = dir.join(format!("{name}.sock"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
+    command
+        .arg("serve")
+        .args(args)
+        .arg("--control")
+        .arg(&control);
+    Engine::spawn(command, dir, name, &[&control])
 }
 
 fn destination(dir: &Path, image: &Path, certs: &Path) -> (Engine, String) {
@@ -81,7 +40,7 @@ fn destination(dir: &Path, image: &Path, certs: &Path) -> (Engine, String) {
         "--tls-dir".as_ref(),
         certs.as_os_str(),
     ];
-    let engine = Engine::start(dir, "destination", &args);
+    let engine = serve(dir, "destination", &args);
     let listening = engine.replication()["listening"]
         .as_str()
         .unwrap()
@@ -99,7 +58,7 @@ fn source(dir: &Path, name: &str, image: &Path, certs: &Path) -> Engine {
         "--tls-dir".as_ref(),
         certs.as_os_str(),
     ];
-    Engine::start(dir, name, &args)
+    serve(dir, name, &args)
 }
 
 fn replicate(source: &Engine, to: &str) {

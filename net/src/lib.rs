@@ -23,6 +23,19 @@ pub mod sim;
 pub mod tls;
 pub mod wanem;
 
+/// An error and its chain of causes on one line, `outer: cause: root cause`, for logs and
+/// status fields that show one string.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 /// The traffic classes the link will multiplex, highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamClass {

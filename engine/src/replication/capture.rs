@@ -57,12 +57,11 @@ pub struct MirrorCapture {
     overflowed_writes: AtomicU64,
     /// Overflowed writes whose bits `take_overflow` has not taken yet.
     overflow_pending: AtomicU64,
-    /// Mutations captured, and those the replication thread has taken (drained, or
-    /// their overflow bits taken): equal means nothing captured is still on its way.
-    captured: AtomicU64,
-    taken: AtomicU64,
-    /// The next capture number.
+    /// The next capture number, which is also how many mutations were captured.
     next_order: AtomicU64,
+    /// Captured mutations the replication thread has taken (drained, or their overflow
+    /// bits taken): equal to `next_order` when nothing captured is still on its way.
+    taken: AtomicU64,
     /// Per shard, the entry taken from its ring and not yet handed out: the drain's
     /// merge looks at every shard's head. Only the replication thread uses it.
     heads: std::sync::Mutex<Vec<Option<Captured>>>,
@@ -86,7 +85,6 @@ impl MirrorCapture {
                 .collect(),
             overflowed_writes: AtomicU64::new(0),
             overflow_pending: AtomicU64::new(0),
-            captured: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             next_order: AtomicU64::new(0),
             heads: std::sync::Mutex::new((0..queues.max(1)).map(|_| None).collect()),
@@ -124,7 +122,7 @@ impl MirrorCapture {
     pub fn counts(&self) -> (u64, u64) {
         // `taken` first: a count read after it can only be larger.
         let taken = self.taken.load(Ordering::Acquire);
-        (self.captured.load(Ordering::Acquire), taken)
+        (self.next_order.load(Ordering::Acquire), taken)
     }
 
     /// Takes the chunks written while their shard was full (clearing them).
@@ -172,7 +170,8 @@ impl WriteCapture for MirrorCapture {
             // Durability at the destination is confirmed on its own schedule.
             GuestWrite::Flush => return,
         };
-        self.captured.fetch_add(1, Ordering::AcqRel);
+        // One number per mutation, overflowing or not, so it also counts them.
+        let order = self.next_order.fetch_add(1, Ordering::AcqRel);
         let shard = &self.shards[usize::from(queue) % self.shards.len()];
         let data_len = data.map_or(0, |d| d.len() as u64);
         if shard.bytes.load(Ordering::Acquire) + data_len > SHARD_BYTES_MAX {
@@ -181,7 +180,7 @@ impl WriteCapture for MirrorCapture {
         }
         shard.bytes.fetch_add(data_len, Ordering::AcqRel);
         let captured = Captured {
-            order: self.next_order.fetch_add(1, Ordering::AcqRel),
+            order,
             offset,
             len,
             data: data.map(<[u8]>::to_vec),

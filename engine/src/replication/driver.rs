@@ -18,7 +18,7 @@ use strait_net::protocol::Role;
 use strait_net::session::tcp::{Link, LinkError};
 use strait_net::session::SessionConfig;
 use strait_net::tls::TlsIdentity;
-use strait_net::StreamClass;
+use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
@@ -320,17 +320,6 @@ impl SourceRunner {
 
 fn err(e: LinkError) -> String {
     error_chain(&e)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// What a destination reports.

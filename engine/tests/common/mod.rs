@@ -42,6 +42,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod disk;
+mod engine;
 mod error;
 mod guest;
 mod process;
@@ -49,6 +50,7 @@ mod qemu;
 mod qsd;
 
 pub use disk::{make_image, md5_file, md5_file_range, md5_zeros, Fill};
+pub use engine::{Engine, ENGINE_START_TIMEOUT};
 pub use error::HarnessError;
 pub use guest::{guest_artifacts, require_qemu, require_qsd, test_dir, Guest};
 pub use process::{kill_with_parent, wait_for_socket};

@@ -72,13 +72,11 @@ struct Conn {
     decoder: FrameDecoder,
     /// Invariant: `control_out.len() <= CONN_CONTROL_QUEUE_BYTES_MAX`.
     control_out: Vec<u8>,
-    /// Invariant: `sent_bytes - delivered_bytes`, data bytes sent on this connection that
-    /// the peer has not reported delivered; the scheduler sends no data on it while this
-    /// is at `conn_inflight_bytes_max` or more.
-    inflight_bytes: u64,
     /// Data payload bytes sent on this connection.
     sent_bytes: u64,
-    /// The peer's latest `Delivered` for this connection; never above `sent_bytes`.
+    /// The peer's latest `Delivered` for this connection; never above `sent_bytes`. What
+    /// lies between is in flight: the scheduler sends no data on the connection while that
+    /// is at `conn_inflight_bytes_max` or more.
     delivered_bytes: u64,
     /// Data payload bytes that arrived on this connection (the peer's `sent_bytes`).
     received_bytes: u64,
@@ -96,6 +94,13 @@ struct Conn {
     /// Surplus after the dialer went back to fewer connections: it carries no new data
     /// and is closed once its in-flight data is acked.
     retiring: bool,
+}
+
+impl Conn {
+    /// Data bytes sent on this connection that the peer has not reported delivered.
+    fn inflight_bytes(&self) -> u64 {
+        self.sent_bytes - self.delivered_bytes
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,7 +370,6 @@ impl SessionCore {
             index: 0,
             decoder: FrameDecoder::new(),
             control_out: Vec::new(),
-            inflight_bytes: 0,
             wire_full: false,
             sent_bytes: 0,
             delivered_bytes: 0,
@@ -609,7 +613,7 @@ impl SessionCore {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
-        if c.inflight_bytes >= self.config.conn_inflight_bytes_max || c.retiring || c.wire_full {
+        if c.inflight_bytes() >= self.config.conn_inflight_bytes_max || c.retiring || c.wire_full {
             return false;
         }
         let Some(class_i) = self.pick_class() else {
@@ -627,7 +631,6 @@ impl SessionCore {
             return false;
         }
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.inflight_bytes += len;
             c.sent_bytes += len;
         }
         true
@@ -713,7 +716,6 @@ impl SessionCore {
                         });
                     }
                     c.delivered_bytes = c.delivered_bytes.max(d.bytes);
-                    c.inflight_bytes = c.sent_bytes - c.delivered_bytes;
                 }
                 self.close_retired();
             }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::protocol::{CloseReason, ResumeToken, SessionId, RESUME_TOKEN_BYTES, SESSION_ID_BYTES};
 use crate::tls::{self, TlsError, TlsIdentity};
-use crate::StreamClass;
+use crate::{error_chain, StreamClass};
 
 mod sockopt;
 use sockopt::{size_send_buffer, wire_bytes};
@@ -622,17 +622,6 @@ fn timer_thread(shared: &Arc<Shared>, endpoint: Endpoint) {
     g.threads_running -= 1;
     drop(g);
     shared.cond.notify_all();
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 fn accept_one(

@@ -124,7 +124,7 @@ impl SessionCore {
     /// Closes retiring connections that have no data in flight any more.
     pub(super) fn close_retired(&mut self) {
         for c in self.conns.values_mut() {
-            if c.retiring && c.inflight_bytes == 0 && c.close_after_flush.is_none() {
+            if c.retiring && c.inflight_bytes() == 0 && c.close_after_flush.is_none() {
                 c.close_after_flush = Some(ConnError::Retired);
             }
         }
