@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use super::wire::{Message, RefuseReason, ID_BYTES};
+use super::wire::{Message, RefuseReason, ID_BYTES, VERIFY_CHUNKS_MAX};
 use super::{chunk_count, chunk_len, ConfigError};
 
 /// Settings of the destination's disk.
@@ -28,6 +28,16 @@ pub enum Apply {
     Zero { offset: u64, len: u64 },
     /// Send this to the source on Control.
     Reply(Message),
+    /// Hash `len` bytes at `offset`, chunk by chunk (the last chunk may be shorter), as
+    /// they are after every action before this one, and send the digests to the source
+    /// on Control as `VerifyReply { id, first, digests }`.
+    Verify {
+        id: u64,
+        first: u64,
+        offset: u64,
+        len: u64,
+        chunk_bytes: u64,
+    },
 }
 
 /// A source message that breaks the protocol: the session is closed, nothing of the
@@ -51,6 +61,8 @@ pub enum DestError {
     OutOfOrder { seq: u64, applied: u64 },
     #[error("the source sent {0}, which only a destination sends")]
     Unexpected(&'static str),
+    #[error("verify request for {count} chunks from {first}: the disk has {chunks}, a request names 1 to {VERIFY_CHUNKS_MAX}")]
+    VerifyRange { first: u64, count: u64, chunks: u64 },
 }
 
 /// Counters.
@@ -62,6 +74,8 @@ pub struct DestStats {
     pub chunks_applied: u64,
     pub chunks_redone: u64,
     pub refusals: u64,
+    /// Chunks hashed for the source's verify requests.
+    pub chunks_hashed: u64,
 }
 
 /// The destination's replication state for one disk.
@@ -141,11 +155,13 @@ impl ReplicaDest {
                 Ok(self.mirror(seq, offset, len, None))
             }
             Message::Chunk { index, seq, data } => self.chunk(index, seq, data),
+            Message::VerifyRequest { id, first, count } => self.verify(id, first, count),
             Message::Welcome => Err(DestError::Unexpected("Welcome")),
             Message::Refuse(_) => Err(DestError::Unexpected("Refuse")),
             Message::Applied { .. } => Err(DestError::Unexpected("Applied")),
             Message::ChunkDone { .. } => Err(DestError::Unexpected("ChunkDone")),
             Message::Redo { .. } => Err(DestError::Unexpected("Redo")),
+            Message::VerifyReply { .. } => Err(DestError::Unexpected("VerifyReply")),
         }
     }
 
@@ -263,6 +279,34 @@ impl ReplicaDest {
         }
         self.applied_seq = seq;
         out
+    }
+
+    /// A verify request: hash the named chunks as they are now. It arrives on the Mirror
+    /// class, so every mirror write sent before it has been handed out already.
+    fn verify(&mut self, id: u64, first: u64, count: u64) -> Result<Vec<Apply>, DestError> {
+        if !self.welcomed {
+            return Err(DestError::NotWelcomed("VerifyRequest"));
+        }
+        let chunk_bytes = self.config.chunk_bytes;
+        let chunks = chunk_count(self.source_bytes, chunk_bytes).unwrap_or(0);
+        let end = first.checked_add(count).filter(|&e| e <= chunks);
+        if count == 0 || count > VERIFY_CHUNKS_MAX || end.is_none() {
+            return Err(DestError::VerifyRange {
+                first,
+                count,
+                chunks,
+            });
+        }
+        self.stats.chunks_hashed += count;
+        let offset = first * chunk_bytes;
+        let len = ((first + count) * chunk_bytes).min(self.source_bytes) - offset;
+        Ok(vec![Apply::Verify {
+            id,
+            first,
+            offset,
+            len,
+            chunk_bytes,
+        }])
     }
 
     /// Applies a bulk chunk unless a mirror write newer than its snapshot already landed

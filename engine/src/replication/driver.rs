@@ -22,10 +22,11 @@ use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
+use super::verify::hash_file_chunks;
 use super::wire::{Message, DATA_BYTES_MAX};
 use super::{
     Apply, DestConfig, DestStats, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
-    SourceStats, WriteVerdict,
+    SourceStats, VerifyRefusal, VerifyReport, WriteVerdict,
 };
 
 /// Captured writes taken from each shard per round: enough to empty a shard that filled
@@ -62,6 +63,10 @@ pub struct SourceStatus {
     pub captured_writes: u64,
     pub accounted_writes: u64,
     pub last_error: Option<String>,
+    /// The current or last verify run (see [`SourceDriver::start_verify`]).
+    pub verify: Option<VerifyReport>,
+    /// A verify asked for (with `repair`) that the thread has not taken up yet.
+    verify_requested: Option<bool>,
 }
 
 /// Where a source sends its disk.
@@ -101,6 +106,8 @@ impl SourceDriver {
             captured_writes: 0,
             accounted_writes: 0,
             last_error: None,
+            verify: None,
+            verify_requested: None,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let mut runner = SourceRunner {
@@ -111,6 +118,7 @@ impl SourceDriver {
             link: None,
             status: status.clone(),
             stop: stop.clone(),
+            verify: VerifyLocal::default(),
         };
         let thread = thread::Builder::new()
             .name("strait-replicate".into())
@@ -126,6 +134,27 @@ impl SourceDriver {
     /// A snapshot of where replication stands.
     pub fn status(&self) -> SourceStatus {
         lock(&self.status).clone()
+    }
+
+    /// Starts a verify run (see [`super::verify`]); with `repair`, chunks found different
+    /// are copied again. Refused at once when the status shows no session, no full copy
+    /// yet, or a run in progress; the thread takes it up within a round, and should the
+    /// state have changed by then, the run's report says why it did not start.
+    pub fn start_verify(&self, repair: bool) -> Result<(), VerifyRefusal> {
+        let mut s = lock(&self.status);
+        if s.verify.as_ref().is_some_and(VerifyReport::running) {
+            return Err(VerifyRefusal::Running);
+        }
+        match s.state {
+            SourceState::InSync | SourceState::Behind { .. } => {}
+            SourceState::Copying { .. } | SourceState::Resyncing { .. } => {
+                return Err(VerifyRefusal::NotCopied)
+            }
+            _ => return Err(VerifyRefusal::NotConnected),
+        }
+        s.verify = Some(VerifyReport::starting(repair, wall_ns()));
+        s.verify_requested = Some(repair);
+        Ok(())
     }
 
     /// Stops the thread (its link closes; the destination keeps what it confirmed).
@@ -155,6 +184,25 @@ struct SourceRunner {
     link: Option<Link>,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
+    verify: VerifyLocal,
+}
+
+/// The source thread's part of verify.
+#[derive(Default)]
+struct VerifyLocal {
+    /// Reused for reading chunks to hash.
+    buf: Vec<u8>,
+    /// A run the state machine refused to start after the status allowed it.
+    refused: Option<VerifyReport>,
+}
+
+/// The wall clock in nanoseconds since the Unix epoch: verify reports when it started and
+/// ended in it. Its only other use is the pause between verify passes, which a clock step
+/// lengthens or shortens once, harmlessly.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl SourceRunner {
@@ -263,7 +311,40 @@ impl SourceRunner {
             self.send(StreamClass::Bulk, message)?;
             chunks += 1;
         }
-        Ok(drained + replies + chunks > 0)
+        let verified = self.verify_round()?;
+        Ok(drained + replies + chunks > 0 || verified)
+    }
+
+    /// Takes up a requested verify, and sends at most one verify request per round, so
+    /// the capture rings are drained between two batches of local hashing.
+    fn verify_round(&mut self) -> Result<bool, String> {
+        let requested = lock(&self.status).verify_requested.take();
+        if let Some(repair) = requested {
+            let now = wall_ns();
+            self.verify.refused = match self.source.start_verify(repair, now) {
+                Ok(()) => None,
+                Err(refusal) => Some(VerifyReport::refused(&refusal, repair, now)),
+            };
+        }
+        if self.link.is_none() {
+            return Ok(false);
+        }
+        let (file, buf) = (&self.file, &mut self.verify.buf);
+        let next = self
+            .source
+            .next_verify(wall_ns(), |offset, len, chunk_bytes| {
+                hash_file_chunks(file, offset, len, chunk_bytes, buf)
+            });
+        match next {
+            Ok(Some(request)) => self.send(StreamClass::Mirror, request).map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => {
+                warn!(error = %e, "verify cannot read the local disk");
+                self.source
+                    .fail_verify(&format!("reading the local disk: {e}"));
+                Ok(false)
+            }
+        }
     }
 
     fn mirror(&mut self, c: Captured) -> Result<(), String> {
@@ -315,6 +396,14 @@ impl SourceRunner {
         s.stats = self.source.stats();
         s.mirror_backlog_bytes = self.source.mirror_backlog_bytes();
         s.overflowed_writes = self.capture.overflowed_writes();
+        // A request not taken up yet keeps its "starting" report.
+        if s.verify_requested.is_none() {
+            s.verify = self
+                .verify
+                .refused
+                .clone()
+                .or_else(|| self.source.verify_report());
+        }
     }
 }
 
@@ -478,6 +567,20 @@ fn serve_session(
                         }
                         Apply::Reply(m) => {
                             link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                                .map_err(err)?;
+                        }
+                        Apply::Verify {
+                            id,
+                            first,
+                            offset,
+                            len,
+                            chunk_bytes,
+                        } => {
+                            let digests =
+                                hash_file_chunks(file, offset, len, chunk_bytes, &mut Vec::new())
+                                    .map_err(|e| format!("hashing the replica for verify: {e}"))?;
+                            let reply = Message::VerifyReply { id, first, digests };
+                            link.send(StreamClass::Control, reply.encode(), SEND_TIMEOUT)
                                 .map_err(err)?;
                         }
                     }

@@ -11,12 +11,14 @@ pub mod capture;
 pub mod dest;
 pub mod driver;
 pub mod source;
+pub mod verify;
 pub mod wire;
 
 pub use dest::{Apply, DestConfig, DestError, DestStats, ReplicaDest};
 pub use source::{
     BulkJob, ReplicaSource, SourceConfig, SourceError, SourceState, SourceStats, WriteVerdict,
 };
+pub use verify::{ByteRange, VerifyRefusal, VerifyReport, VerifyState};
 
 use thiserror::Error;
 

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use thiserror::Error;
 
-use super::wire::{Message, RefuseReason, ID_BYTES};
+use super::verify::{self, VerifyRefusal, VerifyReport, VerifyRun};
+use super::wire::{Digest, Message, RefuseReason, ID_BYTES};
 use super::{chunk_count, chunk_len, ConfigError};
 
 /// Settings of one replicated disk on the source.
@@ -94,6 +95,12 @@ pub enum SourceError {
         len: u64,
         disk_bytes: u64,
     },
+    #[error(
+        "destination answered verify request {id}, which was not asked or was already answered"
+    )]
+    UnaskedVerify { id: u64 },
+    #[error("destination answered verify request {id} for {count} chunks from {first}, not the chunks asked")]
+    VerifyReplyShape { id: u64, first: u64, count: u64 },
 }
 
 #[derive(Debug)]
@@ -126,6 +133,11 @@ pub struct ReplicaSource {
     /// The first full copy finished once.
     copied_once: bool,
     stats: SourceStats,
+    /// The current or last verify run.
+    verify: Option<VerifyRun>,
+    /// The id of the next verify request; ids are never reused, so a late answer to an
+    /// abandoned run is recognised.
+    verify_next_id: u64,
 }
 
 impl ReplicaSource {
@@ -151,6 +163,8 @@ impl ReplicaSource {
             refused: None,
             copied_once: false,
             stats: SourceStats::default(),
+            verify: None,
+            verify_next_id: 0,
         })
     }
 
@@ -171,6 +185,7 @@ impl ReplicaSource {
     pub fn on_disconnected(&mut self) {
         self.connected = false;
         self.welcomed = false;
+        self.fail_verify("the replication session was lost");
         let lost = !self.inflight.is_empty() || !self.unacked.is_empty();
         let inflight = std::mem::take(&mut self.inflight);
         for index in inflight.into_keys() {
@@ -202,6 +217,9 @@ impl ReplicaSource {
         let seq = self.seq;
         let first = offset / self.config.chunk_bytes;
         let last = (offset + len - 1) / self.config.chunk_bytes;
+        if let Some(v) = self.verify.as_mut() {
+            v.touch(first, last);
+        }
         // A write only to chunks the bulk copy has yet to read needs no mirroring.
         let all_pending =
             (first..=last).all(|i| self.dirty[i as usize] && !self.inflight.contains_key(&i));
@@ -282,10 +300,14 @@ impl ReplicaSource {
                 self.mark_dirty(index);
                 self.stats.chunks_redone += 1;
             }
+            Message::VerifyReply { id, first, digests } => {
+                self.on_verify_reply(id, first, &digests)?;
+            }
             Message::Hello { .. } => return Err(SourceError::Unexpected("Hello")),
             Message::Write { .. } => return Err(SourceError::Unexpected("Write")),
             Message::Zero { .. } => return Err(SourceError::Unexpected("Zero")),
             Message::Chunk { .. } => return Err(SourceError::Unexpected("Chunk")),
+            Message::VerifyRequest { .. } => return Err(SourceError::Unexpected("VerifyRequest")),
         }
         if self.dirty_count == 0 && self.inflight.is_empty() {
             self.copied_once = true;
@@ -344,11 +366,123 @@ impl ReplicaSource {
     }
 
     fn mark_dirty(&mut self, index: u64) {
+        if let Some(v) = self.verify.as_mut() {
+            v.touch(index, index);
+        }
         let i = index as usize;
         if !self.dirty[i] {
             self.dirty[i] = true;
             self.dirty_count += 1;
         }
+    }
+
+    /// Starts comparing the destination with this disk (see [`super::verify`]); with
+    /// `repair`, chunks found different are marked dirty so the bulk copy sends them
+    /// again. Only once the destination holds a full copy (in sync or behind).
+    pub fn start_verify(&mut self, repair: bool, now_ns: u64) -> Result<(), VerifyRefusal> {
+        if self.verify.as_ref().is_some_and(VerifyRun::running) {
+            return Err(VerifyRefusal::Running);
+        }
+        match self.state() {
+            SourceState::InSync | SourceState::Behind { .. } => {}
+            SourceState::Copying { .. } | SourceState::Resyncing { .. } => {
+                return Err(VerifyRefusal::NotCopied)
+            }
+            _ => return Err(VerifyRefusal::NotConnected),
+        }
+        self.verify = Some(VerifyRun::new(
+            self.config.disk_bytes,
+            self.config.chunk_bytes,
+            self.chunks,
+            repair,
+            self.verify_next_id,
+            now_ns,
+        ));
+        Ok(())
+    }
+
+    /// The next verify request to send on the Mirror class, after every mirror write
+    /// handed out so far, if a verify runs and its in-flight bound allows. `hash_local`
+    /// hashes this disk's bytes at (offset, len) in pieces of (chunk bytes), now: after
+    /// this call chose the chunks and before any later guest write is handed to the
+    /// source.
+    pub fn next_verify<E>(
+        &mut self,
+        now_ns: u64,
+        hash_local: impl FnOnce(u64, u64, u64) -> Result<Vec<Digest>, E>,
+    ) -> Result<Option<Message>, E> {
+        let Some(v) = self.verify.as_mut() else {
+            return Ok(None);
+        };
+        v.stamp(now_ns);
+        if !self.welcomed {
+            return Ok(None);
+        }
+        let (dirty, inflight) = (&self.dirty, &self.inflight);
+        let busy = |i: u64| dirty[i as usize] || inflight.contains_key(&i);
+        let Some(batch) = v.next(now_ns, busy) else {
+            return Ok(None);
+        };
+        let offset = batch.first * self.config.chunk_bytes;
+        let end =
+            ((batch.first + batch.count) * self.config.chunk_bytes).min(self.config.disk_bytes);
+        let local = hash_local(offset, end - offset, self.config.chunk_bytes)?;
+        if local.len() as u64 != batch.count {
+            // A caller that hashed something else: compare nothing rather than wrongly.
+            v.fail("the local disk was hashed in the wrong pieces".into());
+            v.stamp(now_ns);
+            return Ok(None);
+        }
+        let id = self.verify_next_id;
+        self.verify_next_id += 1;
+        v.sent(id, batch, &local);
+        Ok(Some(verify::request(id, batch)))
+    }
+
+    /// Stops a running verify (the caller could not read its own disk); the next
+    /// [`ReplicaSource::next_verify`] notes the time it ended.
+    pub fn fail_verify(&mut self, reason: &str) {
+        if let Some(v) = self.verify.as_mut() {
+            v.fail(reason.to_string());
+        }
+    }
+
+    /// The current or last verify run's findings.
+    pub fn verify_report(&self) -> Option<VerifyReport> {
+        self.verify.as_ref().map(|v| v.report().clone())
+    }
+
+    fn on_verify_reply(
+        &mut self,
+        id: u64,
+        first: u64,
+        digests: &[Digest],
+    ) -> Result<(), SourceError> {
+        if id >= self.verify_next_id {
+            return Err(SourceError::UnaskedVerify { id });
+        }
+        // An answer to a run that was abandoned (it failed) or replaced is dropped.
+        let Some(v) = self
+            .verify
+            .as_mut()
+            .filter(|v| id >= v.first_id() && v.running())
+        else {
+            return Ok(());
+        };
+        let Some((asked_first, asked_count)) = v.outstanding(id) else {
+            return Err(SourceError::UnaskedVerify { id });
+        };
+        let count = digests.len() as u64;
+        if (first, count) != (asked_first, asked_count) {
+            return Err(SourceError::VerifyReplyShape { id, first, count });
+        }
+        let confirmed = v.answered(id, digests);
+        if v.report().repair {
+            for index in confirmed {
+                self.mark_dirty(index);
+            }
+        }
+        Ok(())
     }
 
     fn check_index(&self, index: u64) -> Result<(), SourceError> {

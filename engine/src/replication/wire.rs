@@ -15,6 +15,19 @@ pub const DATA_BYTES_MAX: usize = 512 << 10;
 /// Bytes of the disk and source identities.
 pub const ID_BYTES: usize = 16;
 
+/// Bytes of one chunk digest in a [`Message::VerifyReply`] (SHA-256).
+pub const DIGEST_BYTES: usize = 32;
+
+/// A chunk's digest, as [`super::verify`] computes it.
+pub type Digest = [u8; DIGEST_BYTES];
+
+/// Chunks one [`Message::VerifyRequest`] may name, at most: 64 chunks are 32 MiB of disk
+/// that the destination reads and hashes before it applies the next mirror write, about
+/// 30 ms at a fast disk's rate, and their digests (2 KiB) fit a reply many times over. The
+/// source asks for fewer ([`super::verify::VERIFY_BATCH_CHUNKS`]); this is the bound a
+/// hostile peer meets.
+pub const VERIFY_CHUNKS_MAX: u64 = 64;
+
 /// One replication message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -54,6 +67,17 @@ pub enum Message {
     /// Destination → source: chunk `index` arrived older than a mirror write already
     /// applied there, so it was dropped; copy it again.
     Redo { index: u64 },
+    /// Source → destination (Mirror, so it is applied after every mirror write sent
+    /// before it): hash chunks `first..first + count` as they are now and answer with
+    /// `VerifyReply { id, .. }`. At most [`VERIFY_CHUNKS_MAX`] chunks.
+    VerifyRequest { id: u64, first: u64, count: u64 },
+    /// Destination → source (Control): the digests of chunks `first..` of request `id`, one
+    /// per chunk, in order.
+    VerifyReply {
+        id: u64,
+        first: u64,
+        digests: Vec<Digest>,
+    },
 }
 
 /// Why a destination refuses a source.
@@ -120,6 +144,8 @@ const T_CHUNK: u8 = 6;
 const T_APPLIED: u8 = 7;
 const T_CHUNK_DONE: u8 = 8;
 const T_REDO: u8 = 9;
+const T_VERIFY_REQUEST: u8 = 10;
+const T_VERIFY_REPLY: u8 = 11;
 
 fn header(code: u8, a: u64, b: u64, c: u64, extra: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + extra);
@@ -162,6 +188,16 @@ impl Message {
             Message::Applied { seq } => header(T_APPLIED, *seq, 0, 0, 0),
             Message::ChunkDone { index, seq } => header(T_CHUNK_DONE, *index, *seq, 0, 0),
             Message::Redo { index } => header(T_REDO, *index, 0, 0, 0),
+            Message::VerifyRequest { id, first, count } => {
+                header(T_VERIFY_REQUEST, *id, *first, *count, 0)
+            }
+            Message::VerifyReply { id, first, digests } => {
+                let mut out = header(T_VERIFY_REPLY, *id, *first, 0, digests.len() * DIGEST_BYTES);
+                for d in digests {
+                    out.extend_from_slice(d);
+                }
+                out
+            }
         }
     }
 
@@ -243,6 +279,34 @@ impl Message {
             T_APPLIED => bare(1).map(|()| Message::Applied { seq: a })?,
             T_CHUNK_DONE => bare(2).map(|()| Message::ChunkDone { index: a, seq: b })?,
             T_REDO => bare(1).map(|()| Message::Redo { index: a })?,
+            T_VERIFY_REQUEST => bare(3).map(|()| Message::VerifyRequest {
+                id: a,
+                first: b,
+                count: c,
+            })?,
+            T_VERIFY_REPLY => {
+                let count = rest.len() / DIGEST_BYTES;
+                if c != 0
+                    || rest.is_empty()
+                    || !rest.len().is_multiple_of(DIGEST_BYTES)
+                    || count as u64 > VERIFY_CHUNKS_MAX
+                {
+                    return Err(malformed);
+                }
+                let digests = rest
+                    .chunks_exact(DIGEST_BYTES)
+                    .map(|d| {
+                        let mut digest = [0; DIGEST_BYTES];
+                        digest.copy_from_slice(d);
+                        digest
+                    })
+                    .collect();
+                Message::VerifyReply {
+                    id: a,
+                    first: b,
+                    digests,
+                }
+            }
             code => return Err(WireError::Type { code }),
         })
     }
@@ -285,6 +349,16 @@ mod tests {
             Message::Applied { seq: 8 },
             Message::ChunkDone { index: 3, seq: 8 },
             Message::Redo { index: 3 },
+            Message::VerifyRequest {
+                id: 1,
+                first: 5,
+                count: VERIFY_CHUNKS_MAX,
+            },
+            Message::VerifyReply {
+                id: 1,
+                first: 5,
+                digests: vec![[3; DIGEST_BYTES], [4; DIGEST_BYTES]],
+            },
         ]
     }
 
@@ -329,5 +403,36 @@ mod tests {
             Message::decode(&refuse),
             Err(WireError::Reason { code: 77 })
         );
+    }
+
+    #[test]
+    fn hostile_verify_messages_are_errors() {
+        let malformed = |bytes: &[u8]| {
+            assert!(
+                matches!(Message::decode(bytes), Err(WireError::Malformed { .. })),
+                "{bytes:?}"
+            );
+        };
+        // A request carries no data.
+        let mut request = header(T_VERIFY_REQUEST, 1, 0, 4, 0);
+        request.push(0);
+        malformed(&request);
+        // A reply holds whole digests, at least one, at most VERIFY_CHUNKS_MAX.
+        let reply = |digest_bytes: usize, c: u64| {
+            let mut out = header(T_VERIFY_REPLY, 1, 0, c, digest_bytes);
+            out.resize(HEADER_BYTES + digest_bytes, 7);
+            out
+        };
+        malformed(&reply(0, 0));
+        malformed(&reply(DIGEST_BYTES - 1, 0));
+        malformed(&reply(DIGEST_BYTES + 1, 0));
+        malformed(&reply(DIGEST_BYTES, 1));
+        malformed(&reply((VERIFY_CHUNKS_MAX as usize + 1) * DIGEST_BYTES, 0));
+        let most = reply(VERIFY_CHUNKS_MAX as usize * DIGEST_BYTES, 0);
+        let Ok(Message::VerifyReply { digests, .. }) = Message::decode(&most) else {
+            panic!("a full reply must decode");
+        };
+        assert_eq!(digests.len() as u64, VERIFY_CHUNKS_MAX);
+        assert_eq!(digests[0], [7; DIGEST_BYTES]);
     }
 }
