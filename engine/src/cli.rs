@@ -276,6 +276,21 @@ pub enum CtlCommand {
         #[arg(long, value_name = "ADDR:PORT")]
         to: std::net::SocketAddr,
     },
+    /// Compare the replica with the served disk by SHA-256 digests of every 512 KiB chunk,
+    /// while the guest runs, and report the ranges that differ. Runs in the engine; the
+    /// result is in `status`. Needs a replication in sync (or behind).
+    Verify {
+        /// Follow the run with a progress line per interval until it ends; exit status 1
+        /// if a chunk differs or the run failed.
+        #[arg(long)]
+        wait: bool,
+        /// Copy the chunks found different again (the bulk copy resends them).
+        #[arg(long)]
+        repair: bool,
+        /// With `--wait`: milliseconds between progress lines.
+        #[arg(long, default_value_t = 1000, requires = "wait")]
+        interval_ms: u64,
+    },
 }
 
 /// A list of CPU cores, as `--cores` takes it.

@@ -31,6 +31,10 @@ pub enum CtlError {
         command: &'static str,
         source: io::Error,
     },
+    #[error("verify found {chunks} chunks that differ between the source and the replica")]
+    Mismatches { chunks: u64 },
+    #[error("verify failed: {0}")]
+    VerifyFailed(String),
 }
 
 /// Runs `strait ctl`.
@@ -51,6 +55,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             a.insert("to".into(), Value::String(to.to_string()));
             ("replicate", a)
         }
+        CtlCommand::Verify {
+            wait,
+            repair,
+            interval_ms,
+        } => return verify(&args, *repair, wait.then_some(*interval_ms)),
     };
     let mut client = connect(&args)?;
     let result = client
@@ -68,6 +77,8 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             CtlCommand::Status { .. } => render_status(&result),
             CtlCommand::Stats => render_stats(&result),
             CtlCommand::Replicate { to } => format!("replicating to {to}\n"),
+            // Returned above.
+            CtlCommand::Verify { .. } => String::new(),
         }
     };
     // This is the command's output, so it goes to stdout; writing through the handle (not
@@ -79,6 +90,139 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(source) => Err(CtlError::Output { command, source }),
     }
+}
+
+fn print(command: &'static str, text: &str) -> Result<(), CtlError> {
+    match io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(CtlError::Output { command, source }),
+    }
+}
+
+/// `verify`: starts a run; with `--wait` (`follow_ms`), follows it to its end.
+fn verify(args: &CtlArgs, repair: bool, follow_ms: Option<u64>) -> Result<(), CtlError> {
+    let command = "verify";
+    let mut client = connect(args)?;
+    let mut call_args = Map::new();
+    call_args.insert("repair".into(), Value::Bool(repair));
+    let call = |client: &mut ControlClient, cmd: &'static str, a: Map<String, Value>| {
+        client
+            .call_with_args(cmd, a)
+            .map_err(|source| CtlError::Call {
+                command: cmd,
+                path: args.control.clone(),
+                source,
+            })
+    };
+    let started = call(&mut client, command, call_args)?;
+    let Some(interval_ms) = follow_ms else {
+        let text = if args.json {
+            format!("{started}\n")
+        } else {
+            "verify started; `strait ctl status` shows its progress\n".to_string()
+        };
+        return print(command, &text);
+    };
+    loop {
+        let status = call(&mut client, "status", Map::new())?;
+        let v = &status["replication"]["verify"];
+        let running = str_field(v, "state") == Some("running");
+        let text = match (args.json, running) {
+            (true, _) => format!("{v}\n"),
+            (false, true) => verify_progress_line(v),
+            (false, false) => verify_summary(v),
+        };
+        print(command, &text)?;
+        if !running {
+            return verify_outcome(v);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(interval_ms.max(10)));
+    }
+}
+
+/// The exit status of `verify --wait`: an error when a chunk differs or the run failed.
+fn verify_outcome(v: &Value) -> Result<(), CtlError> {
+    match str_field(v, "state") {
+        Some("done") => match v.get("mismatch_chunks").and_then(Value::as_u64) {
+            Some(0) => Ok(()),
+            Some(chunks) => Err(CtlError::Mismatches { chunks }),
+            None => Err(CtlError::VerifyFailed(
+                "the engine reported no result".into(),
+            )),
+        },
+        Some("failed") => Err(CtlError::VerifyFailed(
+            str_field(v, "error")
+                .unwrap_or("no reason given")
+                .to_string(),
+        )),
+        _ => Err(CtlError::VerifyFailed(format!(
+            "unexpected verify status {v}"
+        ))),
+    }
+}
+
+/// `verifying   [#######.......................]  23% 942 of 4096 chunks, 0 differ, 1 changed`.
+pub fn verify_progress_line(v: &Value) -> String {
+    let checked = v.get("chunks_checked").and_then(Value::as_u64).unwrap_or(0);
+    let total = v.get("chunks_total").and_then(Value::as_u64).unwrap_or(0);
+    let filled = (checked * BAR_WIDTH).checked_div(total).unwrap_or(0);
+    let percent = (checked * 100).checked_div(total).unwrap_or(0);
+    let bar: String = (0..BAR_WIDTH)
+        .map(|i| if i < filled { '#' } else { '.' })
+        .collect();
+    let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    format!(
+        "{:<12} [{bar}] {percent:>3}% {checked} of {total} chunks, {} differ, {} changed while compared\n",
+        "verifying",
+        count("mismatch_chunks"),
+        count("changed"),
+    )
+}
+
+/// The end of a run: what was compared, and every listed range that differs.
+pub fn verify_summary(v: &Value) -> String {
+    let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    if str_field(v, "state") == Some("failed") {
+        let _ = writeln!(
+            out,
+            "verify failed: {}",
+            str_field(v, "error").unwrap_or("no reason given")
+        );
+        return out;
+    }
+    let elapsed = match (
+        f64_field(v, "started_unix_s"),
+        f64_field(v, "finished_unix_s"),
+    ) {
+        (Some(a), Some(b)) => format!(" in {}", format_duration(b - a)),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "verify done{elapsed}: {} of {} chunks compared, {} differ, {} stayed busy (not compared)",
+        count("chunks_checked"),
+        count("chunks_total"),
+        count("mismatch_chunks"),
+        count("busy_chunks"),
+    );
+    for (label, key) in [("differs", "mismatches"), ("busy", "busy")] {
+        for r in v.get(key).and_then(Value::as_array).into_iter().flatten() {
+            let offset = r.get("offset").and_then(Value::as_u64).unwrap_or(0);
+            let len = r.get("len").and_then(Value::as_u64).unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  {label:<8} offset {offset} len {len} ({} at {})",
+                format_bytes_binary(len),
+                format_bytes_binary(offset)
+            );
+        }
+    }
+    if v.get("repair").and_then(Value::as_bool) == Some(true) && count("mismatch_chunks") > 0 {
+        out.push_str("  the chunks that differ are being copied again (repair)\n");
+    }
+    out
 }
 
 fn connect(args: &CtlArgs) -> Result<ControlClient, CtlError> {
@@ -236,6 +380,18 @@ fn render_replication(out: &mut String, r: &Value) {
     labelled(out, "replication", &text);
     if let Some(error) = str_field(r, "last_error") {
         labelled(out, "last error", error);
+    }
+    if let Some(v) = r.get("verify").filter(|v| !v.is_null()) {
+        let text = if str_field(v, "state") == Some("running") {
+            verify_progress_line(v)
+        } else {
+            verify_summary(v)
+        };
+        let mut lines = text.lines();
+        labelled(out, "verify", lines.next().unwrap_or(""));
+        for rest in lines {
+            labelled(out, "", rest);
+        }
     }
 }
 

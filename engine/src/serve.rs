@@ -14,8 +14,8 @@ use crate::control::{ControlError, ControlServer, ErrorCode, Handler, API_VERSIO
 use crate::replication::capture::MirrorCapture;
 use crate::replication::driver::{DestDriver, SourceDriver, SourceStatus, SourceTarget};
 use crate::replication::{
-    DestConfig, DriverError, SourceConfig, SourceState, BULK_INFLIGHT_MAX, CHUNK_BYTES,
-    MIRROR_BACKLOG_BYTES_MAX,
+    ByteRange, DestConfig, DriverError, SourceConfig, SourceState, VerifyRefusal, VerifyReport,
+    VerifyState, BULK_INFLIGHT_MAX, CHUNK_BYTES, MIRROR_BACKLOG_BYTES_MAX,
 };
 
 /// What can stop `strait serve` from starting or running.
@@ -328,6 +328,37 @@ impl Handler for EngineHandler {
         Ok(json!({ "to": to.to_string() }))
     }
 
+    fn verify(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
+        let repair = match args.get("repair") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err((ErrorCode::InvalidArgs, "`repair` must be a boolean".into())),
+        };
+        if args.keys().any(|k| k != "repair") {
+            return Err((
+                ErrorCode::InvalidArgs,
+                "`verify` takes only `repair`".into(),
+            ));
+        }
+        let source = lock(&self.source);
+        let Some(driver) = source.as_ref() else {
+            let why = if self.replica.is_some() {
+                "this engine receives a replica; run verify on the source engine"
+            } else {
+                "not replicating: start `replicate` first"
+            };
+            return Err((ErrorCode::Refused, why.into()));
+        };
+        driver.start_verify(repair).map_err(|refusal| {
+            let code = match refusal {
+                VerifyRefusal::Running => ErrorCode::Busy,
+                VerifyRefusal::NotConnected | VerifyRefusal::NotCopied => ErrorCode::Refused,
+            };
+            (code, refusal.to_string())
+        })?;
+        Ok(json!({ "repair": repair }))
+    }
+
     fn stats(&self) -> Value {
         let now = Instant::now();
         let Some(backend) = &self.backend else {
@@ -382,6 +413,7 @@ impl EngineHandler {
                 "chunks_redone": s.stats.chunks_redone,
                 "mirror_bytes_applied": s.stats.mirror_bytes_applied,
                 "refusals": s.stats.refusals,
+                "chunks_hashed": s.stats.chunks_hashed,
                 "last_error": s.last_error,
             });
         }
@@ -406,6 +438,7 @@ fn source_json(s: &SourceStatus) -> Value {
         "captured_writes": s.captured_writes,
         "accounted_writes": s.accounted_writes,
         "last_error": s.last_error,
+        "verify": s.verify.as_ref().map_or(Value::Null, verify_json),
     });
     let (state, extra) = match s.state {
         SourceState::Disconnected => ("disconnected", json!({})),
@@ -437,6 +470,39 @@ fn source_json(s: &SourceStatus) -> Value {
         v.extend(extra);
     }
     v
+}
+
+/// The `verify` object of a source's `replication` status.
+fn verify_json(v: &VerifyReport) -> Value {
+    let ranges = |list: &[ByteRange]| -> Vec<Value> {
+        list.iter()
+            .map(|r| json!({ "offset": r.offset, "len": r.len }))
+            .collect()
+    };
+    let (state, error) = match &v.state {
+        VerifyState::Running => ("running", None),
+        VerifyState::Done => ("done", None),
+        VerifyState::Failed(why) => ("failed", Some(why.clone())),
+    };
+    let seconds = |ns: u64| ns as f64 / 1e9;
+    json!({
+        "state": state,
+        "error": error,
+        "repair": v.repair,
+        "chunk_bytes": CHUNK_BYTES,
+        "chunks_total": v.chunks_total,
+        "chunks_checked": v.chunks_checked,
+        "mismatch_chunks": v.mismatch_chunks,
+        "mismatches": ranges(&v.mismatches),
+        "busy_chunks": v.busy_chunks,
+        "busy": ranges(&v.busy),
+        "unconfirmed": v.unconfirmed,
+        "changed": v.changed,
+        "passes": v.passes,
+        "requests": v.requests,
+        "started_unix_s": seconds(v.started_ns),
+        "finished_unix_s": v.finished_ns.map(seconds),
+    })
 }
 
 /// A 16-byte identity from some fields (FNV-1a, twice with different offsets): stable for

@@ -41,6 +41,17 @@ pub trait Handler: Send + Sync + 'static {
             "this engine does not replicate".into(),
         ))
     }
+    /// Starts a verify of the replica (`verify`), or says why not.
+    fn verify(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        let _ = args;
+        Err((
+            protocol::ErrorCode::Refused,
+            "this engine does not replicate".into(),
+        ))
+    }
 }
 
 /// What can fail in the control server or client.

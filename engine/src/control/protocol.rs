@@ -62,11 +62,13 @@ pub enum ErrorCode {
     /// The engine cannot do this now (for example it already replicates, or it was
     /// started without a way to authenticate a peer); the message says why.
     Refused,
+    /// An operation of this kind is already running (a `verify`); wait for it to end.
+    Busy,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::ParseError,
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownCommand,
@@ -75,6 +77,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::InvalidArgs,
         ErrorCode::Refused,
+        ErrorCode::Busy,
     ];
 
     /// The code as it appears in `error.code`.
@@ -88,6 +91,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::InvalidArgs => "invalid_args",
             ErrorCode::Refused => "refused",
+            ErrorCode::Busy => "busy",
         }
     }
 }
@@ -111,16 +115,19 @@ pub enum Command {
     Help,
     /// Starts replicating the served disk to a destination engine (`args.to`).
     Replicate,
+    /// Starts comparing the replica with the served disk (`args.repair` optional).
+    Verify,
 }
 
 impl Command {
     /// Every command, in the order `help` lists them.
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 6] = [
         Command::Status,
         Command::Stats,
         Command::Version,
         Command::Help,
         Command::Replicate,
+        Command::Verify,
     ];
 
     /// The command's name in `cmd`.
@@ -131,6 +138,7 @@ impl Command {
             Command::Version => "version",
             Command::Help => "help",
             Command::Replicate => "replicate",
+            Command::Verify => "verify",
         }
     }
 
@@ -147,6 +155,9 @@ impl Command {
             Command::Help => "this list of commands",
             Command::Replicate => {
                 "replicate the served disk to a destination engine: args {\"to\": \"ADDR:PORT\"}"
+            }
+            Command::Verify => {
+                "start comparing the replica with the served disk by chunk digests (progress and result in status): args {\"repair\": bool} optional"
             }
         }
     }
@@ -165,7 +176,7 @@ pub struct Request {
     /// Echoed in the response. A JSON scalar; null when the request had none.
     pub id: Value,
     pub command: Command,
-    /// The `args` object; empty when absent. No command of version 1 takes arguments.
+    /// The `args` object; empty when absent. Only `replicate` and `verify` take arguments.
     pub args: Map<String, Value>,
 }
 
@@ -256,9 +267,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         );
         return Err(RequestError::new(id, ErrorCode::UnknownCommand, message));
     };
-    // Only `replicate` takes arguments (its handler checks them); refusing them elsewhere
-    // tells a client written for a later version that this engine would not honour them.
-    if !args.is_empty() && command != Command::Replicate {
+    // Only `replicate` and `verify` take arguments (their handlers check them); refusing
+    // them elsewhere tells a client written for a later version that this engine would
+    // not honour them.
+    if !args.is_empty() && !matches!(command, Command::Replicate | Command::Verify) {
         let message = format!("`{}` takes no arguments", command.name());
         return Err(RequestError::new(id, ErrorCode::InvalidRequest, message));
     }

@@ -510,6 +510,7 @@ impl Connection {
             Command::Version => Ok(protocol::version_result()),
             Command::Help => Ok(protocol::help_result()),
             Command::Replicate => handler.replicate(&request.args),
+            Command::Verify => handler.verify(&request.args),
         }));
         match result {
             Ok(Ok(result)) => ok_response(&request.id, result),
