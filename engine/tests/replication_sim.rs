@@ -12,6 +12,14 @@
 //! continues until the source reports `InSync`; the destination's disk must then equal the
 //! source's, byte for byte.
 //!
+//! Verify runs in every seed: a write reaches the source's state machine (is captured) up
+//! to `CAPTURE_LAG_NS_MAX` after it changed the source's disk, as a write completes in the
+//! image file before the capture point sees it; half the seeds start a verify while the
+//! guest writes, which must not report a mismatch (chunks may stay busy); and after sync a
+//! verify must find every chunk equal. A second test corrupts chunks of the destination
+//! after sync: verify must name exactly those, and `repair` must make the disks equal
+//! again.
+//!
 //! `STRAIT_REPL_SEEDS=N` runs N seeds (default 1000); `STRAIT_REPL_SEED=S` runs only S.
 //! A failure names its seed.
 
@@ -19,9 +27,11 @@
 
 use std::collections::VecDeque;
 
-use strait_engine::replication::wire::{Message, DATA_BYTES_MAX};
+use strait_engine::replication::verify::digest;
+use strait_engine::replication::wire::{Digest, Message, DATA_BYTES_MAX};
 use strait_engine::replication::{
-    Apply, BulkJob, DestConfig, ReplicaDest, ReplicaSource, SourceConfig, SourceState, WriteVerdict,
+    Apply, BulkJob, ByteRange, DestConfig, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
+    VerifyReport, VerifyState, WriteVerdict,
 };
 use strait_net::protocol::Role;
 use strait_net::session::sim_driver::SimPair;
@@ -42,6 +52,14 @@ const WRITE_PHASE_NS: u64 = 8 * NS_PER_S;
 const SETTLE_NS: u64 = 120 * NS_PER_S;
 /// The resume window, shortened so that a long partition costs little simulated time.
 const RESUME_WINDOW_NS: u64 = 3 * NS_PER_S;
+/// Time between a write changing the source's disk and its capture, at most: 200 ms, more
+/// than the link's 100 ms round trip, so a verify sometimes hashes a write that is
+/// captured only after the destination answered, and the second look must catch it; and
+/// no more than two round trips, the lag verify is argued to tolerate (at 600 ms, seed 9
+/// reports chunks that do not differ).
+const CAPTURE_LAG_NS_MAX: u64 = 200 * NS_PER_MS;
+/// A verify after sync must end within this (simulated) time.
+const VERIFY_TIMEOUT_NS: u64 = 60 * NS_PER_S;
 
 struct Rng(u64);
 
@@ -67,6 +85,11 @@ struct Seen {
     tracked: u64,
     sessions_lost: u64,
     resumes: u64,
+    /// Verifies that ran to their end while the guest wrote, and what they saw.
+    live_verifies: u64,
+    verify_changed: u64,
+    verify_unconfirmed: u64,
+    verify_busy: u64,
 }
 
 struct World {
@@ -94,6 +117,12 @@ struct World {
     /// Simulated time of the sessions before the current one (each new pair's clock
     /// starts at zero).
     base_ns: u64,
+    /// Writes applied to `src` and not yet captured: (time due, offset, len, data).
+    captures: VecDeque<(u64, u64, u64, Option<Vec<u8>>)>,
+    capture_lag_ns_max: u64,
+    /// When to start a verify while the guest writes, if at all.
+    live_verify_at_ns: Option<u64>,
+    live_verify: Option<VerifyReport>,
 }
 
 fn session_config(role: Role) -> SessionConfig {
@@ -146,6 +175,9 @@ impl World {
         let dst = (0..DISK).map(|_| rng.next() as u8).collect();
         let dest_budget = 1 + rng.below(6) as usize;
         let long_partition = rng.below(4) == 0;
+        let capture_lag_ns_max = rng.below(CAPTURE_LAG_NS_MAX + 1);
+        let live_verify_at_ns =
+            (rng.below(2) == 0).then(|| NS_PER_S + rng.below(WRITE_PHASE_NS - 2 * NS_PER_S));
         World {
             pair: new_pair(seed, 0, jitter_ns),
             rng,
@@ -166,10 +198,14 @@ impl World {
             partitioned: false,
             resumes: 0,
             base_ns: 0,
+            captures: VecDeque::new(),
+            capture_lag_ns_max,
+            live_verify_at_ns,
+            live_verify: None,
         }
     }
 
-    /// A random guest write, applied locally first, then handed to the source.
+    /// A random guest write, applied locally now and captured a little later.
     fn guest_write(&mut self) {
         let offset = self.rng.below(DISK / 512) * 512;
         let max_len = (DISK - offset).min(3 * CHUNK);
@@ -177,25 +213,47 @@ impl World {
         let zero = self.rng.below(10) == 0;
         let range = offset as usize..(offset + len) as usize;
         if zero {
-            self.src[range].fill(0);
+            self.src[range.clone()].fill(0);
         } else {
             let salt = self.rng.next();
-            for (k, b) in self.src[range].iter_mut().enumerate() {
+            for (k, b) in self.src[range.clone()].iter_mut().enumerate() {
                 *b = (salt.rotate_left((k % 64) as u32) as u8) ^ (k as u8);
             }
         }
+        let data = (!zero).then(|| self.src[range].to_vec());
+        // Captures keep their order, as the capture point's merge does.
+        let lag = self.rng.below(self.capture_lag_ns_max + 1);
+        let due = self
+            .captures
+            .back()
+            .map_or(0, |c| c.0)
+            .max(self.now_ns() + lag);
+        self.captures.push_back((due, offset, len, data));
+    }
+
+    /// Hands the writes whose capture is due to the source.
+    fn capture(&mut self) {
+        let now = self.now_ns();
+        while self.captures.front().is_some_and(|c| c.0 <= now) {
+            let (_, offset, len, data) = self.captures.pop_front().unwrap();
+            self.captured(offset, len, data);
+        }
+    }
+
+    fn captured(&mut self, offset: u64, len: u64, data: Option<Vec<u8>>) {
         let WriteVerdict::Mirror { seq } = self.source.on_guest_write(offset, len).unwrap() else {
             return;
         };
-        if zero {
+        let Some(data) = data else {
             let msg = Message::Zero { seq, offset, len };
             self.src_out.push_back((StreamClass::Mirror, msg.encode()));
             return;
-        }
+        };
         let mut at = offset;
         while at < offset + len {
             let piece = (offset + len - at).min(DATA_BYTES_MAX as u64);
-            let data = self.src[at as usize..(at + piece) as usize].to_vec();
+            let rel = (at - offset) as usize;
+            let data = data[rel..rel + piece as usize].to_vec();
             let msg = Message::Write {
                 seq,
                 offset: at,
@@ -215,6 +273,7 @@ impl World {
             self.guest_write();
             self.next_write_ns = now + self.rng.below(40) * NS_PER_MS;
         }
+        self.capture();
         self.faults(now);
         while let Some(job) = self.source.next_bulk() {
             let delay = self.rng.below(6);
@@ -235,6 +294,7 @@ impl World {
             };
             self.src_out.push_back((StreamClass::Bulk, msg.encode()));
         }
+        self.verify_step(now);
         flush(&mut self.pair.dialer, &mut self.src_out);
         self.destination();
         flush(&mut self.pair.acceptor, &mut self.dst_out);
@@ -247,6 +307,33 @@ impl World {
             self.source
                 .on_message(msg)
                 .unwrap_or_else(|e| panic!("seed {}: source refused a reply: {e}", self.seed));
+        }
+    }
+
+    /// Starts the live verify when due, and sends verify requests: on the Mirror class,
+    /// after the mirror writes captured so far, hashing the source's disk as it is now
+    /// (with whatever writes are not captured yet).
+    fn verify_step(&mut self, now: u64) {
+        let due = self.live_verify_at_ns.is_some_and(|at| now >= at);
+        if due && self.live_verify.is_none() && now < WRITE_PHASE_NS {
+            let started = self.source.start_verify(false, now).is_ok();
+            if started {
+                self.live_verify = self.source.verify_report();
+            }
+        }
+        let src = &self.src;
+        while let Some(m) = self
+            .source
+            .next_verify(now, |offset, len, chunk| {
+                Ok::<_, ()>(digests(src, offset, len, chunk))
+            })
+            .unwrap()
+        {
+            self.src_out.push_back((StreamClass::Mirror, m.encode()));
+        }
+        // The live verify's final report.
+        if self.live_verify.as_ref().is_some_and(VerifyReport::running) {
+            self.live_verify = self.source.verify_report();
         }
     }
 
@@ -331,6 +418,17 @@ impl World {
                         Apply::Reply(m) => {
                             self.dst_out.push_back((StreamClass::Control, m.encode()))
                         }
+                        Apply::Verify {
+                            id,
+                            first,
+                            offset,
+                            len,
+                            chunk_bytes,
+                        } => {
+                            let digests = digests(&self.dst, offset, len, chunk_bytes);
+                            let m = Message::VerifyReply { id, first, digests };
+                            self.dst_out.push_back((StreamClass::Control, m.encode()))
+                        }
                     }
                 }
             }
@@ -352,7 +450,64 @@ impl World {
             && self.source.state() == SourceState::InSync
             && self.src_out.is_empty()
             && self.reads.is_empty()
+            && self.captures.is_empty()
     }
+
+    /// Runs the world until `done` holds; panics (naming the seed) past `deadline_ns`.
+    fn run_until(&mut self, deadline_ns: u64, what: &str, done: impl Fn(&World) -> bool) {
+        loop {
+            self.app();
+            if done(self) {
+                return;
+            }
+            assert!(
+                self.now_ns() < deadline_ns,
+                "seed {}: not {what} after {} s: {:?}, {:?}, verify {:?}",
+                self.seed,
+                deadline_ns / NS_PER_S,
+                self.source.state(),
+                self.source.stats(),
+                self.source.verify_report(),
+            );
+            let until = self.pair.net.now_ns() + APP_TICK_NS;
+            self.pair.step(until);
+        }
+    }
+
+    /// A verify with the guest idle, to its end.
+    fn verify(&mut self, repair: bool) -> VerifyReport {
+        let deadline = self.now_ns() + VERIFY_TIMEOUT_NS;
+        // A live verify may still be running: let it end first.
+        self.run_until(deadline, "done with the live verify", |w| {
+            !w.source.verify_report().is_some_and(|r| r.running())
+        });
+        self.source
+            .start_verify(repair, self.now_ns())
+            .unwrap_or_else(|e| panic!("seed {}: verify refused: {e}", self.seed));
+        self.run_until(deadline, "verified", |w| {
+            !w.source.verify_report().unwrap().running()
+        });
+        self.source.verify_report().unwrap()
+    }
+
+    fn assert_equal(&self) {
+        if let Some(at) = (0..DISK as usize).find(|&i| self.src[i] != self.dst[i]) {
+            panic!(
+                "seed {}: destination differs from source at byte {at} (chunk {}); {:?} {:?}",
+                self.seed,
+                at as u64 / CHUNK,
+                self.source.stats(),
+                self.dest.stats()
+            );
+        }
+    }
+}
+
+fn digests(disk: &[u8], offset: u64, len: u64, chunk_bytes: u64) -> Vec<Digest> {
+    disk[offset as usize..(offset + len) as usize]
+        .chunks(chunk_bytes as usize)
+        .map(digest)
+        .collect()
 }
 
 /// Sends queued messages while the session has room; the rest wait, in order.
@@ -371,32 +526,33 @@ fn flush(core: &mut strait_net::session::SessionCore, out: &mut VecDeque<(Stream
 /// The application runs at least this often, so the guest's writes keep their pace.
 const APP_TICK_NS: u64 = 10 * NS_PER_MS;
 
-fn run_seed(seed: u64) -> Seen {
+/// The world of `seed`, run through its write phase until in sync.
+fn synced_world(seed: u64) -> World {
     let mut w = World::new(seed);
-    let deadline = WRITE_PHASE_NS + SETTLE_NS;
-    loop {
-        w.app();
-        if w.in_sync() {
-            break;
-        }
-        assert!(
-            w.now_ns() < deadline,
-            "seed {seed}: not in sync after {} s: {:?}, {:?}",
-            deadline / NS_PER_S,
-            w.source.state(),
-            w.source.stats()
-        );
-        let until = w.pair.net.now_ns() + APP_TICK_NS;
-        w.pair.step(until);
+    w.run_until(WRITE_PHASE_NS + SETTLE_NS, "in sync", World::in_sync);
+    w.assert_equal();
+    w
+}
+
+fn run_seed(seed: u64) -> Seen {
+    let mut w = synced_world(seed);
+    let mut seen = Seen::default();
+    if let Some(live) = &w.live_verify {
+        // While the guest wrote: nothing may be reported different. A run may fail (the
+        // session was lost) or leave chunks busy; it may not be wrong.
+        assert_eq!(live.mismatch_chunks, 0, "seed {seed}: live verify {live:?}");
+        seen.live_verifies += u64::from(live.state == VerifyState::Done);
+        seen.verify_changed += live.changed;
+        seen.verify_unconfirmed += live.unconfirmed;
+        seen.verify_busy += live.busy_chunks;
     }
-    if let Some(at) = (0..DISK as usize).find(|&i| w.src[i] != w.dst[i]) {
-        panic!(
-            "seed {seed}: destination differs from source at byte {at} (chunk {}); {:?} {:?}",
-            at as u64 / CHUNK,
-            w.source.stats(),
-            w.dest.stats()
-        );
-    }
+    let r = w.verify(false);
+    assert_eq!(r.state, VerifyState::Done, "seed {seed}: {r:?}");
+    assert_eq!(
+        (r.chunks_checked, r.mismatch_chunks, r.busy_chunks),
+        (DISK.div_ceil(CHUNK), 0, 0),
+        "seed {seed}: {r:?}"
+    );
     let (s, d) = (w.source.stats(), w.dest.stats());
     Seen {
         redone: d.chunks_redone,
@@ -404,21 +560,26 @@ fn run_seed(seed: u64) -> Seen {
         tracked: s.writes_tracked,
         sessions_lost: s.sessions_lost,
         resumes: w.resumes,
+        ..seen
     }
 }
 
-#[test]
-fn replicas_converge_under_every_fault() {
-    let seeds: Vec<u64> = match std::env::var("STRAIT_REPL_SEED") {
+fn seeds(default: u64) -> Vec<u64> {
+    match std::env::var("STRAIT_REPL_SEED") {
         Ok(s) => vec![s.parse().unwrap()],
         Err(_) => {
             let n = std::env::var("STRAIT_REPL_SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(1000);
+                .unwrap_or(default);
             (1..=n).collect()
         }
-    };
+    }
+}
+
+#[test]
+fn replicas_converge_under_every_fault() {
+    let seeds = seeds(1000);
     let mut total = Seen::default();
     for &seed in &seeds {
         let seen = run_seed(seed);
@@ -427,6 +588,10 @@ fn replicas_converge_under_every_fault() {
         total.tracked += seen.tracked;
         total.sessions_lost += seen.sessions_lost;
         total.resumes += seen.resumes;
+        total.live_verifies += seen.live_verifies;
+        total.verify_changed += seen.verify_changed;
+        total.verify_unconfirmed += seen.verify_unconfirmed;
+        total.verify_busy += seen.verify_busy;
     }
     eprintln!("{} seeds converged; across them: {total:?}", seeds.len());
     if seeds.len() >= 100 {
@@ -437,5 +602,58 @@ fn replicas_converge_under_every_fault() {
         assert!(total.tracked > 0, "{total:?}");
         assert!(total.sessions_lost > 0, "{total:?}");
         assert!(total.resumes > 0, "{total:?}");
+        // Verifies ran beside the guest, saw chunks change under them, and first looks
+        // that differed only because a write was not captured yet were not reported.
+        assert!(total.live_verifies > 0, "{total:?}");
+        assert!(total.verify_changed > 0, "{total:?}");
+        assert!(total.verify_unconfirmed > 0, "{total:?}");
     }
+}
+
+/// After sync, some destination chunks are corrupted behind replication's back: verify
+/// must name exactly those chunks, and a verify with `repair` must make the disks equal.
+#[test]
+fn verify_finds_exactly_the_corrupted_chunks_and_repair_mends_them() {
+    // A fifth of the seeds: this adds three verifies and a resync to each.
+    let seeds = seeds(200);
+    for &seed in &seeds {
+        let mut w = synced_world(seed);
+        let chunks = DISK.div_ceil(CHUNK);
+        let mut corrupted = std::collections::BTreeSet::new();
+        for _ in 0..1 + w.rng.below(4) {
+            let at = w.rng.below(DISK) as usize;
+            w.dst[at] ^= 1 + w.rng.below(255) as u8;
+            corrupted.insert(at as u64 / CHUNK);
+        }
+        let expected: Vec<ByteRange> = corrupted
+            .iter()
+            .map(|&c| ByteRange {
+                offset: c * CHUNK,
+                len: CHUNK.min(DISK - c * CHUNK),
+            })
+            .fold(Vec::new(), |mut out, r| {
+                match out.last_mut() {
+                    Some(last) if last.offset + last.len == r.offset => last.len += r.len,
+                    _ => out.push(r),
+                }
+                out
+            });
+        let r = w.verify(false);
+        assert_eq!(r.state, VerifyState::Done, "seed {seed}: {r:?}");
+        assert_eq!(r.mismatches, expected, "seed {seed}: {r:?}");
+        assert_eq!(r.mismatch_chunks, corrupted.len() as u64, "seed {seed}");
+        assert_eq!(r.chunks_checked, chunks, "seed {seed}: {r:?}");
+        let r = w.verify(true);
+        assert_eq!(r.mismatches, expected, "seed {seed}: {r:?}");
+        let deadline = w.now_ns() + SETTLE_NS;
+        w.run_until(deadline, "repaired", World::in_sync);
+        w.assert_equal();
+        let r = w.verify(false);
+        assert_eq!(
+            (r.chunks_checked, r.mismatch_chunks),
+            (chunks, 0),
+            "seed {seed}: {r:?}"
+        );
+    }
+    eprintln!("{} seeds: corrupted chunks found and repaired", seeds.len());
 }

@@ -237,8 +237,9 @@ struct Awaiting {
     local: Digest,
     /// Touched by a write, dirtied or copied since its local digest was taken.
     changed: bool,
-    /// This is the second comparison of a chunk that differed once.
-    confirming: bool,
+    /// The first look's (local, remote) digests, when this is the second comparison of
+    /// a chunk that differed once.
+    first_look: Option<(Digest, Digest)>,
 }
 
 /// One verify run on the source.
@@ -253,8 +254,9 @@ pub(crate) struct VerifyRun {
     /// Where this pass's scan continues.
     cursor: u64,
     pass_started_ns: u64,
-    /// Chunks that differed once, to compare again before anything else.
-    confirm: VecDeque<u64>,
+    /// Chunks that differed once, to compare again before anything else, with the first
+    /// look's (local, remote) digests.
+    confirm: VecDeque<(u64, Digest, Digest)>,
     /// Requests of this run have ids from `first_id` on.
     first_id: u64,
     /// Requests sent and not answered: (first, count).
@@ -270,7 +272,8 @@ pub(crate) struct VerifyRun {
 pub(crate) struct VerifyBatch {
     pub first: u64,
     pub count: u64,
-    pub confirming: bool,
+    /// A second look at one chunk: the first look's (local, remote) digests.
+    pub first_look: Option<(Digest, Digest)>,
 }
 
 impl VerifyRun {
@@ -318,7 +321,7 @@ impl VerifyRun {
         if !self.running() {
             return None;
         }
-        while let Some(index) = self.confirm.pop_front() {
+        while let Some((index, local, remote)) = self.confirm.pop_front() {
             if busy(index) {
                 self.requeue(index);
                 continue;
@@ -326,7 +329,7 @@ impl VerifyRun {
             return Some(VerifyBatch {
                 first: index,
                 count: 1,
-                confirming: true,
+                first_look: Some((local, remote)),
             });
         }
         if self.awaiting.len() as u64 + VERIFY_BATCH_CHUNKS > VERIFY_INFLIGHT_CHUNKS_MAX {
@@ -350,7 +353,7 @@ impl VerifyRun {
             return Some(VerifyBatch {
                 first: i,
                 count,
-                confirming: false,
+                first_look: None,
             });
         }
         self.end_of_pass(now_ns);
@@ -400,7 +403,7 @@ impl VerifyRun {
                 Awaiting {
                     local: *digest,
                     changed: false,
-                    confirming: batch.confirming,
+                    first_look: batch.first_look,
                 },
             );
         }
@@ -438,16 +441,22 @@ impl VerifyRun {
                 self.requeue(index);
             } else if a.local == *remote {
                 self.report.chunks_checked += 1;
-                self.report.unconfirmed += u64::from(a.confirming);
-            } else if a.confirming {
+                self.report.unconfirmed += u64::from(a.first_look.is_some());
+            } else if a.first_look == Some((a.local, *remote)) {
+                // The same difference twice, neither side moving in between.
                 self.report.chunks_checked += 1;
                 self.report.mismatch_chunks += 1;
                 if self.mismatch_listed.len() < VERIFY_REPORTED_CHUNKS_MAX {
                     self.mismatch_listed.insert(index);
                 }
                 confirmed.push(index);
+            } else if a.first_look.is_some() {
+                // Different again, but not the same difference: a side moved between the
+                // looks (a write not yet captured at either). Try again later.
+                self.report.unconfirmed += 1;
+                self.requeue(index);
             } else {
-                self.confirm.push_back(index);
+                self.confirm.push_back((index, a.local, *remote));
             }
         }
         if !confirmed.is_empty() {
