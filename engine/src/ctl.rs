@@ -31,7 +31,7 @@ pub enum CtlError {
         command: &'static str,
         source: io::Error,
     },
-    #[error("verify found {chunks} chunks that differ between the source and the replica")]
+    #[error("verify found {chunks} chunk(s) that differ between the source and the replica")]
     Mismatches { chunks: u64 },
     #[error("verify failed: {0}")]
     VerifyFailed(String),

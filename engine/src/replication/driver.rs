@@ -78,6 +78,8 @@ pub struct SourceTarget {
 
 /// A running source replication thread.
 pub struct SourceDriver {
+    /// Chunks of the disk: what a verify compares.
+    chunks: u64,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -97,6 +99,7 @@ impl SourceDriver {
             source,
         })?;
         let source = ReplicaSource::new(config)?;
+        let chunks = super::chunk_count(config.disk_bytes, config.chunk_bytes)?;
         let status = Arc::new(Mutex::new(SourceStatus {
             to: target.to,
             state: source.state(),
@@ -125,6 +128,7 @@ impl SourceDriver {
             .spawn(move || runner.run())
             .map_err(super::DriverError::Thread)?;
         Ok(SourceDriver {
+            chunks,
             status,
             stop,
             thread: Some(thread),
@@ -152,7 +156,7 @@ impl SourceDriver {
             }
             _ => return Err(VerifyRefusal::NotConnected),
         }
-        s.verify = Some(VerifyReport::starting(repair, wall_ns()));
+        s.verify = Some(VerifyReport::starting(repair, self.chunks, wall_ns()));
         s.verify_requested = Some(repair);
         Ok(())
     }

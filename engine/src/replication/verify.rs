@@ -197,12 +197,13 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// The report of a run that is about to start, before the source took it up.
-    pub fn starting(repair: bool, now_ns: u64) -> VerifyReport {
+    /// The report of a run over `chunks_total` chunks that is about to start, before the
+    /// source took it up.
+    pub fn starting(repair: bool, chunks_total: u64, now_ns: u64) -> VerifyReport {
         VerifyReport {
             state: VerifyState::Running,
             repair,
-            chunks_total: 0,
+            chunks_total,
             chunks_checked: 0,
             mismatch_chunks: 0,
             mismatches: Vec::new(),
@@ -222,7 +223,7 @@ impl VerifyReport {
         VerifyReport {
             state: VerifyState::Failed(refusal.to_string()),
             finished_ns: Some(now_ns),
-            ..VerifyReport::starting(repair, now_ns)
+            ..VerifyReport::starting(repair, 0, now_ns)
         }
     }
 
@@ -299,9 +300,8 @@ impl VerifyRun {
             awaiting: BTreeMap::new(),
             mismatch_listed: BTreeSet::new(),
             report: VerifyReport {
-                chunks_total: chunks,
                 passes: 1,
-                ..VerifyReport::starting(repair, now_ns)
+                ..VerifyReport::starting(repair, chunks, now_ns)
             },
         }
     }

@@ -1,0 +1,185 @@
+//! `verify` between real `strait serve` processes on loopback with mutual TLS: once a
+//! replica is in sync, `strait ctl verify --wait` finds no chunk that differs; after the
+//! test changes bytes of the destination's image behind the engines' backs, it names
+//! exactly that chunk and exits non-zero; `--repair` copies it again, after which the
+//! images are equal and verify is clean.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{Engine, Fill};
+use serde_json::{json, Map, Value};
+use strait_engine::control::ControlClient;
+use strait_net::tls::write_certs;
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 512 << 10;
+/// A 16 MiB copy and a verify on loopback take well under a second; a minute covers a
+/// loaded 2-core host.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr]) -> Engine {
+    let control = dir.join(format!("{name}.sock"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
+    command
+        .arg("serve")
+        .args(args)
+        .arg("--control")
+        .arg(&control);
+    Engine::spawn(command, dir, name, &[&control])
+}
+
+fn certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    write_certs(&certs, &["127.0.0.1".to_string()]).unwrap();
+    certs
+}
+
+fn wait_in_sync(source: &Engine) {
+    let started = Instant::now();
+    loop {
+        let r = source.replication();
+        if r["state"] == "in-sync" {
+            return;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{r}\n{}", source.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `strait ctl verify --wait` (plus `extra`), bounded by `TIMEOUT`.
+fn ctl_verify(source: &Engine, extra: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["ctl", "--control"])
+        .arg(&source.control)
+        .args(["verify", "--wait", "--interval-ms", "50"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("verify --wait did not end\n{}", source.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn verify_finds_nothing_on_a_replica_then_exactly_the_corrupted_chunk() {
+    let dir = common::test_dir("verify");
+    let certs = certs(dir.path());
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    common::make_image(&src, 16 * MIB, Fill::Seeded(1)).unwrap();
+    common::make_image(&dst, 16 * MIB, Fill::Seeded(2)).unwrap();
+    let destination = serve(
+        dir.path(),
+        "destination",
+        &[
+            "--disk".as_ref(),
+            dst.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--tls-dir".as_ref(),
+            certs.as_os_str(),
+        ],
+    );
+    let to = destination.replication()["listening"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vhost = dir.path().join("source-vhost.sock");
+    let source = serve(
+        dir.path(),
+        "source",
+        &[
+            "--disk".as_ref(),
+            src.as_os_str(),
+            "--vhost-socket".as_ref(),
+            vhost.as_os_str(),
+            "--tls-dir".as_ref(),
+            certs.as_os_str(),
+        ],
+    );
+
+    // Nothing to compare with yet, and a destination compares nothing itself.
+    for (engine, why) in [(&source, "not replicating"), (&destination, "receives")] {
+        let err = ControlClient::connect(&engine.control)
+            .unwrap()
+            .call_with_args("verify", Map::new())
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+
+    let mut args = Map::new();
+    args.insert("to".into(), json!(to));
+    source.call("replicate", args);
+    wait_in_sync(&source);
+
+    let clean = ctl_verify(&source, &[]);
+    let out = text(&clean.stdout);
+    assert!(clean.status.success(), "{out}{}", text(&clean.stderr));
+    assert!(out.contains("32 of 32 chunks compared, 0 differ"), "{out}");
+
+    // Behind the engines' backs: 100 bytes in chunk 10 of the replica.
+    let at = 10 * CHUNK + 1000;
+    File::options()
+        .write(true)
+        .open(&dst)
+        .unwrap()
+        .write_all_at(&[0x5a; 100], at)
+        .unwrap();
+    let found = ctl_verify(&source, &[]);
+    let (out, err) = (text(&found.stdout), text(&found.stderr));
+    eprintln!("{out}{err}");
+    assert!(!found.status.success(), "{out}");
+    assert!(err.contains("1 chunk(s) that differ"), "{err}");
+    assert!(
+        out.contains(&format!("differs  offset {} len {CHUNK}", 10 * CHUNK)),
+        "{out}"
+    );
+    let v = &source.replication()["verify"];
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["mismatch_chunks"], 1, "{v}");
+    assert_eq!(
+        v["mismatches"],
+        json!([{ "offset": 10 * CHUNK, "len": CHUNK }]),
+        "{v}"
+    );
+    assert_eq!(
+        (v["chunks_checked"].as_u64(), v["busy_chunks"].as_u64()),
+        (Some(32), Some(0))
+    );
+    let hashed = destination.replication()["chunks_hashed"].as_u64().unwrap();
+    assert!(hashed > 2 * 32, "{hashed}");
+
+    // Repair: the chunk is found again and copied again; then all is equal.
+    let repaired = ctl_verify(&source, &["--repair", "--json"]);
+    assert!(!repaired.status.success());
+    let last: Value =
+        serde_json::from_str(text(&repaired.stdout).lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["mismatch_chunks"], 1, "{last}");
+    assert_eq!(last["repair"], true, "{last}");
+    wait_in_sync(&source);
+    let after = ctl_verify(&source, &[]);
+    assert!(after.status.success(), "{}", text(&after.stdout));
+    assert_eq!(
+        common::md5_file(&dst).unwrap(),
+        common::md5_file(&src).unwrap()
+    );
+}
