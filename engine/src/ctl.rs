@@ -695,6 +695,42 @@ mod tests {
         assert_eq!(progress_line(&Value::Null, None), "replication: none\n");
     }
 
+    #[test]
+    fn verify_lines_and_outcome() {
+        let running = json!({
+            "state": "running", "chunks_total": 4, "chunks_checked": 1,
+            "mismatch_chunks": 0, "changed": 2,
+        });
+        let line = verify_progress_line(&running);
+        assert!(line.starts_with("verifying"), "{line}");
+        assert!(
+            line.contains(" 25% 1 of 4 chunks, 0 differ, 2 changed"),
+            "{line}"
+        );
+        let done = json!({
+            "state": "done", "chunks_total": 4, "chunks_checked": 4, "mismatch_chunks": 2,
+            "busy_chunks": 0, "started_unix_s": 10.0, "finished_unix_s": 12.5,
+            "mismatches": [{"offset": 524288, "len": 1048576}], "busy": [],
+        });
+        let text = verify_summary(&done);
+        assert_eq!(
+            text,
+            "verify done in 2.5s: 4 of 4 chunks compared, 2 differ, 0 stayed busy (not compared)\n  differs  offset 524288 len 1048576 (1.00 MiB at 512.00 KiB)\n"
+        );
+        assert!(matches!(
+            verify_outcome(&done),
+            Err(CtlError::Mismatches { chunks: 2 })
+        ));
+        let clean = json!({ "state": "done", "mismatch_chunks": 0, "busy_chunks": 3 });
+        assert!(verify_outcome(&clean).is_ok());
+        let failed = json!({ "state": "failed", "error": "the replication session was lost" });
+        assert!(verify_summary(&failed).contains("session was lost"));
+        assert!(matches!(
+            verify_outcome(&failed),
+            Err(CtlError::VerifyFailed(_))
+        ));
+    }
+
     fn sample_status() -> Value {
         json!({
             "engine_version": "0.1.0", "api_version": 1,

@@ -134,7 +134,10 @@ fn version_and_help_are_answered_by_the_server() {
         .iter()
         .map(|command| command["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["status", "stats", "version", "help", "replicate"]);
+    assert_eq!(
+        names,
+        ["status", "stats", "version", "help", "replicate", "verify"]
+    );
 }
 
 /// `replicate` checks its arguments; a handler that does not replicate refuses it.
@@ -149,6 +152,10 @@ fn replicate_checks_its_arguments_and_is_refused_where_unsupported() {
     let raw = client.call_raw(r#"{"id":2,"cmd":"status","args":{"to":"x"}}"#);
     let response = raw.unwrap();
     assert_eq!(response["error"]["code"], json!("invalid_request"));
+    // `verify` takes arguments too, and is refused where nothing replicates.
+    let raw = client.call_raw(r#"{"id":3,"cmd":"verify","args":{"repair":true}}"#);
+    let response = raw.unwrap();
+    assert_eq!(response["error"]["code"], json!("refused"));
 }
 
 #[test]

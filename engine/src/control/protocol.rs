@@ -424,6 +424,10 @@ mod tests {
         let request = parse_request(b" {\"cmd\":\"help\"}\r").unwrap();
         assert_eq!(request.id, Value::Null);
         assert_eq!(request.command, Command::Help);
+
+        let request = parse_request(br#"{"cmd":"verify","args":{"repair":true}}"#).unwrap();
+        assert_eq!(request.command, Command::Verify);
+        assert_eq!(request.args.get("repair"), Some(&json!(true)));
     }
 
     #[test]

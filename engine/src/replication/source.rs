@@ -435,7 +435,7 @@ impl ReplicaSource {
         }
         let id = self.verify_next_id;
         self.verify_next_id += 1;
-        v.sent(id, batch, &local);
+        v.sent(id, batch, &local, now_ns);
         Ok(Some(verify::request(id, batch)))
     }
 

@@ -396,6 +396,8 @@ fn a_difference_seen_once_is_not_reported() {
     let first = ask(&mut s, &stale, 0).unwrap();
     let a = answer(&mut d, &src, first);
     s.on_message(a).unwrap();
+    // The second look waits until the first is VERIFY_CONFIRM_DELAY_NS old.
+    assert_eq!(ask(&mut s, &src, verify::VERIFY_CONFIRM_DELAY_NS - 1), None);
     let r = run_verify(&mut s, &mut d, &src, &src);
     assert_eq!((r.mismatch_chunks, r.unconfirmed), (0, 1));
     assert_eq!(r.chunks_checked, 8);

@@ -16,10 +16,11 @@
 //!    `VerifyReply { id, first, digests }` on Control.
 //! 4. Source, an RTT later: a chunk that a write touched since step 1 (any captured write
 //!    has a seq above S), that went dirty or was copied again, is *changed*: it is compared
-//!    again in a later pass. Otherwise equal digests mean equal chunks; a difference is
-//!    checked once more with a new request before it is reported, so a write that
-//!    completed locally but was not yet captured in step 1 cannot be reported as a
-//!    mismatch unless its capture is late by more than two round trips.
+//!    again in a later pass. Otherwise equal digests mean equal chunks. A difference is
+//!    looked at again, with a new request hashed at least [`VERIFY_CONFIRM_DELAY_NS`]
+//!    later, and reported only if that look sees the same two digests: a write that
+//!    completed in the source's image but was not yet captured in step 1 cannot be
+//!    reported as a difference unless its capture is late by that long.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
@@ -56,6 +57,16 @@ pub const VERIFY_PASSES_MAX: u32 = 8;
 /// a re-copy of a chunk (confirmed one round trip after it is sent) and a burst of writes
 /// have passed before the chunk is tried again. Eight passes give a busy chunk about 8 s.
 pub const VERIFY_RETRY_DELAY_NS: u64 = 1_000_000_000;
+
+/// Least time between the two looks at a chunk that differed: 1 s. A difference is
+/// reported only if a second look, hashed this long after the first, sees the same
+/// digests on both sides; a write that completed in the source's image but was not yet
+/// captured at the first look would have to stay uncaptured this long (plus the second
+/// round trip) to be reported as a difference. The capture runs right after the write
+/// completes, on the same core, before the guest sees the completion, so that is a core
+/// stalled for a second. Mismatches are rare and their second looks run side by side, so
+/// the wait costs a run about a second, once.
+pub const VERIFY_CONFIRM_DELAY_NS: u64 = 1_000_000_000;
 
 /// Mismatching (and busy) chunks whose position a report lists, at most; beyond it only
 /// the count grows. 1024 chunks are 512 MiB of disk in at most 1024 ranges: enough to
@@ -241,6 +252,8 @@ struct Awaiting {
     /// The first look's (local, remote) digests, when this is the second comparison of
     /// a chunk that differed once.
     first_look: Option<(Digest, Digest)>,
+    /// When `local` was hashed.
+    hashed_ns: u64,
 }
 
 /// One verify run on the source.
@@ -255,9 +268,10 @@ pub(crate) struct VerifyRun {
     /// Where this pass's scan continues.
     cursor: u64,
     pass_started_ns: u64,
-    /// Chunks that differed once, to compare again before anything else, with the first
-    /// look's (local, remote) digests.
-    confirm: VecDeque<(u64, Digest, Digest)>,
+    /// Chunks that differed once, to compare again before anything else once
+    /// [`VERIFY_CONFIRM_DELAY_NS`] passed: (chunk, the first look's local and remote
+    /// digests, when the second look is due).
+    confirm: VecDeque<(u64, Digest, Digest, u64)>,
     /// Requests of this run have ids from `first_id` on.
     first_id: u64,
     /// Requests sent and not answered: (first, count).
@@ -321,7 +335,11 @@ impl VerifyRun {
         if !self.running() {
             return None;
         }
-        while let Some((index, local, remote)) = self.confirm.pop_front() {
+        while let Some(&(index, local, remote, due_ns)) = self.confirm.front() {
+            if due_ns > now_ns {
+                break;
+            }
+            self.confirm.pop_front();
             if busy(index) {
                 self.requeue(index);
                 continue;
@@ -388,9 +406,9 @@ impl VerifyRun {
         self.report.finished_ns = Some(now_ns);
     }
 
-    /// The caller hashed `batch` locally (after `next` returned it) and sends it as
-    /// request `id`.
-    pub(crate) fn sent(&mut self, id: u64, batch: VerifyBatch, local: &[Digest]) {
+    /// The caller hashed `batch` locally at `now_ns` (after `next` returned it) and sends
+    /// it as request `id`.
+    pub(crate) fn sent(&mut self, id: u64, batch: VerifyBatch, local: &[Digest], now_ns: u64) {
         debug_assert_eq!(local.len() as u64, batch.count);
         for (k, digest) in local.iter().enumerate() {
             let index = batch.first + k as u64;
@@ -404,6 +422,7 @@ impl VerifyRun {
                     local: *digest,
                     changed: false,
                     first_look: batch.first_look,
+                    hashed_ns: now_ns,
                 },
             );
         }
@@ -456,7 +475,8 @@ impl VerifyRun {
                 self.report.unconfirmed += 1;
                 self.requeue(index);
             } else {
-                self.confirm.push_back((index, a.local, *remote));
+                let due_ns = a.hashed_ns.saturating_add(VERIFY_CONFIRM_DELAY_NS);
+                self.confirm.push_back((index, a.local, *remote, due_ns));
             }
         }
         if !confirmed.is_empty() {
