@@ -2,7 +2,8 @@
 //! replica is in sync, `strait ctl verify --wait` finds no chunk that differs; after the
 //! test changes bytes of the destination's image behind the engines' backs, it names
 //! exactly that chunk and exits non-zero; `--repair` copies it again, after which the
-//! images are equal and verify is clean.
+//! images are equal and verify is clean. And the drivers alone, over the real link, with a
+//! writer playing the guest: a verify beside it reports no difference.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,13 +15,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use common::{Engine, Fill};
 use serde_json::{json, Map, Value};
 use strait_engine::control::ControlClient;
-use strait_net::tls::write_certs;
+use strait_engine::replication::capture::MirrorCapture;
+use strait_engine::replication::driver::{DestDriver, SourceDriver, SourceStatus, SourceTarget};
+use strait_engine::replication::{
+    DestConfig, SourceConfig, SourceState, VerifyReport, VerifyState, BULK_INFLIGHT_MAX,
+    CHUNK_BYTES, MIRROR_BACKLOG_BYTES_MAX,
+};
+use strait_net::tls::{write_certs, TlsIdentity};
+use strait_vhost_blk::{GuestWrite, WriteCapture};
 
 const MIB: u64 = 1 << 20;
-const CHUNK: u64 = 512 << 10;
+const CHUNK: u64 = CHUNK_BYTES;
 /// A 16 MiB copy and a verify on loopback take well under a second; a minute covers a
 /// loaded 2-core host.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -178,6 +189,144 @@ fn verify_finds_nothing_on_a_replica_then_exactly_the_corrupted_chunk() {
     wait_in_sync(&source);
     let after = ctl_verify(&source, &[]);
     assert!(after.status.success(), "{}", text(&after.stdout));
+    assert_eq!(
+        common::md5_file(&dst).unwrap(),
+        common::md5_file(&src).unwrap()
+    );
+}
+
+/// The drivers over the real link while a writer plays the guest (writes the image, then
+/// hands the write to the capture point, as the data path does): a verify started while
+/// it writes reports no difference (chunks it keeps rewriting may stay busy), and one
+/// after it stopped finds every chunk equal.
+#[test]
+fn a_verify_beside_a_writing_guest_reports_no_difference() {
+    const DISK: u64 = 32 * MIB;
+    let dir = common::test_dir("verify-live");
+    let certs = certs(dir.path());
+    let tls = Arc::new(TlsIdentity::load(&certs).unwrap());
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    common::make_image(&src, DISK, Fill::Seeded(5)).unwrap();
+    common::make_image(&dst, DISK, Fill::Seeded(6)).unwrap();
+    let dest = DestDriver::start(
+        &dst,
+        DestConfig {
+            disk_id: Some([9; 16]),
+            disk_bytes: DISK,
+            chunk_bytes: CHUNK_BYTES,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+        Some(tls.clone()),
+    )
+    .unwrap();
+    let capture = Arc::new(MirrorCapture::new(2, DISK, CHUNK_BYTES));
+    let source = SourceDriver::start(
+        &src,
+        SourceConfig {
+            disk_id: [9; 16],
+            source_id: [1; 16],
+            disk_bytes: DISK,
+            chunk_bytes: CHUNK_BYTES,
+            mirror_backlog_bytes_max: MIRROR_BACKLOG_BYTES_MAX,
+            bulk_inflight_max: BULK_INFLIGHT_MAX,
+        },
+        capture.clone(),
+        SourceTarget {
+            to: dest.local_addr(),
+            tls: Some(tls),
+            connections: 2,
+        },
+    )
+    .unwrap();
+    let wait_for = |what: &str, done: &dyn Fn(&SourceStatus) -> bool| {
+        let started = Instant::now();
+        loop {
+            let s = source.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(started.elapsed() < TIMEOUT, "not {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("in sync", &|s| s.state == SourceState::InSync);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let file = File::options().write(true).open(&src).unwrap();
+        let (capture, stop) = (capture.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut writes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // A hot quarter of the disk takes half the writes.
+                let span = if x.is_multiple_of(2) { DISK / 4 } else { DISK };
+                let offset = (x >> 8) % (span / 4096) * 4096;
+                let len = ((1 + (x >> 40) % 16) * 4096).min(DISK - offset);
+                let data = vec![(x >> 3) as u8; len as usize];
+                file.write_all_at(&data, offset).unwrap();
+                let queue = (writes % 2) as u16;
+                capture.capture(
+                    queue,
+                    GuestWrite::Data {
+                        offset,
+                        data: &data,
+                    },
+                );
+                writes += 1;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            writes
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let ready =
+        |s: &SourceStatus| matches!(s.state, SourceState::InSync | SourceState::Behind { .. });
+    // The writer may push the source into resyncing now and then: retry the start.
+    let started = Instant::now();
+    while source.start_verify(false).is_err() {
+        assert!(started.elapsed() < TIMEOUT, "{:?}", source.status());
+        wait_for("ready to verify", &ready);
+    }
+    let live = wait_for("done verifying", &|s| {
+        s.verify.as_ref().is_some_and(|v| !v.running())
+    })
+    .verify
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} writes; verify beside them: {live:?}");
+    assert_eq!(live.state, VerifyState::Done, "{live:?}");
+    assert_eq!(live.mismatch_chunks, 0, "{live:?}");
+    assert_eq!(
+        live.chunks_checked + live.busy_chunks,
+        DISK / CHUNK_BYTES,
+        "{live:?}"
+    );
+
+    wait_for("in sync after the writes", &|s| {
+        s.state == SourceState::InSync && s.accounted_writes == writes
+    });
+    source.start_verify(false).unwrap();
+    let after: VerifyReport = wait_for("done verifying", &|s| {
+        s.verify.as_ref().is_some_and(|v| !v.running())
+    })
+    .verify
+    .unwrap();
+    assert_eq!(
+        (
+            after.chunks_checked,
+            after.mismatch_chunks,
+            after.busy_chunks
+        ),
+        (DISK / CHUNK_BYTES, 0, 0),
+        "{after:?}"
+    );
+    source.stop();
+    dest.stop();
     assert_eq!(
         common::md5_file(&dst).unwrap(),
         common::md5_file(&src).unwrap()
