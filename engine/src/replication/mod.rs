@@ -1,6 +1,7 @@
 //! Replication of a live disk to a destination engine: the bulk copy of every chunk, the
-//! asynchronous mirroring of guest writes, and the resync of what changed while the link
-//! was lost. Sans-IO state machines ([`ReplicaSource`], [`ReplicaDest`]) and the messages
+//! asynchronous mirroring of guest writes, the resync of what changed while the link
+//! was lost, and the verify that compares both disks by chunk digests while the guest
+//! writes ([`verify`]). Sans-IO state machines ([`ReplicaSource`], [`ReplicaDest`]) and the messages
 //! between them ([`wire::Message`]); the engine's driver does the disk and link I/O.
 //!
 //! Why the destination never ends up older than the source (the mirror race, and why no
