@@ -161,12 +161,32 @@ pub fn progress_line(r: &Value, rate_bytes_per_s: Option<f64>) -> String {
     }
     if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
         let _ = write!(out, ", {} behind", format_bytes_binary(lag));
+        if let Some(seconds) = f64_field(r, "lag_seconds") {
+            let _ = write!(out, " ({seconds:.1} s)");
+        }
+    }
+    if let Some(t) = throttle_text(r) {
+        let _ = write!(out, ", {t}");
     }
     if let Some(e) = str_field(r, "last_error") {
         let _ = write!(out, " (last error: {e})");
     }
     out.push('\n');
     out
+}
+
+/// "guest paced at R/s (D ms held)" while back-pressure is on; None when off.
+fn throttle_text(r: &Value) -> Option<String> {
+    let t = r.get("throttle")?;
+    if !t.get("active").and_then(Value::as_bool).unwrap_or(false) {
+        return None;
+    }
+    let rate = t.get("rate_bytes_per_s").and_then(Value::as_u64)?;
+    let mut text = format!("guest paced at {}/s", format_bytes_binary(rate));
+    if let Some(held) = f64_field(t, "delay_ms_total") {
+        let _ = write!(text, " ({} held so far)", format_duration(held / 1000.0));
+    }
+    Some(text)
 }
 
 /// Width of the label column of `render_status`.
@@ -229,6 +249,9 @@ fn render_replication(out: &mut String, r: &Value) {
     }
     if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
         let _ = write!(text, ", {} behind", format_bytes_binary(lag));
+    }
+    if let Some(t) = throttle_text(r) {
+        let _ = write!(text, ", {t}");
     }
     if let Some(from) = str_field(r, "listening") {
         let _ = write!(text, " (listening on {from})");
@@ -536,6 +559,18 @@ mod tests {
         assert!(line.contains("/s"), "{line}");
         let behind = json!({ "state": "behind", "lag_bytes": 4096 });
         assert!(progress_line(&behind, None).contains("behind"));
+        let paced = json!({
+            "state": "behind", "lag_bytes": 8u64 << 20, "lag_seconds": 0.5,
+            "throttle": { "active": true, "rate_bytes_per_s": 16u64 << 20, "delay_ms_total": 1500.0 },
+        });
+        let line = progress_line(&paced, None);
+        assert!(line.contains("8.00 MiB behind (0.5 s)"), "{line}");
+        assert!(
+            line.contains("guest paced at 16.00 MiB/s (1.5s held"),
+            "{line}"
+        );
+        let unpaced = json!({ "state": "in-sync", "throttle": { "active": false } });
+        assert!(!progress_line(&unpaced, None).contains("paced"));
         assert_eq!(progress_line(&Value::Null, None), "replication: none\n");
     }
 

@@ -406,6 +406,17 @@ fn source_json(s: &SourceStatus) -> Value {
         "captured_writes": s.captured_writes,
         "accounted_writes": s.accounted_writes,
         "last_error": s.last_error,
+        "throttle": {
+            "active": s.control.rate_bytes_per_s > 0,
+            "rate_bytes_per_s": s.control.rate_bytes_per_s,
+            "drain_bytes_per_s": s.control.drain_bytes_per_s,
+            "link_bytes_per_s": s.control.link_bytes_per_s,
+            "backlog_bytes": s.control.backlog_bytes,
+            "backlog_limit_bytes": s.control.budget_bytes,
+            "delayed_writes": s.pacer.delayed_writes,
+            "delay_ms_total": s.pacer.delay_ns_total as f64 / 1e6,
+            "delay_ms_max": s.pacer.delay_ns_max as f64 / 1e6,
+        },
     });
     let (state, extra) = match s.state {
         SourceState::Disconnected => ("disconnected", json!({})),
@@ -429,7 +440,15 @@ fn source_json(s: &SourceStatus) -> Value {
                 "dirty_bytes": dirty_bytes,
             }),
         ),
-        SourceState::Behind { lag_bytes } => ("behind", json!({ "lag_bytes": lag_bytes })),
+        SourceState::Behind { lag_bytes } => {
+            // The RPO: how long the destination needs to catch up at the drain rate.
+            let drain = s.control.drain_bytes_per_s;
+            let lag_seconds = (drain > 0).then(|| lag_bytes as f64 / drain as f64);
+            (
+                "behind",
+                json!({ "lag_bytes": lag_bytes, "lag_seconds": lag_seconds }),
+            )
+        }
         SourceState::InSync => ("in-sync", json!({})),
     };
     v["state"] = json!(state);

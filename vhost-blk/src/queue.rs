@@ -442,9 +442,13 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
         RequestKind::Read => read(&file, &mem, &req)
             .await
             .map(|()| ok(OpKind::Read, u64::from(req.data_len), req.data_len)),
-        RequestKind::Write => write(&device, capture, &file, &mem, &req, queue)
-            .await
-            .map(|()| ok(OpKind::Write, u64::from(req.data_len), 0)),
+        RequestKind::Write => match write(&device, capture, &file, &mem, &req, queue).await {
+            Ok(()) => {
+                hold_completion(capture, queue, req.data_len).await;
+                Ok(ok(OpKind::Write, u64::from(req.data_len), 0))
+            }
+            Err(err) => Err(err),
+        },
         RequestKind::Flush => match file.fdatasync().await {
             Ok(()) => {
                 if let Some(c) = capture {
@@ -479,6 +483,19 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
             tracing::warn!(queue, sector = req.sector, error = ?err, "request failed");
             fail(ErrorKind::Io)
         }
+    }
+}
+
+/// Holds a captured write's completion as long as the capture asks (back-pressure when
+/// replication drains slower than the guest writes). The request keeps its in-flight slot
+/// meanwhile, which is what slows a guest that waits for its writes.
+async fn hold_completion(capture: Option<&Arc<dyn WriteCapture>>, queue: u16, bytes: u32) {
+    let Some(c) = capture else {
+        return;
+    };
+    let delay = c.completion_delay(queue, u64::from(bytes));
+    if !delay.is_zero() {
+        glommio::timer::sleep(delay).await;
     }
 }
 

@@ -18,8 +18,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use crossbeam_queue::ArrayQueue;
 use strait_vhost_blk::{GuestWrite, WriteCapture};
+
+use super::throttle::Pacer;
 
 /// Writes one shard's ring holds: a queue has at most 256 requests in flight (the ring
 /// size the test guests and QEMU use, and far above what completes between two drains,
@@ -65,6 +69,9 @@ pub struct MirrorCapture {
     /// Per shard, the entry taken from its ring and not yet handed out: the drain's
     /// merge looks at every shard's head. Only the replication thread uses it.
     heads: std::sync::Mutex<Vec<Option<Captured>>>,
+    /// Back-pressure: how long each write's completion is held (the replication thread
+    /// sets its rate).
+    pacer: Pacer,
 }
 
 impl MirrorCapture {
@@ -88,6 +95,7 @@ impl MirrorCapture {
             taken: AtomicU64::new(0),
             next_order: AtomicU64::new(0),
             heads: std::sync::Mutex::new((0..queues.max(1)).map(|_| None).collect()),
+            pacer: Pacer::new(),
         }
     }
 
@@ -140,6 +148,19 @@ impl MirrorCapture {
         self.taken.fetch_add(pending, Ordering::AcqRel);
     }
 
+    /// The back-pressure pacer the data path asks before each write completion.
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
+    }
+
+    /// Data bytes captured and not yet drained, over all shards.
+    pub fn pending_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.bytes.load(Ordering::Acquire))
+            .sum()
+    }
+
     /// Writes that overflowed to the bitmap so far.
     pub fn overflowed_writes(&self) -> u64 {
         self.overflowed_writes.load(Ordering::Relaxed)
@@ -189,6 +210,10 @@ impl WriteCapture for MirrorCapture {
             shard.bytes.fetch_sub(data_len, Ordering::AcqRel);
             self.overflow(offset, len);
         }
+    }
+
+    fn completion_delay(&self, _queue: u16, bytes: u64) -> Duration {
+        self.pacer.delay(bytes)
     }
 }
 

@@ -22,6 +22,7 @@ use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
+use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
 use super::wire::{Message, DATA_BYTES_MAX};
 use super::{
     Apply, DestConfig, DestStats, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
@@ -62,6 +63,9 @@ pub struct SourceStatus {
     pub captured_writes: u64,
     pub accounted_writes: u64,
     pub last_error: Option<String>,
+    /// The back-pressure controller's last decision, and what the pacer imposed.
+    pub control: ControlState,
+    pub pacer: PacerStats,
 }
 
 /// Where a source sends its disk.
@@ -101,6 +105,8 @@ impl SourceDriver {
             captured_writes: 0,
             accounted_writes: 0,
             last_error: None,
+            control: ControlState::default(),
+            pacer: PacerStats::default(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let mut runner = SourceRunner {
@@ -111,6 +117,10 @@ impl SourceDriver {
             link: None,
             status: status.clone(),
             stop: stop.clone(),
+            controller: Controller::new(),
+            next_control: Instant::now(),
+            delivered: 0,
+            link_acked: 0,
         };
         let thread = thread::Builder::new()
             .name("strait-replicate".into())
@@ -155,6 +165,12 @@ struct SourceRunner {
     link: Option<Link>,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
+    controller: Controller,
+    next_control: Instant,
+    /// Bytes the links delivered (acked by the peer), all classes, all sessions.
+    delivered: u64,
+    /// The current link's acked bytes at the last control tick.
+    link_acked: u64,
 }
 
 impl SourceRunner {
@@ -174,11 +190,14 @@ impl SourceRunner {
                     true
                 }
             };
+            self.control();
             self.publish();
             if !busy {
                 thread::sleep(IDLE_PAUSE);
             }
         }
+        // Nothing drains any more: stop holding the guest's writes.
+        self.capture.pacer().set_rate(0);
         if let Some(link) = self.link.take() {
             link.close();
         }
@@ -194,6 +213,7 @@ impl SourceRunner {
                     Ok(_) => {
                         info!(to = %t.to, "replication session open");
                         self.link = Some(link);
+                        self.link_acked = 0;
                     }
                     Err(e) => self.lost(&e.to_string()),
                 }
@@ -306,6 +326,31 @@ impl SourceRunner {
             .map_err(err)
     }
 
+    /// Back-pressure: every control interval, the pacing rate and the backlog bound from
+    /// the drain rate and the backlog (captured and not yet drained, or mirrored and not
+    /// yet confirmed).
+    fn control(&mut self) {
+        let now = Instant::now();
+        if now < self.next_control {
+            return;
+        }
+        self.next_control = now + CONTROL_INTERVAL;
+        let backlog = self.source.mirror_backlog_bytes() + self.capture.pending_bytes();
+        let connected = self.link.is_some() && self.source.is_welcomed();
+        if let Some(link) = &self.link {
+            // Per session counters: keep a running total across sessions.
+            let acked: u64 = link.stats().send.iter().map(|c| c.acked_bytes).sum();
+            self.delivered += acked.saturating_sub(self.link_acked);
+            self.link_acked = acked;
+        }
+        let confirmed = self.source.stats().bytes_confirmed;
+        let state = self
+            .controller
+            .tick(now, confirmed, self.delivered, backlog, connected);
+        self.capture.pacer().set_rate(state.rate_bytes_per_s);
+        self.source.set_mirror_backlog_limit(state.budget_bytes);
+    }
+
     fn publish(&self) {
         let (captured, accounted) = self.capture.counts();
         let mut s = lock(&self.status);
@@ -315,6 +360,8 @@ impl SourceRunner {
         s.stats = self.source.stats();
         s.mirror_backlog_bytes = self.source.mirror_backlog_bytes();
         s.overflowed_writes = self.capture.overflowed_writes();
+        s.control = self.controller.state();
+        s.pacer = self.capture.pacer().stats();
     }
 }
 

@@ -73,6 +73,8 @@ pub struct SourceStats {
     pub writes_mirrored: u64,
     pub writes_tracked: u64,
     pub bytes_mirrored: u64,
+    /// Mirrored bytes the destination confirmed durable.
+    pub bytes_confirmed: u64,
     pub chunks_sent: u64,
     pub chunks_redone: u64,
     /// Sessions lost with something unconfirmed, which went back to the bitmap.
@@ -120,6 +122,8 @@ pub struct ReplicaSource {
     seq: u64,
     unacked: VecDeque<Unacked>,
     unacked_bytes: u64,
+    /// Mirrored bytes past this go to the bitmap; see [`Self::set_mirror_backlog_limit`].
+    backlog_limit: u64,
     connected: bool,
     welcomed: bool,
     refused: Option<RefuseReason>,
@@ -146,6 +150,7 @@ impl ReplicaSource {
             seq: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
+            backlog_limit: config.mirror_backlog_bytes_max,
             connected: false,
             welcomed: false,
             refused: None,
@@ -205,7 +210,7 @@ impl ReplicaSource {
         // A write only to chunks the bulk copy has yet to read needs no mirroring.
         let all_pending =
             (first..=last).all(|i| self.dirty[i as usize] && !self.inflight.contains_key(&i));
-        let room = self.unacked_bytes + len <= self.config.mirror_backlog_bytes_max;
+        let room = self.unacked_bytes + len <= self.backlog_limit;
         if self.welcomed && room && !all_pending {
             self.unacked.push_back(Unacked {
                 seq,
@@ -267,6 +272,7 @@ impl ReplicaSource {
                 while self.unacked.front().is_some_and(|u| u.seq <= seq) {
                     if let Some(u) = self.unacked.pop_front() {
                         self.unacked_bytes -= u.bytes;
+                        self.stats.bytes_confirmed += u.bytes;
                     }
                 }
             }
@@ -323,6 +329,11 @@ impl ReplicaSource {
         }
     }
 
+    /// Whether the destination accepted this session: mirror writes flow.
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed
+    }
+
     /// Counters.
     pub fn stats(&self) -> SourceStats {
         self.stats
@@ -332,6 +343,18 @@ impl ReplicaSource {
     /// and the switchover's drain are computed from.
     pub fn mirror_backlog_bytes(&self) -> u64 {
         self.unacked_bytes
+    }
+
+    /// Sets the backlog bound: mirrored bytes past it go to the dirty bitmap. The driver
+    /// follows the downtime budget at the measured drain rate, never above the configured
+    /// `mirror_backlog_bytes_max` (which bounds the memory).
+    pub fn set_mirror_backlog_limit(&mut self, bytes: u64) {
+        self.backlog_limit = bytes.min(self.config.mirror_backlog_bytes_max);
+    }
+
+    /// The backlog bound in force.
+    pub fn mirror_backlog_limit(&self) -> u64 {
+        self.backlog_limit
     }
 
     /// A write to chunk `index` completed without a seq of its own (its capture shard
