@@ -51,6 +51,33 @@ pub enum DestError {
     OutOfOrder { seq: u64, applied: u64 },
     #[error("the source sent {0}, which only a destination sends")]
     Unexpected(&'static str),
+    #[error(
+        "Synced at seq {seq} arrived after mirror seq {applied}: the mirror stream is ordered"
+    )]
+    SyncedBehind { seq: u64, applied: u64 },
+}
+
+/// Why a `promote` is refused (unless forced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum PromoteError {
+    #[error("the replica is not consistent: the copy or a resync is not finished (promote with force to take it as it is)")]
+    Inconsistent,
+    #[error("a source is connected and has not been demoted: it may still write (demote it first, or promote with force)")]
+    SourceLive,
+}
+
+/// What a promoted replica is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promoted {
+    /// A state the source's disk was in (every chunk copied, mirror writes applied in
+    /// order); false only when forced.
+    pub consistent: bool,
+    /// The source was demoted and every write it made is here.
+    pub complete: bool,
+    /// The last mirror seq applied.
+    pub applied_seq: u64,
+    /// Promoted although a check refused it.
+    pub forced: bool,
 }
 
 /// Counters.
@@ -83,6 +110,14 @@ pub struct ReplicaDest {
     confirmed_seq: u64,
     /// Chunks applied and not yet confirmed.
     chunks_unconfirmed: Vec<(u64, u64)>,
+    /// Chunks received on this session (compared with `Synced`'s count).
+    session_chunks: u64,
+    /// Every chunk is copied and the mirror applied in order: a state the source was in.
+    consistent: bool,
+    /// The source said it is demoted and its last write is here.
+    complete: bool,
+    /// The seq of the last `Synced` that made the replica consistent.
+    synced_seq: u64,
     stats: DestStats,
 }
 
@@ -102,6 +137,10 @@ impl ReplicaDest {
             applied_seq: 0,
             confirmed_seq: 0,
             chunks_unconfirmed: Vec::new(),
+            session_chunks: 0,
+            consistent: false,
+            complete: false,
+            synced_seq: 0,
             stats: DestStats::default(),
         })
     }
@@ -111,10 +150,51 @@ impl ReplicaDest {
         self.welcomed = false;
     }
 
-    /// Makes this replica a disk of its own: every later `Hello` is refused.
-    pub fn promote(&mut self) {
+    /// Makes this replica a disk of its own: every later `Hello` is refused, and the
+    /// session in progress ends (its next message is refused). Refused while the replica
+    /// is inconsistent, or while a source that was not demoted is connected, unless
+    /// `force` (disaster recovery: the source is gone, and what is here is all there is).
+    pub fn promote(&mut self, force: bool) -> Result<Promoted, PromoteError> {
+        if !force && !self.promoted {
+            if !self.consistent {
+                return Err(PromoteError::Inconsistent);
+            }
+            if self.welcomed && !self.complete {
+                return Err(PromoteError::SourceLive);
+            }
+        }
+        let forced = !self.promoted && (!self.consistent || (self.welcomed && !self.complete));
         self.promoted = true;
         self.welcomed = false;
+        Ok(Promoted {
+            consistent: self.consistent,
+            complete: self.complete,
+            applied_seq: self.applied_seq,
+            forced,
+        })
+    }
+
+    /// Whether [`Self::promote`] succeeded.
+    pub fn is_promoted(&self) -> bool {
+        self.promoted
+    }
+
+    /// Whether the replica is a state the source's disk was in.
+    pub fn is_consistent(&self) -> bool {
+        self.consistent
+    }
+
+    /// Whether the source was demoted and every write it made is here.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// When consistent: the seq of the source's state the replica holds (every write up
+    /// to it; when it is the last mirror write applied, that write may be partly applied,
+    /// as a crash would leave a write in flight).
+    pub fn consistent_at(&self) -> Option<u64> {
+        self.consistent
+            .then(|| self.synced_seq.max(self.applied_seq))
     }
 
     /// One message from the source.
@@ -141,6 +221,31 @@ impl ReplicaDest {
                 Ok(self.mirror(seq, offset, len, None))
             }
             Message::Chunk { index, seq, data } => self.chunk(index, seq, data),
+            Message::Synced { seq, last, chunks } => {
+                if !self.welcomed {
+                    return Err(DestError::NotWelcomed("Synced"));
+                }
+                if seq < self.applied_seq {
+                    return Err(DestError::SyncedBehind {
+                        seq,
+                        applied: self.applied_seq,
+                    });
+                }
+                // A chunk sent after this Synced may have overtaken it on the Bulk class:
+                // then the counts differ and the next Synced decides.
+                self.consistent = chunks == self.session_chunks;
+                self.complete = last && self.consistent;
+                self.synced_seq = seq;
+                Ok(Vec::new())
+            }
+            Message::Unsynced => {
+                if !self.welcomed {
+                    return Err(DestError::NotWelcomed("Unsynced"));
+                }
+                self.consistent = false;
+                self.complete = false;
+                Ok(Vec::new())
+            }
             Message::Welcome => Err(DestError::Unexpected("Welcome")),
             Message::Refuse(_) => Err(DestError::Unexpected("Refuse")),
             Message::Applied { .. } => Err(DestError::Unexpected("Applied")),
@@ -199,6 +304,11 @@ impl ReplicaDest {
         self.config.disk_id = Some(disk_id);
         self.source_bytes = disk_bytes;
         self.welcomed = true;
+        self.session_chunks = 0;
+        // Writes of the last session may be missing (they go to the source's bitmap):
+        // consistent again only when the source says so.
+        self.consistent = false;
+        self.complete = false;
         Message::Welcome
     }
 
@@ -284,6 +394,9 @@ impl ReplicaDest {
                 expected,
             });
         }
+        self.session_chunks += 1;
+        self.consistent = false;
+        self.complete = false;
         let i = index as usize;
         if seq < self.mirror_seq[i] {
             self.stats.chunks_redone += 1;

@@ -121,6 +121,7 @@ impl SourceDriver {
             next_control: Instant::now(),
             delivered: 0,
             link_acked: 0,
+            overflow_seen: 0,
         };
         let thread = thread::Builder::new()
             .name("strait-replicate".into())
@@ -171,6 +172,8 @@ struct SourceRunner {
     delivered: u64,
     /// The current link's acked bytes at the last control tick.
     link_acked: u64,
+    /// The capture's overflow mark last looked at.
+    overflow_seen: u64,
 }
 
 impl SourceRunner {
@@ -283,16 +286,27 @@ impl SourceRunner {
             self.send(StreamClass::Bulk, message)?;
             chunks += 1;
         }
+        if let Some(m) = self.source.take_synced() {
+            self.send(StreamClass::Mirror, m)?;
+        }
         Ok(drained + replies + chunks > 0)
     }
 
     fn mirror(&mut self, c: Captured) -> Result<(), String> {
+        // A write overflowed to the bitmap since we last looked: the destination must not
+        // take what follows for a state the source was in. (Possibly early, if that write
+        // was numbered after this one: telling it early is only conservative.)
+        let mark = self.capture.overflow_mark();
+        if mark != self.overflow_seen {
+            self.overflow_seen = mark;
+            self.send_unsynced()?;
+        }
         let verdict = self
             .source
             .on_guest_write(c.offset, c.len)
             .map_err(|e| e.to_string())?;
         let WriteVerdict::Mirror { seq } = verdict else {
-            return Ok(());
+            return self.send_unsynced();
         };
         let Some(data) = c.data else {
             return self.send(
@@ -314,6 +328,13 @@ impl SourceRunner {
             self.send(StreamClass::Mirror, message)?;
         }
         Ok(())
+    }
+
+    fn send_unsynced(&mut self) -> Result<(), String> {
+        match self.source.take_unsynced() {
+            Some(m) => self.send(StreamClass::Mirror, m),
+            None => Ok(()),
+        }
     }
 
     fn send(&self, class: StreamClass, message: Message) -> Result<(), String> {

@@ -14,7 +14,7 @@ pub mod source;
 pub mod throttle;
 pub mod wire;
 
-pub use dest::{Apply, DestConfig, DestError, DestStats, ReplicaDest};
+pub use dest::{Apply, DestConfig, DestError, DestStats, PromoteError, Promoted, ReplicaDest};
 pub use source::{
     BulkJob, ReplicaSource, SourceConfig, SourceError, SourceState, SourceStats, WriteVerdict,
 };

@@ -129,6 +129,14 @@ pub struct ReplicaSource {
     refused: Option<RefuseReason>,
     /// The first full copy finished once.
     copied_once: bool,
+    /// What the destination was last told: `Synced` (true) or `Unsynced`/new session.
+    dest_consistent: bool,
+    /// The disk is fenced and every write captured: the next `Synced` is the last.
+    demoted: bool,
+    /// The last `Synced` (with `last` set) was sent on this session.
+    last_sent: bool,
+    /// Chunks sent on this session.
+    session_chunks: u64,
     stats: SourceStats,
 }
 
@@ -155,6 +163,10 @@ impl ReplicaSource {
             welcomed: false,
             refused: None,
             copied_once: false,
+            dest_consistent: false,
+            demoted: false,
+            last_sent: false,
+            session_chunks: 0,
             stats: SourceStats::default(),
         })
     }
@@ -163,6 +175,9 @@ impl ReplicaSource {
     pub fn on_connected(&mut self) -> Message {
         self.connected = true;
         self.welcomed = false;
+        self.dest_consistent = false;
+        self.last_sent = false;
+        self.session_chunks = 0;
         Message::Hello {
             disk_id: self.config.disk_id,
             source_id: self.config.source_id,
@@ -246,6 +261,7 @@ impl ReplicaSource {
         self.inflight.insert(index, self.seq);
         self.cursor = (index + 1) % self.chunks;
         self.stats.chunks_sent += 1;
+        self.session_chunks += 1;
         Some(BulkJob {
             index,
             offset: index * self.config.chunk_bytes,
@@ -292,6 +308,8 @@ impl ReplicaSource {
             Message::Write { .. } => return Err(SourceError::Unexpected("Write")),
             Message::Zero { .. } => return Err(SourceError::Unexpected("Zero")),
             Message::Chunk { .. } => return Err(SourceError::Unexpected("Chunk")),
+            Message::Synced { .. } => return Err(SourceError::Unexpected("Synced")),
+            Message::Unsynced => return Err(SourceError::Unexpected("Unsynced")),
         }
         if self.dirty_count == 0 && self.inflight.is_empty() {
             self.copied_once = true;
@@ -327,6 +345,48 @@ impl ReplicaSource {
         } else {
             SourceState::InSync
         }
+    }
+
+    /// The source's disk is fenced and every write it will ever make is captured and
+    /// handed to this state machine: once in sync, the destination is told it is complete.
+    pub fn demote(&mut self) {
+        self.demoted = true;
+    }
+
+    /// Whether [`Self::demote`] was called.
+    pub fn is_demoted(&self) -> bool {
+        self.demoted
+    }
+
+    /// `Synced` to send on Mirror, when the destination became consistent (every chunk
+    /// copied and confirmed) since it was last told otherwise, or complete (demoted).
+    pub fn take_synced(&mut self) -> Option<Message> {
+        let copied = self.dirty_count == 0 && self.inflight.is_empty();
+        if !self.welcomed || !copied {
+            return None;
+        }
+        let last = self.demoted;
+        if self.dest_consistent && (!last || self.last_sent) {
+            return None;
+        }
+        self.dest_consistent = true;
+        self.last_sent = last;
+        Some(Message::Synced {
+            seq: self.seq,
+            last,
+            chunks: self.session_chunks,
+        })
+    }
+
+    /// `Unsynced` to send on Mirror before the next mirror write, if the destination
+    /// believes it is consistent: call it when a write went to the bitmap (a `Tracked`
+    /// verdict, or a capture overflow before the write about to be mirrored).
+    pub fn take_unsynced(&mut self) -> Option<Message> {
+        if !self.welcomed || !self.dest_consistent {
+            return None;
+        }
+        self.dest_consistent = false;
+        Some(Message::Unsynced)
     }
 
     /// Whether the destination accepted this session: mirror writes flow.

@@ -54,6 +54,17 @@ pub enum Message {
     /// Destination → source: chunk `index` arrived older than a mirror write already
     /// applied there, so it was dropped; copy it again.
     Redo { index: u64 },
+    /// Source → destination (Mirror, so after every mirror write up to `seq`): every chunk
+    /// is copied and confirmed, so once the writes up to `seq` are applied the replica is
+    /// consistent (a state the source's disk was in). `last`: the source is demoted (its
+    /// disk fenced) and `seq` is its last write: the replica is complete. `chunks`: the
+    /// chunks sent on this session so far, so the destination can tell a chunk sent after
+    /// this (on the unordered Bulk class) that overtook it.
+    Synced { seq: u64, last: bool, chunks: u64 },
+    /// Source → destination (Mirror, so before every later mirror write): a write went to
+    /// the dirty bitmap instead of the mirror, so the replica is no longer a state the
+    /// source was in until the next `Synced`.
+    Unsynced,
 }
 
 /// Why a destination refuses a source.
@@ -120,6 +131,8 @@ const T_CHUNK: u8 = 6;
 const T_APPLIED: u8 = 7;
 const T_CHUNK_DONE: u8 = 8;
 const T_REDO: u8 = 9;
+const T_SYNCED: u8 = 20;
+const T_UNSYNCED: u8 = 21;
 
 fn header(code: u8, a: u64, b: u64, c: u64, extra: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + extra);
@@ -162,6 +175,10 @@ impl Message {
             Message::Applied { seq } => header(T_APPLIED, *seq, 0, 0, 0),
             Message::ChunkDone { index, seq } => header(T_CHUNK_DONE, *index, *seq, 0, 0),
             Message::Redo { index } => header(T_REDO, *index, 0, 0, 0),
+            Message::Synced { seq, last, chunks } => {
+                header(T_SYNCED, *seq, u64::from(*last), *chunks, 0)
+            }
+            Message::Unsynced => header(T_UNSYNCED, 0, 0, 0, 0),
         }
     }
 
@@ -243,6 +260,18 @@ impl Message {
             T_APPLIED => bare(1).map(|()| Message::Applied { seq: a })?,
             T_CHUNK_DONE => bare(2).map(|()| Message::ChunkDone { index: a, seq: b })?,
             T_REDO => bare(1).map(|()| Message::Redo { index: a })?,
+            T_SYNCED => {
+                bare(3)?;
+                if b > 1 {
+                    return Err(malformed);
+                }
+                Message::Synced {
+                    seq: a,
+                    last: b == 1,
+                    chunks: c,
+                }
+            }
+            T_UNSYNCED => bare(0).map(|()| Message::Unsynced)?,
             code => return Err(WireError::Type { code }),
         })
     }
@@ -285,6 +314,17 @@ mod tests {
             Message::Applied { seq: 8 },
             Message::ChunkDone { index: 3, seq: 8 },
             Message::Redo { index: 3 },
+            Message::Synced {
+                seq: 8,
+                last: false,
+                chunks: 3,
+            },
+            Message::Synced {
+                seq: 9,
+                last: true,
+                chunks: 0,
+            },
+            Message::Unsynced,
         ]
     }
 
@@ -323,6 +363,11 @@ mod tests {
         assert!(matches!(
             Message::decode(&huge),
             Err(WireError::TooLong { .. })
+        ));
+        let synced = header(T_SYNCED, 1, 2, 0, 0);
+        assert!(matches!(
+            Message::decode(&synced),
+            Err(WireError::Malformed { .. })
         ));
         let refuse = header(T_REFUSE, 77, 0, 0, 0);
         assert_eq!(
