@@ -51,6 +51,14 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             a.insert("to".into(), Value::String(to.to_string()));
             ("replicate", a)
         }
+        CtlCommand::Promote { force } => {
+            let mut a = serde_json::Map::new();
+            if *force {
+                a.insert("force".into(), Value::Bool(true));
+            }
+            ("promote", a)
+        }
+        CtlCommand::Demote => ("demote", serde_json::Map::new()),
     };
     let mut client = connect(&args)?;
     let result = client
@@ -68,6 +76,14 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             CtlCommand::Status { .. } => render_status(&result),
             CtlCommand::Stats => render_stats(&result),
             CtlCommand::Replicate { to } => format!("replicating to {to}\n"),
+            CtlCommand::Promote { .. } => render_promoted(&result),
+            CtlCommand::Demote => {
+                if result["replicating"] == true {
+                    "demoted: the disk is fenced; the destination is told once it holds every write\n".into()
+                } else {
+                    "demoted: the disk is fenced\n".into()
+                }
+            }
         }
     };
     // This is the command's output, so it goes to stdout; writing through the handle (not
@@ -189,6 +205,26 @@ fn throttle_text(r: &Value) -> Option<String> {
     Some(text)
 }
 
+/// The answer to `promote`, in words.
+fn render_promoted(r: &Value) -> String {
+    let mut out = String::from("promoted");
+    if r["forced"] == true {
+        out.push_str(" (forced)");
+    }
+    out.push_str(if r["complete"] == true {
+        ": the replica holds every write of the demoted source"
+    } else if r["consistent"] == true {
+        ": the replica is consistent, but its source was not demoted (it may miss the last writes)"
+    } else {
+        ": the replica is NOT consistent (a copy or resync was unfinished)"
+    });
+    if r["serving"] == true {
+        out.push_str("; the VMM may write the disk now");
+    }
+    out.push('\n');
+    out
+}
+
 /// Width of the label column of `render_status`.
 const LABEL_WIDTH: usize = 11;
 
@@ -255,6 +291,20 @@ fn render_replication(out: &mut String, r: &Value) {
     }
     if let Some(from) = str_field(r, "listening") {
         let _ = write!(text, " (listening on {from})");
+        let consistency = if r["complete"] == true {
+            ", complete (its source was demoted)"
+        } else if r["consistent"] == true {
+            ", consistent"
+        } else {
+            ", not consistent yet"
+        };
+        text.push_str(consistency);
+    }
+    if r["demoted"] == true {
+        text.push_str(", demoted");
+    }
+    if r["superseded"] == true {
+        text.push_str(", superseded by the promoted destination");
     }
     labelled(out, "replication", &text);
     if let Some(error) = str_field(r, "last_error") {
@@ -277,6 +327,9 @@ fn render_disk(out: &mut String, disk: &Value) {
     let mut mode = Vec::new();
     if let Some(read_only) = disk.get("read_only").and_then(Value::as_bool) {
         mode.push(if read_only { "read-only" } else { "read-write" });
+    }
+    if disk.get("fenced").and_then(Value::as_bool) == Some(true) {
+        mode.push("FENCED (guest writes fail)");
     }
     if let Some(direct) = disk.get("direct_io").and_then(Value::as_bool) {
         mode.push(if direct { "direct I/O" } else { "buffered I/O" });

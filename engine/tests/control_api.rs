@@ -134,7 +134,18 @@ fn version_and_help_are_answered_by_the_server() {
         .iter()
         .map(|command| command["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["status", "stats", "version", "help", "replicate"]);
+    assert_eq!(
+        names,
+        [
+            "status",
+            "stats",
+            "version",
+            "help",
+            "replicate",
+            "promote",
+            "demote"
+        ]
+    );
 }
 
 /// `replicate` checks its arguments; a handler that does not replicate refuses it.

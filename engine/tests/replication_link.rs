@@ -96,6 +96,8 @@ fn a_live_disk_replicates_byte_exact_over_tls() {
             tls: Some(tls),
             connections: 2,
         },
+        // Nothing here promotes the destination, so nothing is ever fenced.
+        Box::new(|| panic!("the source was fenced, but no destination was promoted")),
     )
     .unwrap();
 

@@ -170,7 +170,7 @@ impl std::fmt::Debug for DeviceShared {
 
 impl DeviceShared {
     /// A device for `disk` with one queue per entry of `queue_cores` (the core that owns it).
-    pub fn new(disk: DiskInfo, queue_cores: &[usize]) -> Self {
+    pub fn new(disk: DiskInfo, queue_cores: &[usize], fenced: bool) -> Self {
         let queues: Vec<_> = queue_cores
             .iter()
             .enumerate()
@@ -191,7 +191,7 @@ impl DeviceShared {
             guest: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             log: Arc::new(LogSwitch::default()),
             capture: OnceLock::new(),
-            fence: Fence::new(false),
+            fence: Fence::new(fenced),
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),

@@ -49,6 +49,9 @@ pub struct BackendConfig {
     pub serial: Option<String>,
     /// Try `O_DIRECT` (falls back to buffered I/O where the filesystem refuses it).
     pub direct_io: bool,
+    /// Start fenced: guest mutations are refused until [`Backend::unfence`] (a replica
+    /// that is not yet promoted).
+    pub fenced: bool,
 }
 
 /// What can go wrong starting or running the backend.
@@ -164,7 +167,7 @@ impl Backend {
             block_size: info.alignment.clamp(SECTOR_SIZE, 4096) as u32,
             direct_io: info.direct,
         };
-        let shared = Arc::new(DeviceShared::new(disk, &queue_cores));
+        let shared = Arc::new(DeviceShared::new(disk, &queue_cores, config.fenced));
         for tx in share_txs {
             // An executor that died after opening the image reports through join().
             let _ = tx.send(shared.clone());

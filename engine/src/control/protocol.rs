@@ -111,16 +111,22 @@ pub enum Command {
     Help,
     /// Starts replicating the served disk to a destination engine (`args.to`).
     Replicate,
+    /// Makes a replica (a destination) a disk of its own (`args.force` optional).
+    Promote,
+    /// Fences a source's disk; replication tells the destination once it has every write.
+    Demote,
 }
 
 impl Command {
     /// Every command, in the order `help` lists them.
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 7] = [
         Command::Status,
         Command::Stats,
         Command::Version,
         Command::Help,
         Command::Replicate,
+        Command::Promote,
+        Command::Demote,
     ];
 
     /// The command's name in `cmd`.
@@ -131,6 +137,8 @@ impl Command {
             Command::Version => "version",
             Command::Help => "help",
             Command::Replicate => "replicate",
+            Command::Promote => "promote",
+            Command::Demote => "demote",
         }
     }
 
@@ -147,6 +155,12 @@ impl Command {
             Command::Help => "this list of commands",
             Command::Replicate => {
                 "replicate the served disk to a destination engine: args {\"to\": \"ADDR:PORT\"}"
+            }
+            Command::Promote => {
+                "make this replica a disk of its own (refused while inconsistent or while an undemoted source is connected, unless args {\"force\": true})"
+            }
+            Command::Demote => {
+                "fence this source's disk (guest writes fail from now on); the destination is told once it holds every write"
             }
         }
     }
@@ -256,9 +270,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         );
         return Err(RequestError::new(id, ErrorCode::UnknownCommand, message));
     };
-    // Only `replicate` takes arguments (its handler checks them); refusing them elsewhere
-    // tells a client written for a later version that this engine would not honour them.
-    if !args.is_empty() && command != Command::Replicate {
+    // Only `replicate` and `promote` take arguments (their handlers check them); refusing
+    // them elsewhere tells a client written for a later version that this engine would
+    // not honour them.
+    if !args.is_empty() && !matches!(command, Command::Replicate | Command::Promote) {
         let message = format!("`{}` takes no arguments", command.name());
         return Err(RequestError::new(id, ErrorCode::InvalidRequest, message));
     }

@@ -510,6 +510,8 @@ impl Connection {
             Command::Version => Ok(protocol::version_result()),
             Command::Help => Ok(protocol::help_result()),
             Command::Replicate => handler.replicate(&request.args),
+            Command::Promote => handler.promote(&request.args),
+            Command::Demote => handler.demote(),
         }));
         match result {
             Ok(Ok(result)) => ok_response(&request.id, result),

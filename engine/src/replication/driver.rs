@@ -23,10 +23,10 @@ use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
 use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
-use super::wire::{Message, DATA_BYTES_MAX};
+use super::wire::{Message, RefuseReason, DATA_BYTES_MAX};
 use super::{
-    Apply, DestConfig, DestStats, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
-    SourceStats, WriteVerdict,
+    Apply, DestConfig, DestStats, PromoteError, Promoted, ReplicaDest, ReplicaSource, SourceConfig,
+    SourceState, SourceStats, WriteVerdict,
 };
 
 /// Captured writes taken from each shard per round: enough to empty a shard that filled
@@ -40,6 +40,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause of a thread that found nothing to do: short against any RTT, cheap when idle.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
+
+/// How long a promoted destination waits for its refusal to reach the source before it
+/// closes the session: a few WAN round trips. A source that does not get it learns the
+/// same when it reconnects (its `Hello` is refused).
+const PROMOTED_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Between two attempts to reach the destination.
 const REDIAL_PAUSE: Duration = Duration::from_secs(1);
@@ -63,6 +68,10 @@ pub struct SourceStatus {
     pub captured_writes: u64,
     pub accounted_writes: u64,
     pub last_error: Option<String>,
+    /// The disk is fenced and every write it made is handed to replication.
+    pub demoted: bool,
+    /// The destination was promoted: this source's disk is fenced for good.
+    pub superseded: bool,
     /// The back-pressure controller's last decision, and what the pacer imposed.
     pub control: ControlState,
     pub pacer: PacerStats,
@@ -75,10 +84,15 @@ pub struct SourceTarget {
     pub connections: u16,
 }
 
+/// Fences the source's disk: called when the destination was promoted (this source is
+/// superseded), from the replication thread.
+pub type FenceFn = Box<dyn Fn() + Send>;
+
 /// A running source replication thread.
 pub struct SourceDriver {
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
+    demote: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -90,6 +104,7 @@ impl SourceDriver {
         config: SourceConfig,
         capture: Arc<MirrorCapture>,
         target: SourceTarget,
+        fence: FenceFn,
     ) -> Result<SourceDriver, super::DriverError> {
         let file = File::open(image).map_err(|source| super::DriverError::Open {
             path: image.to_path_buf(),
@@ -105,11 +120,16 @@ impl SourceDriver {
             captured_writes: 0,
             accounted_writes: 0,
             last_error: None,
+            demoted: false,
+            superseded: false,
             control: ControlState::default(),
             pacer: PacerStats::default(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let demote = Arc::new(AtomicBool::new(false));
         let mut runner = SourceRunner {
+            demote: demote.clone(),
+            fence,
             file,
             source,
             capture,
@@ -130,6 +150,7 @@ impl SourceDriver {
         Ok(SourceDriver {
             status,
             stop,
+            demote,
             thread: Some(thread),
         })
     }
@@ -137,6 +158,12 @@ impl SourceDriver {
     /// A snapshot of where replication stands.
     pub fn status(&self) -> SourceStatus {
         lock(&self.status).clone()
+    }
+
+    /// The caller fenced the disk, and every mutation it will ever make is captured:
+    /// replication drains what is left and tells the destination its replica is complete.
+    pub fn demote(&self) {
+        self.demote.store(true, Ordering::Release);
     }
 
     /// Stops the thread (its link closes; the destination keeps what it confirmed).
@@ -168,6 +195,8 @@ struct SourceRunner {
     stop: Arc<AtomicBool>,
     controller: Controller,
     next_control: Instant,
+    demote: Arc<AtomicBool>,
+    fence: FenceFn,
     /// Bytes the links delivered (acked by the peer), all classes, all sessions.
     delivered: u64,
     /// The current link's acked bytes at the last control tick.
@@ -253,6 +282,15 @@ impl SourceRunner {
         for chunk in overflowed {
             self.source.mark_chunk_dirty(chunk);
         }
+        // Demoted: once every write captured is accounted for, there will be no other.
+        let (captured_total, accounted) = self.capture.counts();
+        if self.demote.load(Ordering::Acquire)
+            && !self.source.is_demoted()
+            && captured_total == accounted
+        {
+            info!("demoted: the destination is told once it holds every write");
+            self.source.demote();
+        }
         let Some(link) = &self.link else {
             return Ok(drained > 0);
         };
@@ -267,6 +305,9 @@ impl SourceRunner {
             replies += 1;
         }
         if let SourceState::Refused(reason) = self.source.state() {
+            if reason == RefuseReason::Promoted {
+                self.superseded();
+            }
             return Err(format!("the destination refused: {reason}"));
         }
         let mut chunks = 0;
@@ -330,6 +371,15 @@ impl SourceRunner {
         Ok(())
     }
 
+    /// The destination was promoted: this disk must take no more writes.
+    fn superseded(&mut self) {
+        if !lock(&self.status).superseded {
+            warn!("the destination was promoted: fencing this disk");
+            (self.fence)();
+            lock(&self.status).superseded = true;
+        }
+    }
+
     fn send_unsynced(&mut self) -> Result<(), String> {
         match self.source.take_unsynced() {
             Some(m) => self.send(StreamClass::Mirror, m),
@@ -383,6 +433,7 @@ impl SourceRunner {
         s.overflowed_writes = self.capture.overflowed_writes();
         s.control = self.controller.state();
         s.pacer = self.capture.pacer().stats();
+        s.demoted = self.source.is_demoted();
     }
 }
 
@@ -397,11 +448,29 @@ pub struct DestStatus {
     pub stats: DestStats,
     pub sessions: u64,
     pub last_error: Option<String>,
+    /// The replica is a state the source's disk was in, and at which seq.
+    pub consistent_at: Option<u64>,
+    /// The source was demoted and every write it made is here.
+    pub complete: bool,
+    pub promoted: bool,
+}
+
+/// Why a destination could not be promoted.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteFailure {
+    #[error(transparent)]
+    Refused(#[from] PromoteError),
+    #[error("promoted, but syncing the disk failed: {0}")]
+    Sync(io::Error),
 }
 
 /// A running destination: accepts sessions on `listen` and applies them to its disk.
 pub struct DestDriver {
     status: Arc<Mutex<DestStatus>>,
+    /// Shared with the session thread, which applies each message under this lock: once
+    /// `promote` holds it and succeeds, nothing more of the source lands.
+    dest: Arc<Mutex<ReplicaDest>>,
+    file: File,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     listen: SocketAddr,
@@ -424,7 +493,8 @@ impl DestDriver {
             .write(true)
             .open(image)
             .map_err(open)?;
-        let dest = ReplicaDest::new(config)?;
+        let dest = Arc::new(Mutex::new(ReplicaDest::new(config)?));
+        let sync_file = file.try_clone().map_err(open)?;
         // Bind now, so a wrong address fails the start and not a thread later.
         let listen_err = |source| super::DriverError::Listen {
             addr: listen,
@@ -435,13 +505,15 @@ impl DestDriver {
         let listen = listener.local_addr().map_err(listen_err)?;
         let status = Arc::new(Mutex::new(DestStatus::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (status.clone(), stop.clone());
+        let (s, st, d) = (status.clone(), stop.clone(), dest.clone());
         let thread = thread::Builder::new()
             .name("strait-replica".into())
-            .spawn(move || dest_thread(file, dest, listener, listen, tls, &s, &st))
+            .spawn(move || dest_thread(file, &d, listener, listen, tls, &s, &st))
             .map_err(super::DriverError::Thread)?;
         Ok(DestDriver {
             status,
+            dest,
+            file: sync_file,
             stop,
             thread: Some(thread),
             listen,
@@ -455,7 +527,24 @@ impl DestDriver {
 
     /// A snapshot of where the destination stands.
     pub fn status(&self) -> DestStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        let d = lock(&self.dest);
+        s.consistent_at = d.consistent_at();
+        s.complete = d.is_complete();
+        s.promoted = d.is_promoted();
+        s
+    }
+
+    /// Makes the replica a disk of its own (see [`ReplicaDest::promote`]). When this
+    /// returns `Ok`, nothing more of any source lands on the disk, and what landed is
+    /// durable. The session in progress, if any, is told (`Refuse(Promoted)`) and ends:
+    /// its source fences its disk.
+    pub fn promote(&self, force: bool) -> Result<Promoted, PromoteFailure> {
+        let mut dest = lock(&self.dest);
+        let promoted = dest.promote(force)?;
+        self.file.sync_data().map_err(PromoteFailure::Sync)?;
+        info!(?promoted, "replica promoted");
+        Ok(promoted)
     }
 
     /// Stops applying. A session still being accepted is abandoned (its thread ends
@@ -472,7 +561,7 @@ impl DestDriver {
 
 fn dest_thread(
     file: File,
-    mut dest: ReplicaDest,
+    dest: &Mutex<ReplicaDest>,
     first: TcpListener,
     listen: SocketAddr,
     tls: Option<Arc<TlsIdentity>>,
@@ -505,8 +594,8 @@ fn dest_thread(
             s.sessions += 1;
         }
         info!("replication session accepted");
-        let outcome = serve_session(&file, &mut dest, &link, status, stop);
-        dest.on_disconnected();
+        let outcome = serve_session(&file, dest, &link, status, stop);
+        lock(dest).on_disconnected();
         link.close();
         let mut s = lock(status);
         s.connected = false;
@@ -519,7 +608,7 @@ fn dest_thread(
 
 fn serve_session(
     file: &File,
-    dest: &mut ReplicaDest,
+    dest: &Mutex<ReplicaDest>,
     link: &Link,
     status: &Mutex<DestStatus>,
     stop: &AtomicBool,
@@ -528,11 +617,21 @@ fn serve_session(
     let mut last_sync = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut busy = false;
+        if lock(dest).is_promoted() {
+            return tell_promoted(link);
+        }
         for class in [StreamClass::Control, StreamClass::Mirror, StreamClass::Bulk] {
             while let Some(p) = link.recv(class, Duration::ZERO).map_err(err)? {
                 busy = true;
                 let _ = link.mark_applied(class, p.len() as u64);
                 let message = Message::decode(&p).map_err(|e| e.to_string())?;
+                // The lock is held while the message is applied: a promote waits for it.
+                let mut dest = lock(dest);
+                if dest.is_promoted() {
+                    drop(dest);
+                    return tell_promoted(link);
+                }
+                let mut replies = Vec::new();
                 for action in dest.on_message(message).map_err(|e| e.to_string())? {
                     match action {
                         Apply::Write { offset, data } => {
@@ -544,11 +643,15 @@ fn serve_session(
                             zero(file, offset, len).map_err(|e| e.to_string())?;
                             unsynced = true;
                         }
-                        Apply::Reply(m) => {
-                            link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
-                                .map_err(err)?;
-                        }
+                        Apply::Reply(m) => replies.push(m),
                     }
+                }
+                // Replies wait for link room without the lock, so a promote never waits
+                // on the link.
+                drop(dest);
+                for m in replies {
+                    link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                        .map_err(err)?;
                 }
                 if class == StreamClass::Bulk {
                     // One chunk at a time, so mirror writes are never starved.
@@ -565,17 +668,29 @@ fn serve_session(
                 unsynced = false;
             }
             last_sync = Instant::now();
-            for m in dest.on_synced() {
+            let confirmations = lock(dest).on_synced();
+            for m in confirmations {
                 link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
                     .map_err(err)?;
             }
         }
-        lock(status).stats = dest.stats();
+        lock(status).stats = lock(dest).stats();
         if !busy {
             thread::sleep(IDLE_PAUSE);
         }
     }
     Ok(())
+}
+
+/// The replica was promoted while a source was connected: tell it (it fences its disk),
+/// and end the session; its later messages would be refused anyway.
+fn tell_promoted(link: &Link) -> Result<(), String> {
+    let refuse = Message::Refuse(RefuseReason::Promoted);
+    link.send(StreamClass::Control, refuse.encode(), SEND_TIMEOUT)
+        .map_err(err)?;
+    // Give the refusal its chance to arrive before the session closes.
+    let _ = link.flush(PROMOTED_FLUSH_TIMEOUT);
+    Err("promoted: the session with the source ended".into())
 }
 
 /// Makes `len` bytes at `offset` read as zeros: a hole where the filesystem can punch
