@@ -322,7 +322,12 @@ mod tests {
     #[test]
     fn run_states_and_unknown_values() {
         let states: Vec<RunState> = serde_json::from_value(json!([
-            "running", "inmigrate", "postmigrate", "finish-migrate", "prelaunch", "brand-new"
+            "running",
+            "inmigrate",
+            "postmigrate",
+            "finish-migrate",
+            "prelaunch",
+            "brand-new"
         ]))
         .expect("decodes");
         assert_eq!(

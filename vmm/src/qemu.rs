@@ -207,7 +207,10 @@ fn parameters_json(params: &MigrationParameters) -> Map<String, Value> {
     };
     set("downtime-limit", downtime_limit_ms);
     set("max-bandwidth", max_bandwidth_bytes_per_s);
-    set("cpu-throttle-initial", cpu_throttle_initial_pct.map(u64::from));
+    set(
+        "cpu-throttle-initial",
+        cpu_throttle_initial_pct.map(u64::from),
+    );
     set(
         "cpu-throttle-increment",
         cpu_throttle_increment_pct.map(u64::from),
@@ -245,10 +248,12 @@ fn vmm_event(event: QmpEvent) -> VmmEvent {
             .map(|p| VmmEventKind::MigrationPass { pass: p.pass }),
         "STOP" => Some(VmmEventKind::Stop),
         "RESUME" => Some(VmmEventKind::Resume),
-        "SHUTDOWN" => Shutdown::deserialize(data).ok().map(|s| VmmEventKind::Shutdown {
-            guest: s.guest,
-            reason: s.reason,
-        }),
+        "SHUTDOWN" => Shutdown::deserialize(data)
+            .ok()
+            .map(|s| VmmEventKind::Shutdown {
+                guest: s.guest,
+                reason: s.reason,
+            }),
         _ => None,
     };
     VmmEvent {

@@ -297,7 +297,9 @@ impl QmpClient {
             .map_err(setup("set the write timeout"))?;
         let mut lines = LineReader::new(stream.try_clone().map_err(setup("clone the socket"))?);
         let greeting = read_greeting(&mut lines, &path, config.greeting_timeout)?;
-        lines.clear_timeout().map_err(setup("clear the read timeout"))?;
+        lines
+            .clear_timeout()
+            .map_err(setup("clear the read timeout"))?;
         debug!(path = %path.display(), version = ?greeting.version.qemu, "QMP greeting");
 
         let shared = Arc::new(Shared {
@@ -604,7 +606,9 @@ fn read_loop(mut lines: LineReader, shared: &Shared, path: &Path) {
         }
     };
     match &cause {
-        ReadError::Line(LineError::Closed) => debug!(path = %path.display(), "QMP connection closed"),
+        ReadError::Line(LineError::Closed) => {
+            debug!(path = %path.display(), "QMP connection closed")
+        }
         other => warn!(path = %path.display(), error = %other, "QMP connection ends"),
     }
     shared.lock().closed = Some(Arc::new(cause));

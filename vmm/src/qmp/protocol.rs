@@ -268,9 +268,10 @@ mod tests {
 
     #[test]
     fn an_event_with_a_failed_clock_has_no_timestamp() {
-        let event =
-            QmpMessage::parse(br#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "STOP"}"#)
-                .expect("event");
+        let event = QmpMessage::parse(
+            br#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "STOP"}"#,
+        )
+        .expect("event");
         let QmpMessage::Event(event) = event else {
             panic!("not an event: {event:?}");
         };
