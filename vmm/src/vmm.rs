@@ -219,3 +219,17 @@ pub trait Vmm: Send + Sync {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The orchestration holds drivers as `Box<dyn Vmm>` and shares them between threads.
+    #[test]
+    fn drivers_are_object_safe_and_shareable() {
+        fn shareable<T: Send + Sync + ?Sized>() {}
+        shareable::<dyn Vmm>();
+        shareable::<crate::QemuVmm>();
+        let _: Option<Box<dyn Vmm>> = None;
+    }
+}

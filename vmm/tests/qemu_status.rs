@@ -173,3 +173,29 @@ fn qemu_quit_reports_shutdown_then_disconnected() {
         VmmError::Qmp(QmpError::Disconnected { .. })
     ));
 }
+
+#[test]
+fn qemu_driver_is_shared_between_threads() {
+    if !require_qemu() {
+        return;
+    }
+    let dir = test_dir("vmm");
+    let qemu = Qemu::start(dir.path(), "vm", Start::Running);
+    let vmm = QemuVmm::connect(&qemu.qmp).expect("connect");
+    std::thread::scope(|scope| {
+        // One thread waits (it holds no lock while waiting) ...
+        let waiter = scope.spawn(|| vmm.wait_run_state(&[RunState::Paused], STATE_TIMEOUT));
+        // ... while this one keeps running commands, then pauses the VM.
+        for _ in 0..20 {
+            assert_eq!(vmm.run_state().expect("status"), RunState::Running);
+            vmm.migration_info().expect("query-migrate");
+        }
+        vmm.pause().expect("stop");
+        assert_eq!(
+            waiter.join().expect("waiter thread").expect("paused"),
+            RunState::Paused
+        );
+    });
+    // The waiter consumed no events: STOP is still queued for an observer.
+    assert_eq!(next_run_event(&vmm), VmmEventKind::Stop);
+}
