@@ -15,7 +15,7 @@
 //! | events | `MIGRATION`, `MIGRATION_PASS`, `STOP`, `RESUME`, `SHUTDOWN`, ... |
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -30,6 +30,13 @@ use crate::vmm::{Vmm, VmmError, VmmFeatures};
 /// QEMU's bounds on the throttle percentages (`cpu-throttle-initial`, `max-cpu-throttle`).
 const THROTTLE_PCT_MIN: u8 = 1;
 const THROTTLE_PCT_MAX: u8 = 99;
+
+/// How long a completed migration's final statistics may take to appear (see
+/// `migration_info`): QEMU computes them right after setting `completed`, in microseconds
+/// unless its main loop is busy; past this, the statistics are returned as they are.
+const FINAL_STATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often to look again meanwhile.
+const FINAL_STATS_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A QEMU process driven over its QMP socket.
 #[derive(Debug)]
@@ -156,8 +163,25 @@ impl Vmm for QemuVmm {
         self.command("migrate", Some(json!({ "uri": to.to_string() })))
     }
 
+    /// QEMU's migration thread sets `completed` (and emits the event) a moment before it
+    /// computes the final times and moves the source to `postmigrate`, both in one step
+    /// under QEMU's big lock: a `query-migrate` in between reads `downtime` 0 (seen in the
+    /// tests). So a `completed` read while the source is still `finish-migrate` is read
+    /// again; reading the run state first makes the check race-free.
     fn migration_info(&self) -> Result<MigrationInfo, VmmError> {
-        Ok(self.qmp.execute("query-migrate", None)?)
+        let info: MigrationInfo = self.qmp.execute("query-migrate", None)?;
+        if info.status != MigrationStatus::Completed {
+            return Ok(info);
+        }
+        let deadline = Instant::now() + FINAL_STATS_TIMEOUT;
+        loop {
+            let state = self.run_state()?;
+            let info: MigrationInfo = self.qmp.execute("query-migrate", None)?;
+            if state != RunState::FinishMigrate || Instant::now() >= deadline {
+                return Ok(info);
+            }
+            std::thread::sleep(FINAL_STATS_POLL_INTERVAL);
+        }
     }
 
     fn continue_migration(&self) -> Result<(), VmmError> {

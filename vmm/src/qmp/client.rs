@@ -307,7 +307,8 @@ impl QmpClient {
                 next_id: 0,
                 awaiting: None,
                 reply: None,
-                events: EventQueue::new(config.event_queue_capacity),
+                // A queue that holds nothing could not hand over even one event.
+                events: EventQueue::new(config.event_queue_capacity.max(1)),
                 stale_reply_count: 0,
                 closed: None,
             }),
