@@ -41,8 +41,8 @@ struct Pair {
 fn pair(dir: &Path, destination_start: Start, bandwidth: Option<u64>) -> Pair {
     let source_qemu = Qemu::start(dir, "src", Start::Running);
     let destination_qemu = Qemu::start(dir, "dst", destination_start);
-    let source = QemuVmm::connect(&source_qemu.qmp).expect("connect to the source");
-    let destination = QemuVmm::connect(&destination_qemu.qmp).expect("connect to the destination");
+    let source = common::connect(&source_qemu);
+    let destination = common::connect(&destination_qemu);
     assert_eq!(
         destination.run_state().expect("status"),
         RunState::InMigrate
@@ -299,7 +299,7 @@ fn qemu_migration_to_nowhere_fails_with_qemu_reason() {
     }
     let dir = test_dir("vmm");
     let qemu = Qemu::start(dir.path(), "src", Start::Running);
-    let source = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let source = common::connect(&qemu);
     source
         .start_migration(&MigrationUri::Unix(dir.path().join("nobody.sock")))
         .expect("migrate starts, then fails");

@@ -37,7 +37,7 @@ fn qemu_pause_resume_and_their_events() {
     let started = Instant::now();
     let dir = test_dir("vmm");
     let qemu = Qemu::start(dir.path(), "vm", Start::Paused);
-    let vmm = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let vmm = common::connect(&qemu);
     assert!(vmm.describe().starts_with("qemu "), "{}", vmm.describe());
     assert_eq!(vmm.run_state().expect("status"), RunState::Prelaunch);
 
@@ -73,7 +73,7 @@ fn qemu_errors_are_carried_with_class_and_description() {
     }
     let dir = test_dir("vmm");
     let qemu = Qemu::start(dir.path(), "vm", Start::Running);
-    let vmm = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let vmm = common::connect(&qemu);
 
     let error = vmm
         .qmp()
@@ -114,7 +114,7 @@ fn qemu_serves_one_qmp_client_at_a_time() {
     }
     let dir = test_dir("vmm");
     let qemu = Qemu::start(dir.path(), "vm", Start::Running);
-    let first = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let first = common::connect(&qemu);
     let quick = QmpConfig {
         greeting_timeout: Duration::from_millis(500),
         ..QmpConfig::default()
@@ -144,7 +144,7 @@ fn qemu_quit_reports_shutdown_then_disconnected() {
     }
     let dir = test_dir("vmm");
     let mut qemu = Qemu::start(dir.path(), "vm", Start::Running);
-    let vmm = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let vmm = common::connect(&qemu);
     vmm.qmp().execute::<Value>("quit", None).expect("quit");
     assert!(
         qemu.wait_exit(STATE_TIMEOUT).is_some(),
@@ -181,7 +181,7 @@ fn qemu_driver_is_shared_between_threads() {
     }
     let dir = test_dir("vmm");
     let qemu = Qemu::start(dir.path(), "vm", Start::Running);
-    let vmm = QemuVmm::connect(&qemu.qmp).expect("connect");
+    let vmm = common::connect(&qemu);
     std::thread::scope(|scope| {
         // One thread waits (it holds no lock while waiting) ...
         let waiter = scope.spawn(|| vmm.wait_run_state(&[RunState::Paused], STATE_TIMEOUT));

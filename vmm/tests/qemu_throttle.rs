@@ -80,8 +80,8 @@ fn qemu_cpu_throttle_follows_set_cpu_throttle() {
     let kernel = kernel.to_str().expect("UTF-8 path");
     let source_qemu = Qemu::start_with(dir.path(), "src", Start::Running, &["-kernel", kernel]);
     let destination_qemu = Qemu::start(dir.path(), "dst", Start::Incoming);
-    let source = QemuVmm::connect(&source_qemu.qmp).expect("connect to the source");
-    let destination = QemuVmm::connect(&destination_qemu.qmp).expect("connect");
+    let source = common::connect(&source_qemu);
+    let destination = common::connect(&destination_qemu);
     let uri = MigrationUri::Unix(dir.path().join("mig.sock"));
     destination.start_incoming(&uri).expect("migrate-incoming");
 

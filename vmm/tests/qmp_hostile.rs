@@ -372,3 +372,36 @@ fn event_flood_drops_the_oldest_and_counts() {
         },
     );
 }
+
+#[test]
+fn connect_timeout_waits_for_a_socket_that_appears() {
+    let dir = test_dir("qmp");
+    let path = dir.path().join("fake.qmp");
+    let config = QmpConfig {
+        connect_timeout: Duration::from_millis(200),
+        ..quick()
+    };
+    let started = Instant::now();
+    let error = QmpClient::connect_with(&path, config.clone()).expect_err("nothing there");
+    assert!(matches!(error, QmpError::SocketMissing { .. }), "{error:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    let server_dir = dir.path().to_owned();
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        FakeServer::start(&server_dir, |mut conn| {
+            conn.handshake();
+            conn.wait_client_close();
+        })
+    });
+    let client = QmpClient::connect_with(
+        &path,
+        QmpConfig {
+            connect_timeout: Duration::from_secs(10),
+            ..config
+        },
+    )
+    .expect("connects once the server listens");
+    drop(client);
+    server.join().expect("server thread").join();
+}

@@ -32,12 +32,18 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long sending one command may block. A command is under 1 KiB and fits the socket
 /// buffer at once; blocking for seconds means QEMU stopped reading its socket.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often to try connecting again while [`QmpConfig::connect_timeout`] runs.
+const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(10);
 /// The longest preview of a malformed line kept in an error.
 const PREVIEW_BYTES: usize = 120;
 
 /// Timeouts and bounds of one connection; [`QmpConfig::default`] uses the constants above.
 #[derive(Clone, Debug)]
 pub struct QmpConfig {
+    /// How long to keep trying while the socket is missing or refuses connections; zero
+    /// (the default) tries once. For callers that have just started QEMU: QEMU creates its
+    /// socket file a moment before it listens on it, and a connection in between is refused.
+    pub connect_timeout: Duration,
     /// See [`GREETING_TIMEOUT`].
     pub greeting_timeout: Duration,
     /// Default for [`QmpClient::execute`]; see [`COMMAND_TIMEOUT`].
@@ -51,6 +57,7 @@ pub struct QmpConfig {
 impl Default for QmpConfig {
     fn default() -> Self {
         QmpConfig {
+            connect_timeout: Duration::ZERO,
             greeting_timeout: GREETING_TIMEOUT,
             command_timeout: COMMAND_TIMEOUT,
             write_timeout: WRITE_TIMEOUT,
@@ -275,19 +282,7 @@ impl QmpClient {
     /// negotiation mode (`qmp_capabilities`), so the client is ready for commands.
     pub fn connect_with(path: &Path, config: QmpConfig) -> Result<QmpClient, QmpError> {
         let path = path.to_owned();
-        let stream = UnixStream::connect(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                QmpError::SocketMissing {
-                    path: path.clone(),
-                    source,
-                }
-            } else {
-                QmpError::Connect {
-                    path: path.clone(),
-                    source,
-                }
-            }
-        })?;
+        let stream = connect_socket(&path, config.connect_timeout)?;
         let setup = |what: &'static str| {
             let path = path.clone();
             move |source| QmpError::Setup { path, what, source }
@@ -549,6 +544,31 @@ impl Drop for QmpClient {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+    }
+}
+
+/// Connects, trying again on a missing or refusing socket until `timeout` has passed.
+fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream, QmpError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let source = match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(source) => source,
+        };
+        let kind = source.kind();
+        let retriable = matches!(
+            kind,
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        );
+        if !retriable || Instant::now() >= deadline {
+            let path = path.to_owned();
+            return Err(if kind == io::ErrorKind::NotFound {
+                QmpError::SocketMissing { path, source }
+            } else {
+                QmpError::Connect { path, source }
+            });
+        }
+        std::thread::sleep(CONNECT_RETRY_INTERVAL);
     }
 }
 

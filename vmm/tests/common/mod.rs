@@ -203,6 +203,16 @@ fn kill_with_parent(command: &mut Command) -> &mut Command {
     }
 }
 
+/// Connects the QEMU driver to a QEMU the test has just started: QEMU creates its socket
+/// file a moment before it listens, so the connection is retried for a while.
+pub fn connect(qemu: &Qemu) -> strait_vmm::QemuVmm {
+    let config = strait_vmm::qmp::QmpConfig {
+        connect_timeout: SOCKET_TIMEOUT,
+        ..strait_vmm::qmp::QmpConfig::default()
+    };
+    strait_vmm::QemuVmm::connect_with(&qemu.qmp, config).expect("connect to QEMU's QMP socket")
+}
+
 /// The QEMU 7.2 greeting, verbatim.
 pub const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
 
