@@ -405,3 +405,25 @@ fn connect_timeout_waits_for_a_socket_that_appears() {
     drop(client);
     server.join().expect("server thread").join();
 }
+
+#[test]
+fn peer_closing_between_commands_is_disconnected() {
+    for pause in [Duration::ZERO, Duration::from_millis(50)] {
+        let dir = test_dir("qmp");
+        let server = FakeServer::start(dir.path(), |mut conn| {
+            conn.handshake();
+            // The server hangs up.
+        });
+        let client = QmpClient::connect_with(&server.path, quick()).expect("handshake");
+        server.join();
+        std::thread::sleep(pause);
+        // Whether the send fails (EPIPE) or the reader saw the end first, the error says
+        // the connection is gone.
+        let error = client.execute::<Value>("x", None).expect_err("closed");
+        let cause = disconnect_cause(error);
+        assert!(
+            matches!(*cause, ReadError::Line(LineError::Closed)),
+            "{cause:?}"
+        );
+    }
+}

@@ -32,6 +32,10 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long sending one command may block. A command is under 1 KiB and fits the socket
 /// buffer at once; blocking for seconds means QEMU stopped reading its socket.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed send waits for the reader to see the end of the stream. The reader
+/// sees it within microseconds of the peer closing; 1 s covers a loaded machine, and is
+/// paid only when a send fails on a connection that is still open.
+const CLOSE_NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often to try connecting again while [`QmpConfig::connect_timeout`] runs.
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(10);
 /// The longest preview of a malformed line kept in an error.
@@ -387,7 +391,19 @@ impl QmpClient {
         line.push(b'\n');
         debug!(command, id, "QMP command");
         if let Err(source) = writer.write_all(&line) {
-            self.shared.lock().awaiting = None;
+            let mut state = self.shared.lock();
+            state.awaiting = None;
+            // A peer that has closed makes the write fail (EPIPE) possibly before the reader
+            // has read the end of the stream: give the reader a moment, so that the error
+            // says the connection is gone, and why.
+            let deadline = Instant::now() + CLOSE_NOTICE_TIMEOUT;
+            while state.closed.is_none() && Instant::now() < deadline {
+                state = self.shared.wait_until(state, deadline);
+            }
+            if let Some(cause) = state.closed.clone() {
+                return Err(self.disconnected(&cause));
+            }
+            drop(state);
             // QEMU may hold half a command now; only a new connection is in a known state.
             let _ = writer.shutdown(std::net::Shutdown::Both);
             return Err(QmpError::Send {
