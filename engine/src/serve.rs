@@ -15,6 +15,7 @@ use crate::replication::capture::MirrorCapture;
 use crate::replication::driver::{
     DestDriver, FenceFn, PromoteFailure, SourceDriver, SourceStatus, SourceTarget,
 };
+use crate::replication::identity::ReplicaIdentity;
 use crate::replication::{
     DestConfig, DriverError, SourceConfig, SourceState, BULK_INFLIGHT_MAX, CHUNK_BYTES,
     MIRROR_BACKLOG_BYTES_MAX,
@@ -49,6 +50,8 @@ pub enum ServeError {
     },
     #[error("cannot start receiving the replica")]
     Replica(#[source] DriverError),
+    #[error(transparent)]
+    ReplicaIdentity(#[from] crate::replication::identity::IdentityError),
 }
 
 /// A running `strait serve`: the block backend (or, with `--listen`, the replica
@@ -163,13 +166,18 @@ impl Server {
         if tls.is_none() && !args.insecure {
             return Err(ServeError::NoPeerAuth);
         }
+        let identity =
+            ReplicaIdentity::load_or_new(&args.disk).map_err(ServeError::ReplicaIdentity)?;
         let config = DestConfig {
             disk_id: None,
             disk_bytes,
             chunk_bytes: CHUNK_BYTES,
+            generation: identity.generation,
+            source_id: None,
+            promoted: false,
         };
-        let replica =
-            DestDriver::start(&args.disk, config, listen, tls).map_err(ServeError::Replica)?;
+        let replica = DestDriver::start(&args.disk, config, identity, listen, tls)
+            .map_err(ServeError::Replica)?;
         tracing::info!(listen = %replica.local_addr(), "receiving a replica");
         Ok(replica)
     }
@@ -300,7 +308,9 @@ impl Handler for EngineHandler {
         };
         let promoted = replica.promote(force).map_err(|e| match e {
             PromoteFailure::Refused(r) => (ErrorCode::Refused, r.to_string()),
-            PromoteFailure::Sync(_) => (ErrorCode::Internal, e.to_string()),
+            PromoteFailure::Sync(_) | PromoteFailure::Identity(_) => {
+                (ErrorCode::Internal, e.to_string())
+            }
         })?;
         if let Some(backend) = &self.backend {
             backend.unfence();
@@ -494,6 +504,7 @@ fn source_json(s: &SourceStatus) -> Value {
         "chunks_sent": s.stats.chunks_sent,
         "chunks_redone": s.stats.chunks_redone,
         "sessions_lost": s.stats.sessions_lost,
+        "full_resyncs": s.stats.full_resyncs,
         "overflowed_writes": s.overflowed_writes,
         "captured_writes": s.captured_writes,
         "accounted_writes": s.accounted_writes,

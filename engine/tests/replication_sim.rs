@@ -148,6 +148,9 @@ impl World {
             disk_id: Some(disk_id),
             disk_bytes: DISK + rng.below(2) * CHUNK,
             chunk_bytes: CHUNK,
+            generation: [9; 16],
+            source_id: None,
+            promoted: false,
         })
         .unwrap();
         // The source starts with content; the destination with different garbage.

@@ -17,6 +17,12 @@ pub struct DestConfig {
     pub disk_bytes: u64,
     /// The bulk copy's unit; the source must use the same.
     pub chunk_bytes: u64,
+    /// This replica's id, told to every source after `Welcome`.
+    pub generation: [u8; ID_BYTES],
+    /// The source this replica belongs to, if it was bound to one before (a restart).
+    pub source_id: Option<[u8; ID_BYTES]>,
+    /// Promoted before (a restart): every `Hello` is refused.
+    pub promoted: bool,
 }
 
 /// What the caller does to its disk, or sends back, in this order.
@@ -128,10 +134,10 @@ impl ReplicaDest {
         let len = usize::try_from(chunks).map_err(|_| ConfigError::TooManyChunks { chunks })?;
         Ok(ReplicaDest {
             config,
-            source: None,
+            source: config.source_id,
             source_bytes: 0,
             welcomed: false,
-            promoted: false,
+            promoted: config.promoted,
             mirror_seq: vec![0; len],
             bulk_seq: vec![0; len],
             applied_seq: 0,
@@ -174,6 +180,13 @@ impl ReplicaDest {
         })
     }
 
+    /// What must survive a restart: the disk and source this replica is bound to (once a
+    /// source was welcomed) and whether it was promoted. The caller stores it beside the
+    /// disk when it changes.
+    pub fn identity(&self) -> (Option<[u8; ID_BYTES]>, Option<[u8; ID_BYTES]>, bool) {
+        (self.config.disk_id, self.source, self.promoted)
+    }
+
     /// Whether [`Self::promote`] succeeded.
     pub fn is_promoted(&self) -> bool {
         self.promoted
@@ -205,12 +218,15 @@ impl ReplicaDest {
                 source_id,
                 disk_bytes,
                 chunk_bytes,
-            } => Ok(vec![Apply::Reply(self.on_hello(
-                disk_id,
-                source_id,
-                disk_bytes,
-                chunk_bytes,
-            ))]),
+            } => {
+                let answer = self.on_hello(disk_id, source_id, disk_bytes, chunk_bytes);
+                let mut out = vec![Apply::Reply(answer.clone())];
+                if answer == Message::Welcome {
+                    let generation = self.config.generation;
+                    out.push(Apply::Reply(Message::ReplicaId { generation }));
+                }
+                Ok(out)
+            }
             Message::Write { seq, offset, data } => {
                 let len = data.len() as u64;
                 self.check_mirror("Write", seq, offset, len)?;
@@ -247,6 +263,7 @@ impl ReplicaDest {
                 Ok(Vec::new())
             }
             Message::Welcome => Err(DestError::Unexpected("Welcome")),
+            Message::ReplicaId { .. } => Err(DestError::Unexpected("ReplicaId")),
             Message::Refuse(_) => Err(DestError::Unexpected("Refuse")),
             Message::Applied { .. } => Err(DestError::Unexpected("Applied")),
             Message::ChunkDone { .. } => Err(DestError::Unexpected("ChunkDone")),

@@ -8,7 +8,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -22,6 +22,7 @@ use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
+use super::identity::{IdentityError, ReplicaIdentity};
 use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
 use super::wire::{Message, RefuseReason, DATA_BYTES_MAX};
 use super::{
@@ -462,6 +463,33 @@ pub enum PromoteFailure {
     Refused(#[from] PromoteError),
     #[error("promoted, but syncing the disk failed: {0}")]
     Sync(io::Error),
+    #[error("promoted, but it could not be recorded beside the disk (a restart would take replication again): {0}")]
+    Identity(IdentityError),
+}
+
+/// The replica's identity as stored beside its disk; stored again when it changes.
+struct IdentityStore {
+    disk: PathBuf,
+    stored: Mutex<ReplicaIdentity>,
+}
+
+impl IdentityStore {
+    /// Stores what `dest` says must survive a restart, if it changed.
+    fn sync(&self, dest: &ReplicaDest) -> Result<(), IdentityError> {
+        let (disk_id, source_id, promoted) = dest.identity();
+        let mut stored = lock(&self.stored);
+        let now = ReplicaIdentity {
+            disk_id,
+            source_id,
+            promoted,
+            ..*stored
+        };
+        if now != *stored {
+            now.store(&self.disk)?;
+            *stored = now;
+        }
+        Ok(())
+    }
 }
 
 /// A running destination: accepts sessions on `listen` and applies them to its disk.
@@ -471,19 +499,31 @@ pub struct DestDriver {
     /// `promote` holds it and succeeds, nothing more of the source lands.
     dest: Arc<Mutex<ReplicaDest>>,
     file: File,
+    identity: Arc<IdentityStore>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     listen: SocketAddr,
 }
 
 impl DestDriver {
-    /// Starts listening; the disk at `image` receives the replica.
+    /// Starts listening; the disk at `image` receives the replica. `config` takes the
+    /// replica's identity from `identity` (what is stored beside the disk, see
+    /// [`super::identity`]), and the driver stores it again whenever it changes.
     pub fn start(
         image: &Path,
-        config: DestConfig,
+        mut config: DestConfig,
+        identity: ReplicaIdentity,
         listen: SocketAddr,
         tls: Option<Arc<TlsIdentity>>,
     ) -> Result<DestDriver, super::DriverError> {
+        config.generation = identity.generation;
+        config.disk_id = identity.disk_id.or(config.disk_id);
+        config.source_id = identity.source_id;
+        config.promoted = identity.promoted;
+        let identity = Arc::new(IdentityStore {
+            disk: image.to_path_buf(),
+            stored: Mutex::new(identity),
+        });
         let open = |source| super::DriverError::Open {
             path: image.to_path_buf(),
             source,
@@ -505,15 +545,16 @@ impl DestDriver {
         let listen = listener.local_addr().map_err(listen_err)?;
         let status = Arc::new(Mutex::new(DestStatus::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st, d) = (status.clone(), stop.clone(), dest.clone());
+        let (s, st, d, id) = (status.clone(), stop.clone(), dest.clone(), identity.clone());
         let thread = thread::Builder::new()
             .name("strait-replica".into())
-            .spawn(move || dest_thread(file, &d, listener, listen, tls, &s, &st))
+            .spawn(move || dest_thread(file, &d, &id, listener, listen, tls, &s, &st))
             .map_err(super::DriverError::Thread)?;
         Ok(DestDriver {
             status,
             dest,
             file: sync_file,
+            identity,
             stop,
             thread: Some(thread),
             listen,
@@ -543,6 +584,9 @@ impl DestDriver {
         let mut dest = lock(&self.dest);
         let promoted = dest.promote(force)?;
         self.file.sync_data().map_err(PromoteFailure::Sync)?;
+        self.identity
+            .sync(&dest)
+            .map_err(PromoteFailure::Identity)?;
         info!(?promoted, "replica promoted");
         Ok(promoted)
     }
@@ -559,9 +603,11 @@ impl DestDriver {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dest_thread(
     file: File,
     dest: &Mutex<ReplicaDest>,
+    identity: &IdentityStore,
     first: TcpListener,
     listen: SocketAddr,
     tls: Option<Arc<TlsIdentity>>,
@@ -594,7 +640,7 @@ fn dest_thread(
             s.sessions += 1;
         }
         info!("replication session accepted");
-        let outcome = serve_session(&file, dest, &link, status, stop);
+        let outcome = serve_session(&file, dest, identity, &link, status, stop);
         lock(dest).on_disconnected();
         link.close();
         let mut s = lock(status);
@@ -609,6 +655,7 @@ fn dest_thread(
 fn serve_session(
     file: &File,
     dest: &Mutex<ReplicaDest>,
+    identity: &IdentityStore,
     link: &Link,
     status: &Mutex<DestStatus>,
     stop: &AtomicBool,
@@ -645,6 +692,11 @@ fn serve_session(
                         }
                         Apply::Reply(m) => replies.push(m),
                     }
+                }
+                if class == StreamClass::Control {
+                    // A Hello may have bound the replica to its source: stored before the
+                    // answer goes out.
+                    identity.sync(&dest).map_err(|e| error_chain(&e))?;
                 }
                 // Replies wait for link room without the lock, so a promote never waits
                 // on the link.

@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod dest;
 pub mod driver;
+pub mod identity;
 pub mod source;
 pub mod throttle;
 pub mod wire;

@@ -79,6 +79,8 @@ pub struct SourceStats {
     pub chunks_redone: u64,
     /// Sessions lost with something unconfirmed, which went back to the bitmap.
     pub sessions_lost: u64,
+    /// Times the destination turned out to be another replica: everything copied again.
+    pub full_resyncs: u64,
 }
 
 /// A reply the source cannot have earned.
@@ -137,6 +139,8 @@ pub struct ReplicaSource {
     last_sent: bool,
     /// Chunks sent on this session.
     session_chunks: u64,
+    /// The replica id the destination gave (`ReplicaId`), once one did.
+    replica: Option<[u8; ID_BYTES]>,
     stats: SourceStats,
 }
 
@@ -167,6 +171,7 @@ impl ReplicaSource {
             demoted: false,
             last_sent: false,
             session_chunks: 0,
+            replica: None,
             stats: SourceStats::default(),
         })
     }
@@ -310,6 +315,17 @@ impl ReplicaSource {
             Message::Chunk { .. } => return Err(SourceError::Unexpected("Chunk")),
             Message::Synced { .. } => return Err(SourceError::Unexpected("Synced")),
             Message::Unsynced => return Err(SourceError::Unexpected("Unsynced")),
+            Message::ReplicaId { generation } => {
+                if self.replica.is_some_and(|r| r != generation) {
+                    // Another replica than the one synced so far (the destination's disk
+                    // was replaced, or its state lost): nothing there can be trusted.
+                    for index in 0..self.chunks {
+                        self.mark_dirty(index);
+                    }
+                    self.stats.full_resyncs += 1;
+                }
+                self.replica = Some(generation);
+            }
         }
         if self.dirty_count == 0 && self.inflight.is_empty() {
             self.copied_once = true;

@@ -26,6 +26,9 @@ fn dest(disk_bytes: u64) -> ReplicaDest {
         disk_id: Some([7; 16]),
         disk_bytes,
         chunk_bytes: CHUNK,
+        generation: [9; 16],
+        source_id: None,
+        promoted: false,
     })
     .unwrap()
 }
@@ -39,10 +42,14 @@ fn hello(disk_id: u8, source_id: u8, disk_bytes: u64, chunk_bytes: u64) -> Messa
     }
 }
 
+/// The answer to `m`: one reply, or a `Welcome` followed by the replica's id.
 fn reply(d: &mut ReplicaDest, m: Message) -> Message {
     match d.on_message(m).unwrap().as_slice() {
-        [Apply::Reply(r)] => r.clone(),
-        other => panic!("expected one reply, got {other:?}"),
+        [Apply::Reply(r)] if *r != Message::Welcome => r.clone(),
+        [Apply::Reply(Message::Welcome), Apply::Reply(Message::ReplicaId { .. })] => {
+            Message::Welcome
+        }
+        other => panic!("expected one reply, or Welcome and ReplicaId, got {other:?}"),
     }
 }
 
@@ -336,4 +343,67 @@ fn the_source_announces_synced_once_and_unsynced_after_a_tracked_write() {
         })
     );
     assert_eq!(s.take_synced(), None);
+}
+
+#[test]
+fn another_replica_behind_the_same_address_is_copied_in_full() {
+    let mut s = source();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [1; 16],
+    })
+    .unwrap();
+    while let Some(job) = s.next_bulk() {
+        s.on_message(Message::ChunkDone {
+            index: job.index,
+            seq: job.seq,
+        })
+        .unwrap();
+    }
+    assert_eq!(s.state(), SourceState::InSync);
+    // The same replica again (a restarted destination): nothing to copy.
+    s.on_disconnected();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [1; 16],
+    })
+    .unwrap();
+    assert_eq!(s.next_bulk(), None);
+    assert_eq!(s.stats().full_resyncs, 0);
+    // Another one: every chunk again.
+    s.on_disconnected();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [2; 16],
+    })
+    .unwrap();
+    let mut again = 0;
+    while let Some(job) = s.next_bulk() {
+        again += 1;
+        s.on_message(Message::ChunkDone {
+            index: job.index,
+            seq: job.seq,
+        })
+        .unwrap();
+    }
+    assert_eq!(again, DISK.div_ceil(CHUNK));
+    assert_eq!(s.stats().full_resyncs, 1);
+}
+
+#[test]
+fn a_welcome_comes_with_the_replica_id() {
+    let mut d = dest(DISK);
+    let out = d.on_message(hello(7, 1, DISK, CHUNK)).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Apply::Reply(Message::Welcome),
+            Apply::Reply(Message::ReplicaId {
+                generation: [9; 16]
+            })
+        ]
+    );
 }

@@ -61,6 +61,10 @@ pub enum Message {
     /// chunks sent on this session so far, so the destination can tell a chunk sent after
     /// this (on the unordered Bulk class) that overtook it.
     Synced { seq: u64, last: bool, chunks: u64 },
+    /// Destination → source, right after `Welcome`: which replica this is. A replica keeps
+    /// its id across restarts (it is stored beside the disk); a source that synced a
+    /// replica with another id copies everything again (the disk may have been replaced).
+    ReplicaId { generation: [u8; ID_BYTES] },
     /// Source → destination (Mirror, so before every later mirror write): a write went to
     /// the dirty bitmap instead of the mirror, so the replica is no longer a state the
     /// source was in until the next `Synced`.
@@ -133,6 +137,7 @@ const T_CHUNK_DONE: u8 = 8;
 const T_REDO: u8 = 9;
 const T_SYNCED: u8 = 20;
 const T_UNSYNCED: u8 = 21;
+const T_REPLICA_ID: u8 = 22;
 
 fn header(code: u8, a: u64, b: u64, c: u64, extra: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + extra);
@@ -179,6 +184,11 @@ impl Message {
                 header(T_SYNCED, *seq, u64::from(*last), *chunks, 0)
             }
             Message::Unsynced => header(T_UNSYNCED, 0, 0, 0, 0),
+            Message::ReplicaId { generation } => {
+                let mut out = header(T_REPLICA_ID, 0, 0, 0, ID_BYTES);
+                out.extend_from_slice(generation);
+                out
+            }
         }
     }
 
@@ -272,6 +282,14 @@ impl Message {
                 }
             }
             T_UNSYNCED => bare(0).map(|()| Message::Unsynced)?,
+            T_REPLICA_ID => {
+                if rest.len() != ID_BYTES || a != 0 || b != 0 || c != 0 {
+                    return Err(malformed);
+                }
+                let mut generation = [0; ID_BYTES];
+                generation.copy_from_slice(rest);
+                Message::ReplicaId { generation }
+            }
             code => return Err(WireError::Type { code }),
         })
     }
@@ -325,6 +343,9 @@ mod tests {
                 chunks: 0,
             },
             Message::Unsynced,
+            Message::ReplicaId {
+                generation: [3; ID_BYTES],
+            },
         ]
     }
 
