@@ -205,11 +205,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub disk: PathBuf,
     /// Path of the vhost-user socket the VMM connects to (created; must not exist).
-    /// Required unless the engine receives a replica (`--listen`).
-    #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+    /// Required unless the engine receives a replica (`--listen`). With `--listen`, the
+    /// disk is served fenced (guest writes fail) until `promote`.
+    #[arg(long, required_unless_present = "listen")]
     pub vhost_socket: Option<PathBuf>,
     /// Receive a replica of a source engine's disk into `--disk` (which must be at least as
-    /// large), instead of serving a VMM. Accepts only the peers `--tls-dir` trusts.
+    /// large). Accepts only the peers `--tls-dir` trusts.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
     /// Directory with `ca.pem`, `node.pem` and `node.key` (`strait certs --out DIR`): this
@@ -291,6 +292,20 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 1000, requires = "wait")]
         interval_ms: u64,
     },
+    /// Make this replica (an engine started with `--listen`) a disk of its own: it takes
+    /// no more replication, a VMM may write it, and a source still connected is fenced.
+    /// Refused while the replica is inconsistent (a copy or resync unfinished) or while a
+    /// source that was not demoted is connected.
+    Promote {
+        /// Promote anyway (disaster recovery: the source is gone). The replica may then be
+        /// inconsistent, or miss the source's last writes.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Fence this engine's disk: guest writes fail from now on (reads go on). When it
+    /// replicates, the destination is told once it holds every write, and may then be
+    /// promoted.
+    Demote,
 }
 
 /// A list of CPU cores, as `--cores` takes it.

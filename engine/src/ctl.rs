@@ -60,6 +60,14 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             repair,
             interval_ms,
         } => return verify(&args, *repair, wait.then_some(*interval_ms)),
+        CtlCommand::Promote { force } => {
+            let mut a = serde_json::Map::new();
+            if *force {
+                a.insert("force".into(), Value::Bool(true));
+            }
+            ("promote", a)
+        }
+        CtlCommand::Demote => ("demote", serde_json::Map::new()),
     };
     let mut client = connect(&args)?;
     let result = client
@@ -79,6 +87,14 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             CtlCommand::Replicate { to } => format!("replicating to {to}\n"),
             // Returned above.
             CtlCommand::Verify { .. } => String::new(),
+            CtlCommand::Promote { .. } => render_promoted(&result),
+            CtlCommand::Demote => {
+                if result["replicating"] == true {
+                    "demoted: the disk is fenced; the destination is told once it holds every write\n".into()
+                } else {
+                    "demoted: the disk is fenced\n".into()
+                }
+            }
         }
     };
     // This is the command's output, so it goes to stdout; writing through the handle (not
@@ -305,9 +321,49 @@ pub fn progress_line(r: &Value, rate_bytes_per_s: Option<f64>) -> String {
     }
     if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
         let _ = write!(out, ", {} behind", format_bytes_binary(lag));
+        if let Some(seconds) = f64_field(r, "lag_seconds") {
+            let _ = write!(out, " ({seconds:.1} s)");
+        }
+    }
+    if let Some(t) = throttle_text(r) {
+        let _ = write!(out, ", {t}");
     }
     if let Some(e) = str_field(r, "last_error") {
         let _ = write!(out, " (last error: {e})");
+    }
+    out.push('\n');
+    out
+}
+
+/// "guest paced at R/s (D ms held)" while back-pressure is on; None when off.
+fn throttle_text(r: &Value) -> Option<String> {
+    let t = r.get("throttle")?;
+    if !t.get("active").and_then(Value::as_bool).unwrap_or(false) {
+        return None;
+    }
+    let rate = t.get("rate_bytes_per_s").and_then(Value::as_u64)?;
+    let mut text = format!("guest paced at {}/s", format_bytes_binary(rate));
+    if let Some(held) = f64_field(t, "delay_ms_total") {
+        let _ = write!(text, " ({} held so far)", format_duration(held / 1000.0));
+    }
+    Some(text)
+}
+
+/// The answer to `promote`, in words.
+fn render_promoted(r: &Value) -> String {
+    let mut out = String::from("promoted");
+    if r["forced"] == true {
+        out.push_str(" (forced)");
+    }
+    out.push_str(if r["complete"] == true {
+        ": the replica holds every write of the demoted source"
+    } else if r["consistent"] == true {
+        ": the replica is consistent, but its source was not demoted (it may miss the last writes)"
+    } else {
+        ": the replica is NOT consistent (a copy or resync was unfinished)"
+    });
+    if r["serving"] == true {
+        out.push_str("; the VMM may write the disk now");
     }
     out.push('\n');
     out
@@ -374,8 +430,25 @@ fn render_replication(out: &mut String, r: &Value) {
     if let Some(lag) = r.get("lag_bytes").and_then(Value::as_u64) {
         let _ = write!(text, ", {} behind", format_bytes_binary(lag));
     }
+    if let Some(t) = throttle_text(r) {
+        let _ = write!(text, ", {t}");
+    }
     if let Some(from) = str_field(r, "listening") {
         let _ = write!(text, " (listening on {from})");
+        let consistency = if r["complete"] == true {
+            ", complete (its source was demoted)"
+        } else if r["consistent"] == true {
+            ", consistent"
+        } else {
+            ", not consistent yet"
+        };
+        text.push_str(consistency);
+    }
+    if r["demoted"] == true {
+        text.push_str(", demoted");
+    }
+    if r["superseded"] == true {
+        text.push_str(", superseded by the promoted destination");
     }
     labelled(out, "replication", &text);
     if let Some(error) = str_field(r, "last_error") {
@@ -410,6 +483,9 @@ fn render_disk(out: &mut String, disk: &Value) {
     let mut mode = Vec::new();
     if let Some(read_only) = disk.get("read_only").and_then(Value::as_bool) {
         mode.push(if read_only { "read-only" } else { "read-write" });
+    }
+    if disk.get("fenced").and_then(Value::as_bool) == Some(true) {
+        mode.push("FENCED (guest writes fail)");
     }
     if let Some(direct) = disk.get("direct_io").and_then(Value::as_bool) {
         mode.push(if direct { "direct I/O" } else { "buffered I/O" });
@@ -692,6 +768,18 @@ mod tests {
         assert!(line.contains("/s"), "{line}");
         let behind = json!({ "state": "behind", "lag_bytes": 4096 });
         assert!(progress_line(&behind, None).contains("behind"));
+        let paced = json!({
+            "state": "behind", "lag_bytes": 8u64 << 20, "lag_seconds": 0.5,
+            "throttle": { "active": true, "rate_bytes_per_s": 16u64 << 20, "delay_ms_total": 1500.0 },
+        });
+        let line = progress_line(&paced, None);
+        assert!(line.contains("8.00 MiB behind (0.5 s)"), "{line}");
+        assert!(
+            line.contains("guest paced at 16.00 MiB/s (1.5s held"),
+            "{line}"
+        );
+        let unpaced = json!({ "state": "in-sync", "throttle": { "active": false } });
+        assert!(!progress_line(&unpaced, None).contains("paced"));
         assert_eq!(progress_line(&Value::Null, None), "replication: none\n");
     }
 

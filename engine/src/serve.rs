@@ -12,7 +12,10 @@ use strait_vhost_blk::{Backend, BackendConfig, QueueSnapshot, QueueStats};
 use crate::cli::ServeArgs;
 use crate::control::{ControlError, ControlServer, ErrorCode, Handler, API_VERSION};
 use crate::replication::capture::MirrorCapture;
-use crate::replication::driver::{DestDriver, SourceDriver, SourceStatus, SourceTarget};
+use crate::replication::driver::{
+    DestDriver, FenceFn, PromoteFailure, SourceDriver, SourceStatus, SourceTarget,
+};
+use crate::replication::identity::ReplicaIdentity;
 use crate::replication::{
     ByteRange, DestConfig, DriverError, SourceConfig, SourceState, VerifyRefusal, VerifyReport,
     VerifyState, BULK_INFLIGHT_MAX, CHUNK_BYTES, MIRROR_BACKLOG_BYTES_MAX,
@@ -47,6 +50,8 @@ pub enum ServeError {
     },
     #[error("cannot start receiving the replica")]
     Replica(#[source] DriverError),
+    #[error(transparent)]
+    ReplicaIdentity(#[from] crate::replication::identity::IdentityError),
 }
 
 /// A running `strait serve`: the block backend (or, with `--listen`, the replica
@@ -78,9 +83,59 @@ impl Server {
                 source,
             })?
             .len();
-        let (Some(vhost_socket), None) = (&args.vhost_socket, args.listen) else {
-            return Server::start_replica(args, tls, disk_bytes);
+        // With --listen the disk receives a replica; it is served to a VMM (if
+        // --vhost-socket) fenced, so no guest writes it until it is promoted.
+        let replica = match args.listen {
+            Some(listen) => Some(Server::start_replica(
+                args,
+                listen,
+                tls.clone(),
+                disk_bytes,
+            )?),
+            None => None,
         };
+        let backend = match &args.vhost_socket {
+            Some(socket) => Some(Arc::new(Server::start_backend(
+                args,
+                socket,
+                replica.is_some(),
+            )?)),
+            None => None,
+        };
+        let handler = Arc::new(EngineHandler {
+            backend: backend.clone(),
+            disk: args.disk.clone(),
+            disk_bytes,
+            queues: args.queues,
+            tls,
+            insecure: args.insecure,
+            source: Mutex::new(None),
+            replica,
+            last_stats: Mutex::new(None),
+        });
+        let control = match ControlServer::start(&args.control, handler.clone()) {
+            Ok(c) => c,
+            Err(err) => {
+                // Do not leave a half-started backend behind.
+                drop(handler);
+                if let Some(backend) = backend.and_then(|b| Arc::try_unwrap(b).ok()) {
+                    let _ = backend.shutdown();
+                }
+                return Err(err.into());
+            }
+        };
+        Ok(Server {
+            backend,
+            handler,
+            control: Some(control),
+        })
+    }
+
+    fn start_backend(
+        args: &ServeArgs,
+        socket: &std::path::Path,
+        fenced: bool,
+    ) -> Result<Backend, ServeError> {
         let cores = args.cores.clone().map_or_else(|| vec![0], |c| c.0);
         let online = online_cores();
         if let Some(&core) = cores.iter().find(|c| **c >= online) {
@@ -89,78 +144,42 @@ impl Server {
                 last: online.saturating_sub(1),
             });
         }
-        let backend = Arc::new(Backend::start(BackendConfig {
+        Ok(Backend::start(BackendConfig {
             disk: args.disk.clone(),
-            socket: vhost_socket.clone(),
+            socket: socket.to_path_buf(),
             queues: args.queues,
             cores,
             read_only: args.read_only,
             serial: args.serial.clone(),
             direct_io: true,
-        })?);
-        let handler = Arc::new(EngineHandler {
-            backend: Some(backend.clone()),
-            disk: args.disk.clone(),
-            disk_bytes,
-            queues: args.queues,
-            tls,
-            insecure: args.insecure,
-            source: Mutex::new(None),
-            replica: None,
-            last_stats: Mutex::new(None),
-        });
-        let control = match ControlServer::start(&args.control, handler.clone()) {
-            Ok(c) => c,
-            Err(err) => {
-                // Do not leave a half-started backend behind.
-                if let Ok(backend) = Arc::try_unwrap(backend) {
-                    let _ = backend.shutdown();
-                }
-                return Err(err.into());
-            }
-        };
-        Ok(Server {
-            backend: Some(backend),
-            handler,
-            control: Some(control),
-        })
+            fenced,
+        })?)
     }
 
-    /// `--listen`: no VMM; the disk receives a replica from a source engine.
+    /// `--listen`: the disk receives a replica from a source engine.
     fn start_replica(
         args: &ServeArgs,
+        listen: std::net::SocketAddr,
         tls: Option<Arc<TlsIdentity>>,
         disk_bytes: u64,
-    ) -> Result<Server, ServeError> {
-        let listen = args.listen.ok_or(ServeError::NoPeerAuth)?;
+    ) -> Result<DestDriver, ServeError> {
         if tls.is_none() && !args.insecure {
             return Err(ServeError::NoPeerAuth);
         }
+        let identity =
+            ReplicaIdentity::load_or_new(&args.disk).map_err(ServeError::ReplicaIdentity)?;
         let config = DestConfig {
             disk_id: None,
             disk_bytes,
             chunk_bytes: CHUNK_BYTES,
+            generation: identity.generation,
+            source_id: None,
+            promoted: false,
         };
-        let replica = DestDriver::start(&args.disk, config, listen, tls.clone())
+        let replica = DestDriver::start(&args.disk, config, identity, listen, tls)
             .map_err(ServeError::Replica)?;
         tracing::info!(listen = %replica.local_addr(), "receiving a replica");
-        let handler = Arc::new(EngineHandler {
-            backend: None,
-            disk: args.disk.clone(),
-            disk_bytes,
-            queues: 0,
-            tls,
-            insecure: args.insecure,
-            source: Mutex::new(None),
-            replica: Some(replica),
-            last_stats: Mutex::new(None),
-        });
-        let control = ControlServer::start(&args.control, handler.clone())?;
-        Ok(Server {
-            backend: None,
-            handler,
-            control: Some(control),
-        })
+        Ok(replica)
     }
 
     /// Stops the control API and replication, disconnects the VMM, flushes the image.
@@ -181,6 +200,11 @@ impl Server {
         Ok(())
     }
 }
+
+/// Longest a fence waits for the guest writes in flight: each is one io_uring write or
+/// fallocate (milliseconds); 5 s covers a disk stalled by writeback. Past it the disk is
+/// fenced all the same and those writes are not acknowledged.
+const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -243,6 +267,7 @@ impl Handler for EngineHandler {
                 "path": s.path,
                 "size_bytes": s.size_bytes,
                 "read_only": s.read_only,
+                "fenced": s.fenced,
                 "block_size_bytes": s.block_size_bytes,
                 "direct_io": s.direct_io,
                 "serial": s.serial,
@@ -263,6 +288,61 @@ impl Handler for EngineHandler {
         })
     }
 
+    fn promote(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
+        let invalid = |m: &str| (ErrorCode::InvalidArgs, m.to_string());
+        let force = match args.get("force") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("`force` must be true or false")),
+        };
+        if args.keys().any(|k| k != "force") {
+            return Err(invalid("`promote` takes only `force`"));
+        }
+        let Some(replica) = &self.replica else {
+            let what = if lock(&self.source).is_some() {
+                "this engine is a replication source: promote applies to the destination (an engine started with --listen)"
+            } else {
+                "this engine holds no replica (promote applies to an engine started with --listen)"
+            };
+            return Err((ErrorCode::Refused, what.into()));
+        };
+        let promoted = replica.promote(force).map_err(|e| match e {
+            PromoteFailure::Refused(r) => (ErrorCode::Refused, r.to_string()),
+            PromoteFailure::Sync(_) | PromoteFailure::Identity(_) => {
+                (ErrorCode::Internal, e.to_string())
+            }
+        })?;
+        if let Some(backend) = &self.backend {
+            backend.unfence();
+        }
+        Ok(json!({
+            "consistent": promoted.consistent,
+            "complete": promoted.complete,
+            "applied_seq": promoted.applied_seq,
+            "forced": promoted.forced,
+            "serving": self.backend.is_some(),
+        }))
+    }
+
+    fn demote(&self) -> Result<Value, (ErrorCode, String)> {
+        let Some(backend) = &self.backend else {
+            return Err((
+                ErrorCode::Refused,
+                "this engine serves no disk to a VMM (no --vhost-socket): nothing to demote".into(),
+            ));
+        };
+        // Fence first: from here on no guest write is applied or acknowledged, and once
+        // this returns every write that was is captured.
+        backend
+            .fence(FENCE_TIMEOUT)
+            .map_err(|e| (ErrorCode::Internal, format!("fencing the disk: {e}")))?;
+        let source = lock(&self.source);
+        if let Some(driver) = source.as_ref() {
+            driver.demote();
+        }
+        Ok(json!({ "fenced": true, "replicating": source.is_some() }))
+    }
+
     fn replicate(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
         let invalid = |m: &str| (ErrorCode::InvalidArgs, m.to_string());
         let refused = |m: String| (ErrorCode::Refused, m);
@@ -276,9 +356,15 @@ impl Handler for EngineHandler {
         if args.keys().any(|k| k != "to") {
             return Err(invalid("`replicate` takes only `to`"));
         }
+        if self.replica.as_ref().is_some_and(|r| !r.status().promoted) {
+            return Err(refused(
+                "this engine receives a replica (--listen); promote it before it replicates its disk"
+                    .into(),
+            ));
+        }
         let Some(backend) = &self.backend else {
             return Err(refused(
-                "this engine receives a replica (--listen); it has no disk of its own to send"
+                "this engine serves no disk to a VMM (no --vhost-socket): nothing to replicate"
                     .into(),
             ));
         };
@@ -322,7 +408,13 @@ impl Handler for EngineHandler {
         backend
             .set_capture(capture.clone())
             .map_err(|e| refused(format!("cannot attach the capture point: {e}")))?;
-        let driver = SourceDriver::start(&self.disk, config, capture, target)
+        let fenced = backend.clone();
+        let fence: FenceFn = Box::new(move || {
+            if let Err(e) = fenced.fence(FENCE_TIMEOUT) {
+                tracing::error!(error = %e, "fencing the superseded disk");
+            }
+        });
+        let driver = SourceDriver::start(&self.disk, config, capture, target, fence)
             .map_err(|e| refused(format!("cannot start replication: {e}")))?;
         *source = Some(driver);
         Ok(json!({ "to": to.to_string() }))
@@ -404,9 +496,19 @@ impl EngineHandler {
     fn replication_json(&self) -> Value {
         if let Some(replica) = &self.replica {
             let s = replica.status();
+            let state = if s.promoted {
+                "promoted"
+            } else if s.connected {
+                "receiving"
+            } else {
+                "waiting"
+            };
             return json!({
                 "role": "destination",
-                "state": if s.connected { "receiving" } else { "waiting" },
+                "state": state,
+                "consistent": s.consistent_at.is_some(),
+                "consistent_seq": s.consistent_at,
+                "complete": s.complete,
                 "listening": replica.local_addr().to_string(),
                 "sessions": s.sessions,
                 "chunks_applied": s.stats.chunks_applied,
@@ -434,11 +536,25 @@ fn source_json(s: &SourceStatus) -> Value {
         "chunks_sent": s.stats.chunks_sent,
         "chunks_redone": s.stats.chunks_redone,
         "sessions_lost": s.stats.sessions_lost,
+        "full_resyncs": s.stats.full_resyncs,
         "overflowed_writes": s.overflowed_writes,
         "captured_writes": s.captured_writes,
         "accounted_writes": s.accounted_writes,
         "last_error": s.last_error,
         "verify": s.verify.as_ref().map_or(Value::Null, verify_json),
+        "demoted": s.demoted,
+        "superseded": s.superseded,
+        "throttle": {
+            "active": s.control.rate_bytes_per_s > 0,
+            "rate_bytes_per_s": s.control.rate_bytes_per_s,
+            "drain_bytes_per_s": s.control.drain_bytes_per_s,
+            "link_bytes_per_s": s.control.link_bytes_per_s,
+            "backlog_bytes": s.control.backlog_bytes,
+            "backlog_limit_bytes": s.control.budget_bytes,
+            "delayed_writes": s.pacer.delayed_writes,
+            "delay_ms_total": s.pacer.delay_ns_total as f64 / 1e6,
+            "delay_ms_max": s.pacer.delay_ns_max as f64 / 1e6,
+        },
     });
     let (state, extra) = match s.state {
         SourceState::Disconnected => ("disconnected", json!({})),
@@ -462,7 +578,15 @@ fn source_json(s: &SourceStatus) -> Value {
                 "dirty_bytes": dirty_bytes,
             }),
         ),
-        SourceState::Behind { lag_bytes } => ("behind", json!({ "lag_bytes": lag_bytes })),
+        SourceState::Behind { lag_bytes } => {
+            // The RPO: how long the destination needs to catch up at the drain rate.
+            let drain = s.control.drain_bytes_per_s;
+            let lag_seconds = (drain > 0).then(|| lag_bytes as f64 / drain as f64);
+            (
+                "behind",
+                json!({ "lag_bytes": lag_bytes, "lag_seconds": lag_seconds }),
+            )
+        }
         SourceState::InSync => ("in-sync", json!({})),
     };
     v["state"] = json!(state);

@@ -136,7 +136,16 @@ fn version_and_help_are_answered_by_the_server() {
         .collect();
     assert_eq!(
         names,
-        ["status", "stats", "version", "help", "replicate", "verify"]
+        [
+            "status",
+            "stats",
+            "version",
+            "help",
+            "replicate",
+            "verify",
+            "promote",
+            "demote"
+        ]
     );
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use strait_engine::replication::capture::MirrorCapture;
 use strait_engine::replication::driver::{DestDriver, SourceDriver, SourceTarget};
+use strait_engine::replication::identity::ReplicaIdentity;
 use strait_engine::replication::{
     DestConfig, SourceConfig, SourceState, BULK_INFLIGHT_MAX, CHUNK_BYTES, MIRROR_BACKLOG_BYTES_MAX,
 };
@@ -74,7 +75,11 @@ fn a_live_disk_replicates_byte_exact_over_tls() {
             disk_id: Some(DISK_ID),
             disk_bytes: DISK,
             chunk_bytes: CHUNK_BYTES,
+            generation: [0; 16],
+            source_id: None,
+            promoted: false,
         },
+        ReplicaIdentity::load_or_new(&dst).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         Some(tls.clone()),
     )
@@ -96,6 +101,8 @@ fn a_live_disk_replicates_byte_exact_over_tls() {
             tls: Some(tls),
             connections: 2,
         },
+        // Nothing here promotes the destination, so nothing is ever fenced.
+        Box::new(|| panic!("the source was fenced, but no destination was promoted")),
     )
     .unwrap();
 

@@ -172,3 +172,100 @@ fn a_second_source_is_refused_while_the_first_replicates() {
     );
     assert_eq!(destination.replication()["sessions"], 1);
 }
+
+/// A destination restarted on the same disk is the same replica: the source copies only
+/// what it had not confirmed. One whose identity file is gone (a replaced disk) is another
+/// replica: the source copies everything again. A promoted one stays promoted.
+#[test]
+fn a_restarted_destination_is_recognised_and_a_replaced_one_recopied() {
+    let dir = common::test_dir("strait-restart-dest");
+    let certs = certs(dir.path());
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    common::make_image(&src, 8 * MIB, Fill::Seeded(1)).unwrap();
+    common::make_image(&dst, 8 * MIB, Fill::Seeded(2)).unwrap();
+    // A fixed port, so the source finds the restarted destination where it was.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let to = format!("127.0.0.1:{port}");
+    let start_destination = |name: &str| {
+        let args = [
+            "--disk".as_ref(),
+            dst.as_os_str(),
+            "--listen".as_ref(),
+            to.as_ref(),
+            "--tls-dir".as_ref(),
+            certs.as_os_str(),
+        ];
+        serve(dir.path(), name, &args)
+    };
+    let destination = start_destination("dst-1");
+    let source = source(dir.path(), "source", &src, &certs);
+    replicate(&source, &to);
+    let first = wait_state(&source, &["in-sync"]);
+    let all_chunks = first["chunks_sent"].as_u64().unwrap();
+    assert_eq!(all_chunks, 8 * MIB / (512 << 10));
+    let identity = std::fs::read_to_string(dir.path().join("dst.img.strait-replica")).unwrap();
+    assert!(identity.contains("source="), "{identity}");
+
+    // Restarted: the same replica; nothing to copy again.
+    drop(destination);
+    let sessions_before = source.replication()["sessions_lost"].as_u64().unwrap();
+    let destination = start_destination("dst-2");
+    let started = Instant::now();
+    let r = loop {
+        let r = source.replication();
+        let reconnected = destination.replication()["sessions"].as_u64().unwrap() > 0;
+        if reconnected && r["state"] == "in-sync" {
+            break r;
+        }
+        assert!(started.elapsed() < VERDICT_TIMEOUT, "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(r["full_resyncs"], 0, "{r}");
+    assert_eq!(r["chunks_sent"], all_chunks, "{r}");
+    assert!(
+        r["sessions_lost"].as_u64().unwrap() >= sessions_before,
+        "{r}"
+    );
+
+    // Replaced: another disk behind the same address; everything is copied again.
+    drop(destination);
+    std::fs::remove_file(dir.path().join("dst.img.strait-replica")).unwrap();
+    common::make_image(&dst, 8 * MIB, Fill::Seeded(3)).unwrap();
+    let destination = start_destination("dst-3");
+    let started = Instant::now();
+    let r = loop {
+        let r = source.replication();
+        if r["full_resyncs"] == 1 && r["state"] == "in-sync" {
+            break r;
+        }
+        assert!(started.elapsed() < VERDICT_TIMEOUT, "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(r["chunks_sent"].as_u64().unwrap() >= 2 * all_chunks, "{r}");
+    assert_eq!(
+        common::md5_file(&dst).unwrap(),
+        common::md5_file(&src).unwrap()
+    );
+
+    // Promoted, then restarted: still its own disk, and the source is still refused.
+    source.call("demote", Map::new());
+    let started = Instant::now();
+    while destination.replication()["complete"] != true {
+        assert!(started.elapsed() < VERDICT_TIMEOUT);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    destination.call("promote", Map::new());
+    drop(destination);
+    let destination = start_destination("dst-4");
+    assert_eq!(destination.replication()["state"], "promoted");
+    let err = ControlClient::connect(&destination.control)
+        .unwrap()
+        .call_with_args("promote", Map::new())
+        .map(|v| v.to_string());
+    // Promoting again is harmless (idempotent).
+    assert!(err.is_ok(), "{err:?}");
+}

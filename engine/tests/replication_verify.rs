@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value};
 use strait_engine::control::ControlClient;
 use strait_engine::replication::capture::MirrorCapture;
 use strait_engine::replication::driver::{DestDriver, SourceDriver, SourceStatus, SourceTarget};
+use strait_engine::replication::identity::ReplicaIdentity;
 use strait_engine::replication::{
     DestConfig, SourceConfig, SourceState, VerifyReport, VerifyState, BULK_INFLIGHT_MAX,
     CHUNK_BYTES, MIRROR_BACKLOG_BYTES_MAX,
@@ -214,7 +215,11 @@ fn a_verify_beside_a_writing_guest_reports_no_difference() {
             disk_id: Some([9; 16]),
             disk_bytes: DISK,
             chunk_bytes: CHUNK_BYTES,
+            generation: [0; 16],
+            source_id: None,
+            promoted: false,
         },
+        ReplicaIdentity::load_or_new(&dst).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         Some(tls.clone()),
     )
@@ -236,6 +241,8 @@ fn a_verify_beside_a_writing_guest_reports_no_difference() {
             tls: Some(tls),
             connections: 2,
         },
+        // Nothing here promotes the destination, so nothing is ever fenced.
+        Box::new(|| panic!("the source was fenced, but no destination was promoted")),
     )
     .unwrap();
     let wait_for = |what: &str, done: &dyn Fn(&SourceStatus) -> bool| {

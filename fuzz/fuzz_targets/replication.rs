@@ -58,6 +58,9 @@ fuzz_target!(|data: &[u8]| {
         disk_id: None,
         disk_bytes: DISK,
         chunk_bytes: CHUNK,
+        generation: [9; 16],
+        source_id: None,
+        promoted: false,
     })
     .expect("valid config");
     let mut source = ReplicaSource::new(config()).expect("valid config");

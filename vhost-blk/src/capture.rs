@@ -9,6 +9,7 @@
 //! may observe them (a guest that needs ordering waits for the first completion).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A mutation of the disk, as applied locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +24,17 @@ pub enum GuestWrite<'a> {
     Flush,
 }
 
-/// Receives every guest write. Called on the queue's core; must not block (a later issue
-/// adds back-pressure by delaying completions, not by blocking here).
+/// Receives every guest write. Called on the queue's core; must not block.
 pub trait WriteCapture: Send + Sync + 'static {
     /// One mutation from queue `queue`.
     fn capture(&self, queue: u16, write: GuestWrite<'_>);
+
+    /// Back-pressure: how long the queue holds the completion of a data write of `bytes`
+    /// that it just captured. The queue waits on a timer, so other requests go on; the
+    /// guest only sees its write take longer, and slows down if it waits for it.
+    fn completion_delay(&self, _queue: u16, _bytes: u64) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The capture attached to a device, if any.

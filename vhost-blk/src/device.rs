@@ -16,6 +16,7 @@ use vmm_sys_util::event::{
 use crate::bitmap::{LogBitmap, LogSwitch, RegionLog};
 use crate::capture::WriteCapture;
 use crate::config::{config_slice, BlkConfig, VHOST_F_LOG_ALL, WRITEBACK_OFFSET};
+use crate::fence::Fence;
 use crate::limits::MAX_QUEUE_SIZE;
 use crate::metrics::QueueMetrics;
 use crate::rt::Notify;
@@ -145,6 +146,8 @@ pub struct DeviceShared {
     pub guest: AtomicMemory,
     pub log: Arc<LogSwitch>,
     pub capture: OnceLock<Arc<dyn WriteCapture>>,
+    /// Whether guest mutations are refused (see [`crate::fence`]).
+    pub fence: Fence,
     config: Mutex<BlkConfig>,
     offered_features: u64,
     acked_features: AtomicU64,
@@ -167,7 +170,7 @@ impl std::fmt::Debug for DeviceShared {
 
 impl DeviceShared {
     /// A device for `disk` with one queue per entry of `queue_cores` (the core that owns it).
-    pub fn new(disk: DiskInfo, queue_cores: &[usize]) -> Self {
+    pub fn new(disk: DiskInfo, queue_cores: &[usize], fenced: bool) -> Self {
         let queues: Vec<_> = queue_cores
             .iter()
             .enumerate()
@@ -188,6 +191,7 @@ impl DeviceShared {
             guest: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             log: Arc::new(LogSwitch::default()),
             capture: OnceLock::new(),
+            fence: Fence::new(fenced),
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),

@@ -22,6 +22,7 @@ mod bitmap;
 mod capture;
 mod config;
 mod device;
+mod fence;
 mod limits;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod metrics;
@@ -37,6 +38,7 @@ mod server;
 
 pub use capture::{GuestWrite, SharedCapture, WriteCapture};
 pub use config::{feature_names, VHOST_F_LOG_ALL};
+pub use fence::FenceTimeout;
 pub use limits::{
     DEFAULT_QUEUES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_QUEUES, MAX_QUEUE_SIZE,
     MAX_REQUEST_BYTES, MAX_SEGMENTS, MAX_SEGMENT_BYTES, SECTOR_SIZE, SERIAL_BYTES,

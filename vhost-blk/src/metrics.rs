@@ -29,6 +29,9 @@ pub enum ErrorKind {
     ReadOnly,
     /// The host I/O failed.
     Io,
+    /// A mutation refused because the disk is fenced (a demoted or superseded replication
+    /// source, or a destination not yet promoted).
+    Fenced,
 }
 
 /// What kind of request completed.
@@ -59,6 +62,7 @@ pub struct QueueMetrics {
     out_of_range: AtomicU64,
     unsupported: AtomicU64,
     read_only: AtomicU64,
+    fenced: AtomicU64,
     io: AtomicU64,
     latency_max_ns: AtomicU64,
     latency: Box<[AtomicU64]>,
@@ -80,6 +84,7 @@ impl Default for QueueMetrics {
             out_of_range: AtomicU64::new(0),
             unsupported: AtomicU64::new(0),
             read_only: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
             io: AtomicU64::new(0),
             latency_max_ns: AtomicU64::new(0),
             latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
@@ -143,6 +148,7 @@ impl QueueMetrics {
             ErrorKind::Unsupported => &self.unsupported,
             ErrorKind::ReadOnly => &self.read_only,
             ErrorKind::Io => &self.io,
+            ErrorKind::Fenced => &self.fenced,
         };
         bump(counter, 1);
     }
@@ -167,6 +173,7 @@ impl QueueMetrics {
                 unsupported: get(&self.unsupported),
                 read_only: get(&self.read_only),
                 io: get(&self.io),
+                fenced: get(&self.fenced),
             },
             latency: Histogram {
                 buckets: self.latency.iter().map(get).collect(),
@@ -184,12 +191,18 @@ pub struct ErrorCounts {
     pub unsupported: u64,
     pub read_only: u64,
     pub io: u64,
+    pub fenced: u64,
 }
 
 impl ErrorCounts {
     /// All errors, whatever the reason.
     pub fn total(&self) -> u64 {
-        self.bad_descriptor + self.out_of_range + self.unsupported + self.read_only + self.io
+        self.bad_descriptor
+            + self.out_of_range
+            + self.unsupported
+            + self.read_only
+            + self.io
+            + self.fenced
     }
 
     fn add(&mut self, other: &ErrorCounts) {
@@ -198,6 +211,7 @@ impl ErrorCounts {
         self.unsupported += other.unsupported;
         self.read_only += other.read_only;
         self.io += other.io;
+        self.fenced += other.fenced;
     }
 }
 

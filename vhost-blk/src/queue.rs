@@ -385,6 +385,23 @@ struct Ticket {
     slow: bool,
 }
 
+impl Completion {
+    /// This mutation's completion, turned into a refusal: the disk was fenced while it
+    /// ran.
+    fn fenced(self) -> Completion {
+        Completion {
+            status: self
+                .status
+                .map(|(addr, _)| (addr, VIRTIO_BLK_S_IOERR as u8)),
+            written_len: 0,
+            op: OpKind::Other,
+            bytes: 0,
+            error: Some(ErrorKind::Fenced),
+            ..self
+        }
+    }
+}
+
 impl Ticket {
     fn fail(self, status: GuestAddress, kind: ErrorKind) -> Completion {
         let code = if kind == ErrorKind::Unsupported {
@@ -436,6 +453,15 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
     if !req.check_range(capacity_sectors) {
         return fail(ErrorKind::OutOfRange);
     }
+    // Counted in before the fence is looked at; out once the mutation is captured.
+    let entered = if req.kind.is_mutation() {
+        match device.fence.enter() {
+            Some(entered) => Some(entered),
+            None => return fail(ErrorKind::Fenced),
+        }
+    } else {
+        None
+    };
     let ok = |op, bytes: u64, written_len| ticket.ok(req.status, op, bytes, written_len);
     let capture = device.capture.get();
     let result = match req.kind {
@@ -473,12 +499,32 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
         }
         RequestKind::Unsupported(_) => return fail(ErrorKind::Unsupported),
     };
+    // Applied and captured: a fence waiting for this mutation may complete now.
+    drop(entered);
+    if req.kind == RequestKind::Write && result.is_ok() {
+        hold_completion(capture, queue, req.data_len).await;
+    }
     match result {
+        // Fenced while it ran: not acknowledged (see `crate::fence`).
+        Ok(c) if req.kind.is_mutation() && device.fence.is_fenced() => c.fenced(),
         Ok(c) => c,
         Err(err) => {
             tracing::warn!(queue, sector = req.sector, error = ?err, "request failed");
             fail(ErrorKind::Io)
         }
+    }
+}
+
+/// Holds a captured write's completion as long as the capture asks (back-pressure when
+/// replication drains slower than the guest writes). The request keeps its in-flight slot
+/// meanwhile, which is what slows a guest that waits for its writes.
+async fn hold_completion(capture: Option<&Arc<dyn WriteCapture>>, queue: u16, bytes: u32) {
+    let Some(c) = capture else {
+        return;
+    };
+    let delay = c.completion_delay(queue, u64::from(bytes));
+    if !delay.is_zero() {
+        glommio::timer::sleep(delay).await;
     }
 }
 

@@ -49,6 +49,9 @@ pub struct BackendConfig {
     pub serial: Option<String>,
     /// Try `O_DIRECT` (falls back to buffered I/O where the filesystem refuses it).
     pub direct_io: bool,
+    /// Start fenced: guest mutations are refused until [`Backend::unfence`] (a replica
+    /// that is not yet promoted).
+    pub fenced: bool,
 }
 
 /// What can go wrong starting or running the backend.
@@ -106,6 +109,8 @@ pub struct DeviceStatus {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub read_only: bool,
+    /// Guest mutations are refused (see [`Backend::fence`]).
+    pub fenced: bool,
     pub block_size_bytes: u32,
     pub direct_io: bool,
     pub serial: String,
@@ -162,7 +167,7 @@ impl Backend {
             block_size: info.alignment.clamp(SECTOR_SIZE, 4096) as u32,
             direct_io: info.direct,
         };
-        let shared = Arc::new(DeviceShared::new(disk, &queue_cores));
+        let shared = Arc::new(DeviceShared::new(disk, &queue_cores, config.fenced));
         for tx in share_txs {
             // An executor that died after opening the image reports through join().
             let _ = tx.send(shared.clone());
@@ -190,6 +195,26 @@ impl Backend {
         })
     }
 
+    /// Fences the disk: from now on no guest write, discard or write-zeroes is applied or
+    /// acknowledged (they fail with an I/O error; reads and flushes go on). Returns once
+    /// the mutations in flight are done, at most `timeout` later (see `crate::fence`).
+    pub fn fence(&self, timeout: std::time::Duration) -> Result<(), crate::FenceTimeout> {
+        let result = self.shared.fence.fence(timeout);
+        tracing::warn!(disk = %self.config.disk.display(), "disk fenced: guest writes are refused");
+        result
+    }
+
+    /// Lifts the fence: guest writes are applied again.
+    pub fn unfence(&self) {
+        self.shared.fence.lift();
+        tracing::info!(disk = %self.config.disk.display(), "fence lifted: guest writes are applied");
+    }
+
+    /// Whether the disk is fenced.
+    pub fn is_fenced(&self) -> bool {
+        self.shared.fence.is_fenced()
+    }
+
     /// Attaches the write capture. Only one may be attached, once.
     pub fn set_capture(&self, capture: Arc<dyn WriteCapture>) -> Result<(), ServerError> {
         self.shared
@@ -211,6 +236,7 @@ impl Backend {
             path: s.disk.path.clone(),
             size_bytes: s.disk.size_bytes,
             read_only: s.disk.read_only,
+            fenced: s.fence.is_fenced(),
             block_size_bytes: s.disk.block_size,
             direct_io: s.disk.direct_io,
             serial: String::from_utf8_lossy(&s.disk.serial[..serial_len]).into_owned(),

@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use strait_vhost_blk::{GuestWrite, WriteCapture};
@@ -486,4 +487,94 @@ fn capture_sees_every_mutation_before_its_completion() {
             Captured::Flush { queue: 0 },
         ]
     );
+}
+
+#[test]
+fn a_fenced_disk_refuses_every_mutation_until_the_fence_is_lifted() {
+    let rig = Rig::start(RigOptions::default());
+    let recorder = Arc::new(Recorder::default());
+    rig.backend.set_capture(recorder.clone()).unwrap();
+    let fe = rig.connect(rig.default_features());
+    let mut q = rig.queue(&fe, 0);
+    let ioerr = Done {
+        status: S_IOERR,
+        used_len: 1,
+    };
+    rig.backend.fence(Duration::from_secs(5)).unwrap();
+    assert!(rig.backend.status().fenced);
+
+    assert_eq!(q.write(0, DATA_AREA, &pattern(5, 4096)), ioerr);
+    assert_eq!(q.ranges(T_DISCARD, 0x31_0000, &[(0, 8, 0)]), ioerr);
+    assert_eq!(q.ranges(T_WRITE_ZEROES, 0x31_0000, &[(8, 8, 1)]), ioerr);
+    assert_eq!(rig.counters(0).errors.fenced, 3);
+    assert_bytes!(rig.disk(0, 8192), image_bytes(0, 8192), "image unchanged");
+    assert_bytes!(q.read(0, DATA_AREA, 8192), image_bytes(0, 8192));
+    assert_eq!(q.request(T_FLUSH, 0, &[]).status, S_OK);
+    assert!(
+        !recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| !matches!(e, Captured::Flush { .. })),
+        "a refused mutation was captured"
+    );
+
+    rig.backend.unfence();
+    assert!(!rig.backend.status().fenced);
+    let data = pattern(6, 4096);
+    assert_eq!(q.write(0, DATA_AREA, &data).status, S_OK);
+    assert_bytes!(rig.disk(0, 4096), data);
+}
+
+/// A capture that asks every data write's completion to be held.
+struct Holder(Duration);
+
+impl WriteCapture for Holder {
+    fn capture(&self, _queue: u16, _write: GuestWrite<'_>) {}
+
+    fn completion_delay(&self, _queue: u16, _bytes: u64) -> Duration {
+        self.0
+    }
+}
+
+#[test]
+fn a_held_write_completes_later_and_a_fence_meanwhile_fails_it() {
+    let hold = Duration::from_millis(300);
+    let rig = Rig::start(RigOptions::default());
+    rig.backend.set_capture(Arc::new(Holder(hold))).unwrap();
+    let fe = rig.connect(rig.default_features());
+    let mut q = rig.queue(&fe, 0);
+
+    // Held: the completion comes no sooner than asked, and the data is on the disk.
+    let data = pattern(7, 4096);
+    let started = Instant::now();
+    assert_eq!(q.write(0, DATA_AREA, &data).status, S_OK);
+    assert!(
+        started.elapsed() >= hold,
+        "completed after {:?}",
+        started.elapsed()
+    );
+    assert_bytes!(rig.disk(0, 4096), data);
+
+    // Fenced while held: the write was applied and captured, so the fence does not wait
+    // for it, but the guest is not told it succeeded.
+    let data = pattern(8, 4096);
+    rig.write_guest(DATA_AREA, &data);
+    let t = q.submit(T_OUT, 8, &[Buf::from_guest(DATA_AREA, 4096)]);
+    q.notify();
+    // Until the write is on the disk (it is then captured and held).
+    let applied = Instant::now();
+    while rig.disk(4096, 4096) != data {
+        assert!(applied.elapsed() < hold, "the write did not reach the disk");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let fencing = Instant::now();
+    rig.backend.fence(Duration::from_secs(5)).unwrap();
+    assert!(
+        fencing.elapsed() < hold,
+        "the fence waited for a held write"
+    );
+    assert_eq!(q.complete(t).status, S_IOERR);
+    assert_eq!(rig.counters(0).errors.fenced, 1);
 }

@@ -23,7 +23,8 @@ pub use server::{
 /// on its state. `version` and `help` are answered by the server itself.
 ///
 /// The server calls these from its connection threads, concurrently, so they must be cheap
-/// (read counters, do not wait on I/O). A panic is caught and answered with an `internal`
+/// (read counters, do not wait on I/O), except `promote` and `demote`, which wait for the
+/// disk (a sync; the writes in flight), boundedly, before they answer. A panic is caught and answered with an `internal`
 /// error; the server keeps serving.
 pub trait Handler: Send + Sync + 'static {
     /// Result object of the `status` command.
@@ -50,6 +51,24 @@ pub trait Handler: Send + Sync + 'static {
         Err((
             protocol::ErrorCode::Refused,
             "this engine does not replicate".into(),
+        ))
+    }
+    /// Promotes this replica (`promote`), or says why not.
+    fn promote(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        let _ = args;
+        Err((
+            protocol::ErrorCode::Refused,
+            "this engine holds no replica".into(),
+        ))
+    }
+    /// Demotes this source (`demote`), or says why not.
+    fn demote(&self) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        Err((
+            protocol::ErrorCode::Refused,
+            "this engine serves no disk".into(),
         ))
     }
 }

@@ -117,17 +117,23 @@ pub enum Command {
     Replicate,
     /// Starts comparing the replica with the served disk (`args.repair` optional).
     Verify,
+    /// Makes a replica (a destination) a disk of its own (`args.force` optional).
+    Promote,
+    /// Fences a source's disk; replication tells the destination once it has every write.
+    Demote,
 }
 
 impl Command {
     /// Every command, in the order `help` lists them.
-    pub const ALL: [Command; 6] = [
+    pub const ALL: [Command; 8] = [
         Command::Status,
         Command::Stats,
         Command::Version,
         Command::Help,
         Command::Replicate,
         Command::Verify,
+        Command::Promote,
+        Command::Demote,
     ];
 
     /// The command's name in `cmd`.
@@ -139,6 +145,8 @@ impl Command {
             Command::Help => "help",
             Command::Replicate => "replicate",
             Command::Verify => "verify",
+            Command::Promote => "promote",
+            Command::Demote => "demote",
         }
     }
 
@@ -159,6 +167,12 @@ impl Command {
             Command::Verify => {
                 "start comparing the replica with the served disk by chunk digests (progress and result in status): args {\"repair\": bool} optional"
             }
+            Command::Promote => {
+                "make this replica a disk of its own (refused while inconsistent or while an undemoted source is connected, unless args {\"force\": true})"
+            }
+            Command::Demote => {
+                "fence this source's disk (guest writes fail from now on); the destination is told once it holds every write"
+            }
         }
     }
 
@@ -176,7 +190,8 @@ pub struct Request {
     /// Echoed in the response. A JSON scalar; null when the request had none.
     pub id: Value,
     pub command: Command,
-    /// The `args` object; empty when absent. Only `replicate` and `verify` take arguments.
+    /// The `args` object; empty when absent. Only `replicate`, `verify` and `promote` take
+    /// arguments.
     pub args: Map<String, Value>,
 }
 
@@ -267,10 +282,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         );
         return Err(RequestError::new(id, ErrorCode::UnknownCommand, message));
     };
-    // Only `replicate` and `verify` take arguments (their handlers check them); refusing
-    // them elsewhere tells a client written for a later version that this engine would
-    // not honour them.
-    if !args.is_empty() && !matches!(command, Command::Replicate | Command::Verify) {
+    // Only `replicate`, `verify` and `promote` take arguments (their handlers check them);
+    // refusing them elsewhere tells a client written for a later version that this engine
+    // would not honour them.
+    let takes_args = matches!(
+        command,
+        Command::Replicate | Command::Verify | Command::Promote
+    );
+    if !args.is_empty() && !takes_args {
         let message = format!("`{}` takes no arguments", command.name());
         return Err(RequestError::new(id, ErrorCode::InvalidRequest, message));
     }

@@ -511,6 +511,8 @@ impl Connection {
             Command::Help => Ok(protocol::help_result()),
             Command::Replicate => handler.replicate(&request.args),
             Command::Verify => handler.verify(&request.args),
+            Command::Promote => handler.promote(&request.args),
+            Command::Demote => handler.demote(),
         }));
         match result {
             Ok(Ok(result)) => ok_response(&request.id, result),

@@ -18,8 +18,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use crossbeam_queue::ArrayQueue;
 use strait_vhost_blk::{GuestWrite, WriteCapture};
+
+use super::throttle::Pacer;
 
 /// Writes one shard's ring holds: a queue has at most 256 requests in flight (the ring
 /// size the test guests and QEMU use, and far above what completes between two drains,
@@ -57,6 +61,9 @@ pub struct MirrorCapture {
     overflowed_writes: AtomicU64,
     /// Overflowed writes whose bits `take_overflow` has not taken yet.
     overflow_pending: AtomicU64,
+    /// One more than the highest capture number that overflowed (0: none yet); never
+    /// reset, see [`MirrorCapture::overflow_mark`].
+    overflow_last: AtomicU64,
     /// The next capture number, which is also how many mutations were captured.
     next_order: AtomicU64,
     /// Captured mutations the replication thread has taken (drained, or their overflow
@@ -65,6 +72,9 @@ pub struct MirrorCapture {
     /// Per shard, the entry taken from its ring and not yet handed out: the drain's
     /// merge looks at every shard's head. Only the replication thread uses it.
     heads: std::sync::Mutex<Vec<Option<Captured>>>,
+    /// Back-pressure: how long each write's completion is held (the replication thread
+    /// sets its rate).
+    pacer: Pacer,
 }
 
 impl MirrorCapture {
@@ -85,9 +95,11 @@ impl MirrorCapture {
                 .collect(),
             overflowed_writes: AtomicU64::new(0),
             overflow_pending: AtomicU64::new(0),
+            overflow_last: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             next_order: AtomicU64::new(0),
             heads: std::sync::Mutex::new((0..queues.max(1)).map(|_| None).collect()),
+            pacer: Pacer::new(),
         }
     }
 
@@ -140,15 +152,38 @@ impl MirrorCapture {
         self.taken.fetch_add(pending, Ordering::AcqRel);
     }
 
+    /// The back-pressure pacer the data path asks before each write completion.
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
+    }
+
+    /// Data bytes captured and not yet drained, over all shards.
+    pub fn pending_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.bytes.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// One more than the highest capture number that overflowed to the bitmap (0: none).
+    /// A write that depends on an overflowed one (issued after that one completed) is
+    /// captured after the overflow was recorded here, so the replication thread looks at
+    /// this before it mirrors each write: an overflow numbered below the write means the
+    /// destination must first be told it is missing one (`Unsynced`).
+    pub fn overflow_mark(&self) -> u64 {
+        self.overflow_last.load(Ordering::Acquire)
+    }
+
     /// Writes that overflowed to the bitmap so far.
     pub fn overflowed_writes(&self) -> u64 {
         self.overflowed_writes.load(Ordering::Relaxed)
     }
 
-    fn overflow(&self, offset: u64, len: u64) {
+    fn overflow(&self, order: u64, offset: u64, len: u64) {
         if len == 0 || offset >= self.disk_bytes {
             return;
         }
+        self.overflow_last.fetch_max(order + 1, Ordering::AcqRel);
         let end = offset.saturating_add(len).min(self.disk_bytes);
         for chunk in offset / self.chunk_bytes..=(end - 1) / self.chunk_bytes {
             if let Some(word) = self.overflow.get((chunk / 64) as usize) {
@@ -175,7 +210,7 @@ impl WriteCapture for MirrorCapture {
         let shard = &self.shards[usize::from(queue) % self.shards.len()];
         let data_len = data.map_or(0, |d| d.len() as u64);
         if shard.bytes.load(Ordering::Acquire) + data_len > SHARD_BYTES_MAX {
-            self.overflow(offset, len);
+            self.overflow(order, offset, len);
             return;
         }
         shard.bytes.fetch_add(data_len, Ordering::AcqRel);
@@ -187,8 +222,12 @@ impl WriteCapture for MirrorCapture {
         };
         if shard.ring.push(captured).is_err() {
             shard.bytes.fetch_sub(data_len, Ordering::AcqRel);
-            self.overflow(offset, len);
+            self.overflow(order, offset, len);
         }
+    }
+
+    fn completion_delay(&self, _queue: u16, bytes: u64) -> Duration {
+        self.pacer.delay(bytes)
     }
 }
 

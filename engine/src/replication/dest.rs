@@ -17,6 +17,12 @@ pub struct DestConfig {
     pub disk_bytes: u64,
     /// The bulk copy's unit; the source must use the same.
     pub chunk_bytes: u64,
+    /// This replica's id, told to every source after `Welcome`.
+    pub generation: [u8; ID_BYTES],
+    /// The source this replica belongs to, if it was bound to one before (a restart).
+    pub source_id: Option<[u8; ID_BYTES]>,
+    /// Promoted before (a restart): every `Hello` is refused.
+    pub promoted: bool,
 }
 
 /// What the caller does to its disk, or sends back, in this order.
@@ -63,6 +69,33 @@ pub enum DestError {
     Unexpected(&'static str),
     #[error("verify request for {count} chunks from {first}: the disk has {chunks}, a request names 1 to {VERIFY_CHUNKS_MAX}")]
     VerifyRange { first: u64, count: u64, chunks: u64 },
+    #[error(
+        "Synced at seq {seq} arrived after mirror seq {applied}: the mirror stream is ordered"
+    )]
+    SyncedBehind { seq: u64, applied: u64 },
+}
+
+/// Why a `promote` is refused (unless forced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum PromoteError {
+    #[error("the replica is not consistent: the copy or a resync is not finished (promote with force to take it as it is)")]
+    Inconsistent,
+    #[error("a source is connected and has not been demoted: it may still write (demote it first, or promote with force)")]
+    SourceLive,
+}
+
+/// What a promoted replica is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promoted {
+    /// A state the source's disk was in (every chunk copied, mirror writes applied in
+    /// order); false only when forced.
+    pub consistent: bool,
+    /// The source was demoted and every write it made is here.
+    pub complete: bool,
+    /// The last mirror seq applied.
+    pub applied_seq: u64,
+    /// Promoted although a check refused it.
+    pub forced: bool,
 }
 
 /// Counters.
@@ -97,6 +130,14 @@ pub struct ReplicaDest {
     confirmed_seq: u64,
     /// Chunks applied and not yet confirmed.
     chunks_unconfirmed: Vec<(u64, u64)>,
+    /// Chunks received on this session (compared with `Synced`'s count).
+    session_chunks: u64,
+    /// Every chunk is copied and the mirror applied in order: a state the source was in.
+    consistent: bool,
+    /// The source said it is demoted and its last write is here.
+    complete: bool,
+    /// The seq of the last `Synced` that made the replica consistent.
+    synced_seq: u64,
     stats: DestStats,
 }
 
@@ -107,15 +148,19 @@ impl ReplicaDest {
         let len = usize::try_from(chunks).map_err(|_| ConfigError::TooManyChunks { chunks })?;
         Ok(ReplicaDest {
             config,
-            source: None,
+            source: config.source_id,
             source_bytes: 0,
             welcomed: false,
-            promoted: false,
+            promoted: config.promoted,
             mirror_seq: vec![0; len],
             bulk_seq: vec![0; len],
             applied_seq: 0,
             confirmed_seq: 0,
             chunks_unconfirmed: Vec::new(),
+            session_chunks: 0,
+            consistent: false,
+            complete: false,
+            synced_seq: 0,
             stats: DestStats::default(),
         })
     }
@@ -125,10 +170,58 @@ impl ReplicaDest {
         self.welcomed = false;
     }
 
-    /// Makes this replica a disk of its own: every later `Hello` is refused.
-    pub fn promote(&mut self) {
+    /// Makes this replica a disk of its own: every later `Hello` is refused, and the
+    /// session in progress ends (its next message is refused). Refused while the replica
+    /// is inconsistent, or while a source that was not demoted is connected, unless
+    /// `force` (disaster recovery: the source is gone, and what is here is all there is).
+    pub fn promote(&mut self, force: bool) -> Result<Promoted, PromoteError> {
+        if !force && !self.promoted {
+            if !self.consistent {
+                return Err(PromoteError::Inconsistent);
+            }
+            if self.welcomed && !self.complete {
+                return Err(PromoteError::SourceLive);
+            }
+        }
+        let forced = !self.promoted && (!self.consistent || (self.welcomed && !self.complete));
         self.promoted = true;
         self.welcomed = false;
+        Ok(Promoted {
+            consistent: self.consistent,
+            complete: self.complete,
+            applied_seq: self.applied_seq,
+            forced,
+        })
+    }
+
+    /// What must survive a restart: the disk and source this replica is bound to (once a
+    /// source was welcomed) and whether it was promoted. The caller stores it beside the
+    /// disk when it changes.
+    pub fn identity(&self) -> (Option<[u8; ID_BYTES]>, Option<[u8; ID_BYTES]>, bool) {
+        (self.config.disk_id, self.source, self.promoted)
+    }
+
+    /// Whether [`Self::promote`] succeeded.
+    pub fn is_promoted(&self) -> bool {
+        self.promoted
+    }
+
+    /// Whether the replica is a state the source's disk was in.
+    pub fn is_consistent(&self) -> bool {
+        self.consistent
+    }
+
+    /// Whether the source was demoted and every write it made is here.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// When consistent: the seq of the source's state the replica holds (every write up
+    /// to it; when it is the last mirror write applied, that write may be partly applied,
+    /// as a crash would leave a write in flight).
+    pub fn consistent_at(&self) -> Option<u64> {
+        self.consistent
+            .then(|| self.synced_seq.max(self.applied_seq))
     }
 
     /// One message from the source.
@@ -139,12 +232,15 @@ impl ReplicaDest {
                 source_id,
                 disk_bytes,
                 chunk_bytes,
-            } => Ok(vec![Apply::Reply(self.on_hello(
-                disk_id,
-                source_id,
-                disk_bytes,
-                chunk_bytes,
-            ))]),
+            } => {
+                let answer = self.on_hello(disk_id, source_id, disk_bytes, chunk_bytes);
+                let mut out = vec![Apply::Reply(answer.clone())];
+                if answer == Message::Welcome {
+                    let generation = self.config.generation;
+                    out.push(Apply::Reply(Message::ReplicaId { generation }));
+                }
+                Ok(out)
+            }
             Message::Write { seq, offset, data } => {
                 let len = data.len() as u64;
                 self.check_mirror("Write", seq, offset, len)?;
@@ -156,7 +252,33 @@ impl ReplicaDest {
             }
             Message::Chunk { index, seq, data } => self.chunk(index, seq, data),
             Message::VerifyRequest { id, first, count } => self.verify(id, first, count),
+            Message::Synced { seq, last, chunks } => {
+                if !self.welcomed {
+                    return Err(DestError::NotWelcomed("Synced"));
+                }
+                if seq < self.applied_seq {
+                    return Err(DestError::SyncedBehind {
+                        seq,
+                        applied: self.applied_seq,
+                    });
+                }
+                // A chunk sent after this Synced may have overtaken it on the Bulk class:
+                // then the counts differ and the next Synced decides.
+                self.consistent = chunks == self.session_chunks;
+                self.complete = last && self.consistent;
+                self.synced_seq = seq;
+                Ok(Vec::new())
+            }
+            Message::Unsynced => {
+                if !self.welcomed {
+                    return Err(DestError::NotWelcomed("Unsynced"));
+                }
+                self.consistent = false;
+                self.complete = false;
+                Ok(Vec::new())
+            }
             Message::Welcome => Err(DestError::Unexpected("Welcome")),
+            Message::ReplicaId { .. } => Err(DestError::Unexpected("ReplicaId")),
             Message::Refuse(_) => Err(DestError::Unexpected("Refuse")),
             Message::Applied { .. } => Err(DestError::Unexpected("Applied")),
             Message::ChunkDone { .. } => Err(DestError::Unexpected("ChunkDone")),
@@ -215,6 +337,11 @@ impl ReplicaDest {
         self.config.disk_id = Some(disk_id);
         self.source_bytes = disk_bytes;
         self.welcomed = true;
+        self.session_chunks = 0;
+        // Writes of the last session may be missing (they go to the source's bitmap):
+        // consistent again only when the source says so.
+        self.consistent = false;
+        self.complete = false;
         Message::Welcome
     }
 
@@ -328,6 +455,9 @@ impl ReplicaDest {
                 expected,
             });
         }
+        self.session_chunks += 1;
+        self.consistent = false;
+        self.complete = false;
         let i = index as usize;
         if seq < self.mirror_seq[i] {
             self.stats.chunks_redone += 1;

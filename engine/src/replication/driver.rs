@@ -8,7 +8,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -22,11 +22,13 @@ use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
 use super::capture::{Captured, MirrorCapture};
+use super::identity::{IdentityError, ReplicaIdentity};
+use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
 use super::verify::hash_file_chunks;
-use super::wire::{Message, DATA_BYTES_MAX};
+use super::wire::{Message, RefuseReason, DATA_BYTES_MAX};
 use super::{
-    Apply, DestConfig, DestStats, ReplicaDest, ReplicaSource, SourceConfig, SourceState,
-    SourceStats, VerifyRefusal, VerifyReport, WriteVerdict,
+    Apply, DestConfig, DestStats, PromoteError, Promoted, ReplicaDest, ReplicaSource, SourceConfig,
+    SourceState, SourceStats, VerifyRefusal, VerifyReport, WriteVerdict,
 };
 
 /// Captured writes taken from each shard per round: enough to empty a shard that filled
@@ -40,6 +42,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause of a thread that found nothing to do: short against any RTT, cheap when idle.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
+
+/// How long a promoted destination waits for its refusal to reach the source before it
+/// closes the session: a few WAN round trips. A source that does not get it learns the
+/// same when it reconnects (its `Hello` is refused).
+const PROMOTED_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Between two attempts to reach the destination.
 const REDIAL_PAUSE: Duration = Duration::from_secs(1);
@@ -63,6 +70,13 @@ pub struct SourceStatus {
     pub captured_writes: u64,
     pub accounted_writes: u64,
     pub last_error: Option<String>,
+    /// The disk is fenced and every write it made is handed to replication.
+    pub demoted: bool,
+    /// The destination was promoted: this source's disk is fenced for good.
+    pub superseded: bool,
+    /// The back-pressure controller's last decision, and what the pacer imposed.
+    pub control: ControlState,
+    pub pacer: PacerStats,
     /// The current or last verify run (see [`SourceDriver::start_verify`]).
     pub verify: Option<VerifyReport>,
     /// A verify asked for (with `repair`) that the thread has not taken up yet.
@@ -76,12 +90,17 @@ pub struct SourceTarget {
     pub connections: u16,
 }
 
+/// Fences the source's disk: called when the destination was promoted (this source is
+/// superseded), from the replication thread.
+pub type FenceFn = Box<dyn Fn() + Send>;
+
 /// A running source replication thread.
 pub struct SourceDriver {
     /// Chunks of the disk: what a verify compares.
     chunks: u64,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
+    demote: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -93,6 +112,7 @@ impl SourceDriver {
         config: SourceConfig,
         capture: Arc<MirrorCapture>,
         target: SourceTarget,
+        fence: FenceFn,
     ) -> Result<SourceDriver, super::DriverError> {
         let file = File::open(image).map_err(|source| super::DriverError::Open {
             path: image.to_path_buf(),
@@ -109,11 +129,18 @@ impl SourceDriver {
             captured_writes: 0,
             accounted_writes: 0,
             last_error: None,
+            demoted: false,
+            superseded: false,
+            control: ControlState::default(),
+            pacer: PacerStats::default(),
             verify: None,
             verify_requested: None,
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let demote = Arc::new(AtomicBool::new(false));
         let mut runner = SourceRunner {
+            demote: demote.clone(),
+            fence,
             file,
             source,
             capture,
@@ -121,6 +148,11 @@ impl SourceDriver {
             link: None,
             status: status.clone(),
             stop: stop.clone(),
+            controller: Controller::new(),
+            next_control: Instant::now(),
+            delivered: 0,
+            link_acked: 0,
+            overflow_seen: 0,
             verify: VerifyLocal::default(),
         };
         let thread = thread::Builder::new()
@@ -131,13 +163,9 @@ impl SourceDriver {
             chunks,
             status,
             stop,
+            demote,
             thread: Some(thread),
         })
-    }
-
-    /// A snapshot of where replication stands.
-    pub fn status(&self) -> SourceStatus {
-        lock(&self.status).clone()
     }
 
     /// Starts a verify run (see [`super::verify`]); with `repair`, chunks found different
@@ -159,6 +187,17 @@ impl SourceDriver {
         s.verify = Some(VerifyReport::starting(repair, self.chunks, wall_ns()));
         s.verify_requested = Some(repair);
         Ok(())
+    }
+
+    /// A snapshot of where replication stands.
+    pub fn status(&self) -> SourceStatus {
+        lock(&self.status).clone()
+    }
+
+    /// The caller fenced the disk, and every mutation it will ever make is captured:
+    /// replication drains what is left and tells the destination its replica is complete.
+    pub fn demote(&self) {
+        self.demote.store(true, Ordering::Release);
     }
 
     /// Stops the thread (its link closes; the destination keeps what it confirmed).
@@ -188,6 +227,16 @@ struct SourceRunner {
     link: Option<Link>,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
+    controller: Controller,
+    next_control: Instant,
+    demote: Arc<AtomicBool>,
+    fence: FenceFn,
+    /// Bytes the links delivered (acked by the peer), all classes, all sessions.
+    delivered: u64,
+    /// The current link's acked bytes at the last control tick.
+    link_acked: u64,
+    /// The capture's overflow mark last looked at.
+    overflow_seen: u64,
     verify: VerifyLocal,
 }
 
@@ -226,11 +275,14 @@ impl SourceRunner {
                     true
                 }
             };
+            self.control();
             self.publish();
             if !busy {
                 thread::sleep(IDLE_PAUSE);
             }
         }
+        // Nothing drains any more: stop holding the guest's writes.
+        self.capture.pacer().set_rate(0);
         if let Some(link) = self.link.take() {
             link.close();
         }
@@ -246,6 +298,7 @@ impl SourceRunner {
                     Ok(_) => {
                         info!(to = %t.to, "replication session open");
                         self.link = Some(link);
+                        self.link_acked = 0;
                     }
                     Err(e) => self.lost(&e.to_string()),
                 }
@@ -282,6 +335,15 @@ impl SourceRunner {
         for chunk in overflowed {
             self.source.mark_chunk_dirty(chunk);
         }
+        // Demoted: once every write captured is accounted for, there will be no other.
+        let (captured_total, accounted) = self.capture.counts();
+        if self.demote.load(Ordering::Acquire)
+            && !self.source.is_demoted()
+            && captured_total == accounted
+        {
+            info!("demoted: the destination is told once it holds every write");
+            self.source.demote();
+        }
         let Some(link) = &self.link else {
             return Ok(drained > 0);
         };
@@ -296,6 +358,9 @@ impl SourceRunner {
             replies += 1;
         }
         if let SourceState::Refused(reason) = self.source.state() {
+            if reason == RefuseReason::Promoted {
+                self.superseded();
+            }
             return Err(format!("the destination refused: {reason}"));
         }
         let mut chunks = 0;
@@ -315,6 +380,9 @@ impl SourceRunner {
             self.send(StreamClass::Bulk, message)?;
             chunks += 1;
         }
+        if let Some(m) = self.source.take_synced() {
+            self.send(StreamClass::Mirror, m)?;
+        }
         let verified = self.verify_round()?;
         Ok(drained + replies + chunks > 0 || verified)
     }
@@ -322,6 +390,9 @@ impl SourceRunner {
     /// Takes up a requested verify, and sends at most one verify request per round, so
     /// the capture rings are drained between two batches of local hashing.
     fn verify_round(&mut self) -> Result<bool, String> {
+        if self.source.take_repaired() {
+            self.send_unsynced()?;
+        }
         let requested = lock(&self.status).verify_requested.take();
         if let Some(repair) = requested {
             let now = wall_ns();
@@ -352,12 +423,20 @@ impl SourceRunner {
     }
 
     fn mirror(&mut self, c: Captured) -> Result<(), String> {
+        // A write overflowed to the bitmap since we last looked: the destination must not
+        // take what follows for a state the source was in. (Possibly early, if that write
+        // was numbered after this one: telling it early is only conservative.)
+        let mark = self.capture.overflow_mark();
+        if mark != self.overflow_seen {
+            self.overflow_seen = mark;
+            self.send_unsynced()?;
+        }
         let verdict = self
             .source
             .on_guest_write(c.offset, c.len)
             .map_err(|e| e.to_string())?;
         let WriteVerdict::Mirror { seq } = verdict else {
-            return Ok(());
+            return self.send_unsynced();
         };
         let Some(data) = c.data else {
             return self.send(
@@ -381,6 +460,22 @@ impl SourceRunner {
         Ok(())
     }
 
+    /// The destination was promoted: this disk must take no more writes.
+    fn superseded(&mut self) {
+        if !lock(&self.status).superseded {
+            warn!("the destination was promoted: fencing this disk");
+            (self.fence)();
+            lock(&self.status).superseded = true;
+        }
+    }
+
+    fn send_unsynced(&mut self) -> Result<(), String> {
+        match self.source.take_unsynced() {
+            Some(m) => self.send(StreamClass::Mirror, m),
+            None => Ok(()),
+        }
+    }
+
     fn send(&self, class: StreamClass, message: Message) -> Result<(), String> {
         // No link: the state machine was told (on_disconnected) and tracks everything.
         let Some(link) = &self.link else {
@@ -389,6 +484,31 @@ impl SourceRunner {
         link.send(class, message.encode(), SEND_TIMEOUT)
             .map(|_| ())
             .map_err(err)
+    }
+
+    /// Back-pressure: every control interval, the pacing rate and the backlog bound from
+    /// the drain rate and the backlog (captured and not yet drained, or mirrored and not
+    /// yet confirmed).
+    fn control(&mut self) {
+        let now = Instant::now();
+        if now < self.next_control {
+            return;
+        }
+        self.next_control = now + CONTROL_INTERVAL;
+        let backlog = self.source.mirror_backlog_bytes() + self.capture.pending_bytes();
+        let connected = self.link.is_some() && self.source.is_welcomed();
+        if let Some(link) = &self.link {
+            // Per session counters: keep a running total across sessions.
+            let acked: u64 = link.stats().send.iter().map(|c| c.acked_bytes).sum();
+            self.delivered += acked.saturating_sub(self.link_acked);
+            self.link_acked = acked;
+        }
+        let confirmed = self.source.stats().bytes_confirmed;
+        let state = self
+            .controller
+            .tick(now, confirmed, self.delivered, backlog, connected);
+        self.capture.pacer().set_rate(state.rate_bytes_per_s);
+        self.source.set_mirror_backlog_limit(state.budget_bytes);
     }
 
     fn publish(&self) {
@@ -400,6 +520,9 @@ impl SourceRunner {
         s.stats = self.source.stats();
         s.mirror_backlog_bytes = self.source.mirror_backlog_bytes();
         s.overflowed_writes = self.capture.overflowed_writes();
+        s.control = self.controller.state();
+        s.pacer = self.capture.pacer().stats();
+        s.demoted = self.source.is_demoted();
         // A request not taken up yet keeps its "starting" report.
         if s.verify_requested.is_none() {
             s.verify = self
@@ -422,24 +545,81 @@ pub struct DestStatus {
     pub stats: DestStats,
     pub sessions: u64,
     pub last_error: Option<String>,
+    /// The replica is a state the source's disk was in, and at which seq.
+    pub consistent_at: Option<u64>,
+    /// The source was demoted and every write it made is here.
+    pub complete: bool,
+    pub promoted: bool,
+}
+
+/// Why a destination could not be promoted.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteFailure {
+    #[error(transparent)]
+    Refused(#[from] PromoteError),
+    #[error("promoted, but syncing the disk failed: {0}")]
+    Sync(io::Error),
+    #[error("promoted, but it could not be recorded beside the disk (a restart would take replication again): {0}")]
+    Identity(IdentityError),
+}
+
+/// The replica's identity as stored beside its disk; stored again when it changes.
+struct IdentityStore {
+    disk: PathBuf,
+    stored: Mutex<ReplicaIdentity>,
+}
+
+impl IdentityStore {
+    /// Stores what `dest` says must survive a restart, if it changed.
+    fn sync(&self, dest: &ReplicaDest) -> Result<(), IdentityError> {
+        let (disk_id, source_id, promoted) = dest.identity();
+        let mut stored = lock(&self.stored);
+        let now = ReplicaIdentity {
+            disk_id,
+            source_id,
+            promoted,
+            ..*stored
+        };
+        if now != *stored {
+            now.store(&self.disk)?;
+            *stored = now;
+        }
+        Ok(())
+    }
 }
 
 /// A running destination: accepts sessions on `listen` and applies them to its disk.
 pub struct DestDriver {
     status: Arc<Mutex<DestStatus>>,
+    /// Shared with the session thread, which applies each message under this lock: once
+    /// `promote` holds it and succeeds, nothing more of the source lands.
+    dest: Arc<Mutex<ReplicaDest>>,
+    file: File,
+    identity: Arc<IdentityStore>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     listen: SocketAddr,
 }
 
 impl DestDriver {
-    /// Starts listening; the disk at `image` receives the replica.
+    /// Starts listening; the disk at `image` receives the replica. `config` takes the
+    /// replica's identity from `identity` (what is stored beside the disk, see
+    /// [`super::identity`]), and the driver stores it again whenever it changes.
     pub fn start(
         image: &Path,
-        config: DestConfig,
+        mut config: DestConfig,
+        identity: ReplicaIdentity,
         listen: SocketAddr,
         tls: Option<Arc<TlsIdentity>>,
     ) -> Result<DestDriver, super::DriverError> {
+        config.generation = identity.generation;
+        config.disk_id = identity.disk_id.or(config.disk_id);
+        config.source_id = identity.source_id;
+        config.promoted = identity.promoted;
+        let identity = Arc::new(IdentityStore {
+            disk: image.to_path_buf(),
+            stored: Mutex::new(identity),
+        });
         let open = |source| super::DriverError::Open {
             path: image.to_path_buf(),
             source,
@@ -449,7 +629,8 @@ impl DestDriver {
             .write(true)
             .open(image)
             .map_err(open)?;
-        let dest = ReplicaDest::new(config)?;
+        let dest = Arc::new(Mutex::new(ReplicaDest::new(config)?));
+        let sync_file = file.try_clone().map_err(open)?;
         // Bind now, so a wrong address fails the start and not a thread later.
         let listen_err = |source| super::DriverError::Listen {
             addr: listen,
@@ -460,13 +641,16 @@ impl DestDriver {
         let listen = listener.local_addr().map_err(listen_err)?;
         let status = Arc::new(Mutex::new(DestStatus::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (status.clone(), stop.clone());
+        let (s, st, d, id) = (status.clone(), stop.clone(), dest.clone(), identity.clone());
         let thread = thread::Builder::new()
             .name("strait-replica".into())
-            .spawn(move || dest_thread(file, dest, listener, listen, tls, &s, &st))
+            .spawn(move || dest_thread(file, &d, &id, listener, listen, tls, &s, &st))
             .map_err(super::DriverError::Thread)?;
         Ok(DestDriver {
             status,
+            dest,
+            file: sync_file,
+            identity,
             stop,
             thread: Some(thread),
             listen,
@@ -480,7 +664,27 @@ impl DestDriver {
 
     /// A snapshot of where the destination stands.
     pub fn status(&self) -> DestStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        let d = lock(&self.dest);
+        s.consistent_at = d.consistent_at();
+        s.complete = d.is_complete();
+        s.promoted = d.is_promoted();
+        s
+    }
+
+    /// Makes the replica a disk of its own (see [`ReplicaDest::promote`]). When this
+    /// returns `Ok`, nothing more of any source lands on the disk, and what landed is
+    /// durable. The session in progress, if any, is told (`Refuse(Promoted)`) and ends:
+    /// its source fences its disk.
+    pub fn promote(&self, force: bool) -> Result<Promoted, PromoteFailure> {
+        let mut dest = lock(&self.dest);
+        let promoted = dest.promote(force)?;
+        self.file.sync_data().map_err(PromoteFailure::Sync)?;
+        self.identity
+            .sync(&dest)
+            .map_err(PromoteFailure::Identity)?;
+        info!(?promoted, "replica promoted");
+        Ok(promoted)
     }
 
     /// Stops applying. A session still being accepted is abandoned (its thread ends
@@ -495,9 +699,11 @@ impl DestDriver {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dest_thread(
     file: File,
-    mut dest: ReplicaDest,
+    dest: &Mutex<ReplicaDest>,
+    identity: &IdentityStore,
     first: TcpListener,
     listen: SocketAddr,
     tls: Option<Arc<TlsIdentity>>,
@@ -530,8 +736,8 @@ fn dest_thread(
             s.sessions += 1;
         }
         info!("replication session accepted");
-        let outcome = serve_session(&file, &mut dest, &link, status, stop);
-        dest.on_disconnected();
+        let outcome = serve_session(&file, dest, identity, &link, status, stop);
+        lock(dest).on_disconnected();
         link.close();
         let mut s = lock(status);
         s.connected = false;
@@ -544,7 +750,8 @@ fn dest_thread(
 
 fn serve_session(
     file: &File,
-    dest: &mut ReplicaDest,
+    dest: &Mutex<ReplicaDest>,
+    identity: &IdentityStore,
     link: &Link,
     status: &Mutex<DestStatus>,
     stop: &AtomicBool,
@@ -553,11 +760,22 @@ fn serve_session(
     let mut last_sync = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut busy = false;
+        if lock(dest).is_promoted() {
+            return tell_promoted(link);
+        }
         for class in [StreamClass::Control, StreamClass::Mirror, StreamClass::Bulk] {
             while let Some(p) = link.recv(class, Duration::ZERO).map_err(err)? {
                 busy = true;
                 let _ = link.mark_applied(class, p.len() as u64);
                 let message = Message::decode(&p).map_err(|e| e.to_string())?;
+                // The lock is held while the message is applied: a promote waits for it.
+                let mut dest = lock(dest);
+                if dest.is_promoted() {
+                    drop(dest);
+                    return tell_promoted(link);
+                }
+                let mut replies = Vec::new();
+                let mut verifies = Vec::new();
                 for action in dest.on_message(message).map_err(|e| e.to_string())? {
                     match action {
                         Apply::Write { offset, data } => {
@@ -569,25 +787,34 @@ fn serve_session(
                             zero(file, offset, len).map_err(|e| e.to_string())?;
                             unsynced = true;
                         }
-                        Apply::Reply(m) => {
-                            link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
-                                .map_err(err)?;
-                        }
+                        Apply::Reply(m) => replies.push(m),
                         Apply::Verify {
                             id,
                             first,
                             offset,
                             len,
                             chunk_bytes,
-                        } => {
-                            let digests =
-                                hash_file_chunks(file, offset, len, chunk_bytes, &mut Vec::new())
-                                    .map_err(|e| format!("hashing the replica for verify: {e}"))?;
-                            let reply = Message::VerifyReply { id, first, digests };
-                            link.send(StreamClass::Control, reply.encode(), SEND_TIMEOUT)
-                                .map_err(err)?;
-                        }
+                        } => verifies.push((id, first, offset, len, chunk_bytes)),
                     }
+                }
+                if class == StreamClass::Control {
+                    // A Hello may have bound the replica to its source: stored before the
+                    // answer goes out.
+                    identity.sync(&dest).map_err(|e| error_chain(&e))?;
+                }
+                // Replies wait for link room without the lock, so a promote never waits
+                // on the link.
+                drop(dest);
+                // Hashed after the writes before it returned (`pwrite`), before the next
+                // message is applied; without the lock, so a promote does not wait on it.
+                for (id, first, offset, len, chunk_bytes) in verifies {
+                    let digests = hash_file_chunks(file, offset, len, chunk_bytes, &mut Vec::new())
+                        .map_err(|e| format!("hashing the replica for verify: {e}"))?;
+                    replies.push(Message::VerifyReply { id, first, digests });
+                }
+                for m in replies {
+                    link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                        .map_err(err)?;
                 }
                 if class == StreamClass::Bulk {
                     // One chunk at a time, so mirror writes are never starved.
@@ -604,17 +831,29 @@ fn serve_session(
                 unsynced = false;
             }
             last_sync = Instant::now();
-            for m in dest.on_synced() {
+            let confirmations = lock(dest).on_synced();
+            for m in confirmations {
                 link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
                     .map_err(err)?;
             }
         }
-        lock(status).stats = dest.stats();
+        lock(status).stats = lock(dest).stats();
         if !busy {
             thread::sleep(IDLE_PAUSE);
         }
     }
     Ok(())
+}
+
+/// The replica was promoted while a source was connected: tell it (it fences its disk),
+/// and end the session; its later messages would be refused anyway.
+fn tell_promoted(link: &Link) -> Result<(), String> {
+    let refuse = Message::Refuse(RefuseReason::Promoted);
+    link.send(StreamClass::Control, refuse.encode(), SEND_TIMEOUT)
+        .map_err(err)?;
+    // Give the refusal its chance to arrive before the session closes.
+    let _ = link.flush(PROMOTED_FLUSH_TIMEOUT);
+    Err("promoted: the session with the source ended".into())
 }
 
 /// Makes `len` bytes at `offset` read as zeros: a hole where the filesystem can punch

@@ -11,11 +11,13 @@
 pub mod capture;
 pub mod dest;
 pub mod driver;
+pub mod identity;
 pub mod source;
+pub mod throttle;
 pub mod verify;
 pub mod wire;
 
-pub use dest::{Apply, DestConfig, DestError, DestStats, ReplicaDest};
+pub use dest::{Apply, DestConfig, DestError, DestStats, PromoteError, Promoted, ReplicaDest};
 pub use source::{
     BulkJob, ReplicaSource, SourceConfig, SourceError, SourceState, SourceStats, WriteVerdict,
 };
@@ -29,11 +31,11 @@ use thiserror::Error;
 /// TiB of disk.
 pub const CHUNK_BYTES: u64 = 512 << 10;
 
-/// Mirrored bytes the destination may leave unconfirmed before new writes to copied
-/// chunks go to the dirty bitmap instead of the wire: one second of a 1 Gbit/s link
-/// (119 MiB), rounded to 128 MiB. This is the downtime budget: a switchover must drain it,
-/// and at the link's rate that takes about a second. Past it nothing is lost (the bitmap
-/// makes the bulk copy carry the write), the destination only falls further behind.
+/// The most mirrored bytes the destination may ever leave unconfirmed: one second of a
+/// 1 Gbit/s link (119 MiB), rounded to 128 MiB. It bounds the memory; the bound in force is
+/// usually lower, one second of the measured link rate (the downtime budget, see
+/// [`throttle`]). Past the bound nothing is lost (the bitmap makes the bulk copy carry the
+/// write), the destination only falls further behind.
 pub const MIRROR_BACKLOG_BYTES_MAX: u64 = 128 << 20;
 
 /// Bulk chunks sent and not yet confirmed: 64 × 512 KiB = 32 MiB, a link's

@@ -74,10 +74,14 @@ pub struct SourceStats {
     pub writes_mirrored: u64,
     pub writes_tracked: u64,
     pub bytes_mirrored: u64,
+    /// Mirrored bytes the destination confirmed durable.
+    pub bytes_confirmed: u64,
     pub chunks_sent: u64,
     pub chunks_redone: u64,
     /// Sessions lost with something unconfirmed, which went back to the bitmap.
     pub sessions_lost: u64,
+    /// Times the destination turned out to be another replica: everything copied again.
+    pub full_resyncs: u64,
 }
 
 /// A reply the source cannot have earned.
@@ -127,17 +131,32 @@ pub struct ReplicaSource {
     seq: u64,
     unacked: VecDeque<Unacked>,
     unacked_bytes: u64,
+    /// Mirrored bytes past this go to the bitmap; see [`Self::set_mirror_backlog_limit`].
+    backlog_limit: u64,
     connected: bool,
     welcomed: bool,
     refused: Option<RefuseReason>,
     /// The first full copy finished once.
     copied_once: bool,
+    /// What the destination was last told: `Synced` (true) or `Unsynced`/new session.
+    dest_consistent: bool,
+    /// The disk is fenced and every write captured: the next `Synced` is the last.
+    demoted: bool,
+    /// The last `Synced` (with `last` set) was sent on this session.
+    last_sent: bool,
+    /// Chunks sent on this session.
+    session_chunks: u64,
+    /// The replica id the destination gave (`ReplicaId`), once one did.
+    replica: Option<[u8; ID_BYTES]>,
     stats: SourceStats,
     /// The current or last verify run.
     verify: Option<VerifyRun>,
     /// The id of the next verify request; ids are never reused, so a late answer to an
     /// abandoned run is recognised.
     verify_next_id: u64,
+    /// A verify with `repair` marked chunks dirty that the destination took for copied:
+    /// it must be told `Unsynced` (see [`ReplicaSource::take_repaired`]).
+    repaired: bool,
 }
 
 impl ReplicaSource {
@@ -158,13 +177,20 @@ impl ReplicaSource {
             seq: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
+            backlog_limit: config.mirror_backlog_bytes_max,
             connected: false,
             welcomed: false,
             refused: None,
             copied_once: false,
+            dest_consistent: false,
+            demoted: false,
+            last_sent: false,
+            session_chunks: 0,
+            replica: None,
             stats: SourceStats::default(),
             verify: None,
             verify_next_id: 0,
+            repaired: false,
         })
     }
 
@@ -172,6 +198,9 @@ impl ReplicaSource {
     pub fn on_connected(&mut self) -> Message {
         self.connected = true;
         self.welcomed = false;
+        self.dest_consistent = false;
+        self.last_sent = false;
+        self.session_chunks = 0;
         Message::Hello {
             disk_id: self.config.disk_id,
             source_id: self.config.source_id,
@@ -223,7 +252,7 @@ impl ReplicaSource {
         // A write only to chunks the bulk copy has yet to read needs no mirroring.
         let all_pending =
             (first..=last).all(|i| self.dirty[i as usize] && !self.inflight.contains_key(&i));
-        let room = self.unacked_bytes + len <= self.config.mirror_backlog_bytes_max;
+        let room = self.unacked_bytes + len <= self.backlog_limit;
         if self.welcomed && room && !all_pending {
             self.unacked.push_back(Unacked {
                 seq,
@@ -259,6 +288,7 @@ impl ReplicaSource {
         self.inflight.insert(index, self.seq);
         self.cursor = (index + 1) % self.chunks;
         self.stats.chunks_sent += 1;
+        self.session_chunks += 1;
         Some(BulkJob {
             index,
             offset: index * self.config.chunk_bytes,
@@ -285,6 +315,7 @@ impl ReplicaSource {
                 while self.unacked.front().is_some_and(|u| u.seq <= seq) {
                     if let Some(u) = self.unacked.pop_front() {
                         self.unacked_bytes -= u.bytes;
+                        self.stats.bytes_confirmed += u.bytes;
                     }
                 }
             }
@@ -308,6 +339,19 @@ impl ReplicaSource {
             Message::Zero { .. } => return Err(SourceError::Unexpected("Zero")),
             Message::Chunk { .. } => return Err(SourceError::Unexpected("Chunk")),
             Message::VerifyRequest { .. } => return Err(SourceError::Unexpected("VerifyRequest")),
+            Message::Synced { .. } => return Err(SourceError::Unexpected("Synced")),
+            Message::Unsynced => return Err(SourceError::Unexpected("Unsynced")),
+            Message::ReplicaId { generation } => {
+                if self.replica.is_some_and(|r| r != generation) {
+                    // Another replica than the one synced so far (the destination's disk
+                    // was replaced, or its state lost): nothing there can be trusted.
+                    for index in 0..self.chunks {
+                        self.mark_dirty(index);
+                    }
+                    self.stats.full_resyncs += 1;
+                }
+                self.replica = Some(generation);
+            }
         }
         if self.dirty_count == 0 && self.inflight.is_empty() {
             self.copied_once = true;
@@ -345,6 +389,53 @@ impl ReplicaSource {
         }
     }
 
+    /// The source's disk is fenced and every write it will ever make is captured and
+    /// handed to this state machine: once in sync, the destination is told it is complete.
+    pub fn demote(&mut self) {
+        self.demoted = true;
+    }
+
+    /// Whether [`Self::demote`] was called.
+    pub fn is_demoted(&self) -> bool {
+        self.demoted
+    }
+
+    /// `Synced` to send on Mirror, when the destination became consistent (every chunk
+    /// copied and confirmed) since it was last told otherwise, or complete (demoted).
+    pub fn take_synced(&mut self) -> Option<Message> {
+        let copied = self.dirty_count == 0 && self.inflight.is_empty();
+        if !self.welcomed || !copied {
+            return None;
+        }
+        let last = self.demoted;
+        if self.dest_consistent && (!last || self.last_sent) {
+            return None;
+        }
+        self.dest_consistent = true;
+        self.last_sent = last;
+        Some(Message::Synced {
+            seq: self.seq,
+            last,
+            chunks: self.session_chunks,
+        })
+    }
+
+    /// `Unsynced` to send on Mirror before the next mirror write, if the destination
+    /// believes it is consistent: call it when a write went to the bitmap (a `Tracked`
+    /// verdict, or a capture overflow before the write about to be mirrored).
+    pub fn take_unsynced(&mut self) -> Option<Message> {
+        if !self.welcomed || !self.dest_consistent {
+            return None;
+        }
+        self.dest_consistent = false;
+        Some(Message::Unsynced)
+    }
+
+    /// Whether the destination accepted this session: mirror writes flow.
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed
+    }
+
     /// Counters.
     pub fn stats(&self) -> SourceStats {
         self.stats
@@ -354,6 +445,18 @@ impl ReplicaSource {
     /// and the switchover's drain are computed from.
     pub fn mirror_backlog_bytes(&self) -> u64 {
         self.unacked_bytes
+    }
+
+    /// Sets the backlog bound: mirrored bytes past it go to the dirty bitmap. The driver
+    /// follows the downtime budget at the measured drain rate, never above the configured
+    /// `mirror_backlog_bytes_max` (which bounds the memory).
+    pub fn set_mirror_backlog_limit(&mut self, bytes: u64) {
+        self.backlog_limit = bytes.min(self.config.mirror_backlog_bytes_max);
+    }
+
+    /// The backlog bound in force.
+    pub fn mirror_backlog_limit(&self) -> u64 {
+        self.backlog_limit
     }
 
     /// A write to chunk `index` completed without a seq of its own (its capture shard
@@ -477,12 +580,21 @@ impl ReplicaSource {
             return Err(SourceError::VerifyReplyShape { id, first, count });
         }
         let confirmed = v.answered(id, digests);
-        if v.report().repair {
+        if v.report().repair && !confirmed.is_empty() {
             for index in confirmed {
                 self.mark_dirty(index);
             }
+            self.repaired = true;
         }
         Ok(())
+    }
+
+    /// Whether a verify's repair marked chunks dirty since last asked: the destination
+    /// holds a chunk that differs, so it is no longer a state the source was in, and the
+    /// caller sends what [`ReplicaSource::take_unsynced`] gives (the next `Synced` comes
+    /// once the chunks are copied again).
+    pub fn take_repaired(&mut self) -> bool {
+        std::mem::take(&mut self.repaired)
     }
 
     fn check_index(&self, index: u64) -> Result<(), SourceError> {

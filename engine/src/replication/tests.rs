@@ -29,6 +29,9 @@ fn dest(disk_bytes: u64) -> ReplicaDest {
         disk_id: Some([7; 16]),
         disk_bytes,
         chunk_bytes: CHUNK,
+        generation: [9; 16],
+        source_id: None,
+        promoted: false,
     })
     .unwrap()
 }
@@ -42,10 +45,14 @@ fn hello(disk_id: u8, source_id: u8, disk_bytes: u64, chunk_bytes: u64) -> Messa
     }
 }
 
+/// The answer to `m`: one reply, or a `Welcome` followed by the replica's id.
 fn reply(d: &mut ReplicaDest, m: Message) -> Message {
     match d.on_message(m).unwrap().as_slice() {
-        [Apply::Reply(r)] => r.clone(),
-        other => panic!("expected one reply, got {other:?}"),
+        [Apply::Reply(r)] if *r != Message::Welcome => r.clone(),
+        [Apply::Reply(Message::Welcome), Apply::Reply(Message::ReplicaId { .. })] => {
+            Message::Welcome
+        }
+        other => panic!("expected one reply, or Welcome and ReplicaId, got {other:?}"),
     }
 }
 
@@ -77,7 +84,10 @@ fn bad_hellos_are_refused_with_the_reason_and_nothing_is_written() {
         Message::Refuse(RefuseReason::Busy)
     );
     assert_eq!(reply(&mut d, hello(7, 1, DISK, CHUNK)), Message::Welcome);
-    d.promote();
+    // Nothing copied yet: not a state the source was in, so no promote unless forced.
+    assert_eq!(d.promote(false), Err(PromoteError::Inconsistent));
+    let forced = d.promote(true).unwrap();
+    assert!(forced.forced && !forced.consistent && !forced.complete);
     assert_eq!(
         reply(&mut d, hello(7, 1, DISK, CHUNK)),
         Message::Refuse(RefuseReason::Promoted)
@@ -249,6 +259,156 @@ fn the_source_copies_everything_then_mirrors_and_reports_sync() {
         s.on_message(Message::Redo { index: 99 }),
         Err(SourceError::NoSuchChunk { .. })
     ));
+}
+
+#[test]
+fn consistency_follows_synced_unsynced_and_chunks() {
+    let mut d = dest(DISK);
+    reply(&mut d, hello(7, 1, DISK, CHUNK));
+    assert!(!d.is_consistent());
+    // Every chunk was sent (two) and confirmed: consistent at seq 3.
+    for index in 0..2 {
+        let chunk = Message::Chunk {
+            index,
+            seq: 3,
+            data: Vec::new(),
+        };
+        d.on_message(chunk).unwrap();
+    }
+    let synced = |seq, last, chunks| Message::Synced { seq, last, chunks };
+    // A Synced that counts fewer chunks than arrived: one sent after it overtook it.
+    d.on_message(synced(3, false, 1)).unwrap();
+    assert_eq!(d.consistent_at(), None);
+    d.on_message(synced(3, false, 2)).unwrap();
+    assert_eq!(d.consistent_at(), Some(3));
+    assert_eq!(d.promote(false), Err(PromoteError::SourceLive));
+    // Mirror writes in order keep it consistent, at their seq.
+    let write = Message::Write {
+        seq: 4,
+        offset: 0,
+        data: vec![1; 512],
+    };
+    d.on_message(write).unwrap();
+    assert_eq!(d.consistent_at(), Some(4));
+    // A write left to the bitmap: not consistent until the next Synced.
+    d.on_message(Message::Unsynced).unwrap();
+    assert_eq!(d.consistent_at(), None);
+    d.on_message(synced(6, true, 2)).unwrap();
+    assert!(d.is_complete());
+    assert!(matches!(
+        d.on_message(synced(3, false, 2)),
+        Err(DestError::SyncedBehind { .. })
+    ));
+    let promoted = d.promote(false).unwrap();
+    assert!(promoted.consistent && promoted.complete && !promoted.forced);
+    // A new session starts inconsistent (writes of the last one may be missing).
+    let mut d = dest(DISK);
+    reply(&mut d, hello(7, 1, DISK, CHUNK));
+    d.on_message(synced(0, false, 0)).unwrap();
+    assert!(d.is_consistent());
+    d.on_disconnected();
+    reply(&mut d, hello(7, 1, DISK, CHUNK));
+    assert!(!d.is_consistent());
+}
+
+#[test]
+fn the_source_announces_synced_once_and_unsynced_after_a_tracked_write() {
+    let mut s = source();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    assert_eq!(s.take_synced(), None, "nothing copied yet");
+    while let Some(job) = s.next_bulk() {
+        s.on_message(Message::ChunkDone {
+            index: job.index,
+            seq: job.seq,
+        })
+        .unwrap();
+    }
+    let chunks = DISK.div_ceil(CHUNK);
+    assert_eq!(
+        s.take_synced(),
+        Some(Message::Synced {
+            seq: 0,
+            last: false,
+            chunks
+        })
+    );
+    assert_eq!(s.take_synced(), None);
+    assert_eq!(s.take_unsynced(), Some(Message::Unsynced));
+    assert_eq!(s.take_unsynced(), None);
+    s.demote();
+    assert_eq!(
+        s.take_synced(),
+        Some(Message::Synced {
+            seq: 0,
+            last: true,
+            chunks
+        })
+    );
+    assert_eq!(s.take_synced(), None);
+}
+
+#[test]
+fn another_replica_behind_the_same_address_is_copied_in_full() {
+    let mut s = source();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [1; 16],
+    })
+    .unwrap();
+    while let Some(job) = s.next_bulk() {
+        s.on_message(Message::ChunkDone {
+            index: job.index,
+            seq: job.seq,
+        })
+        .unwrap();
+    }
+    assert_eq!(s.state(), SourceState::InSync);
+    // The same replica again (a restarted destination): nothing to copy.
+    s.on_disconnected();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [1; 16],
+    })
+    .unwrap();
+    assert_eq!(s.next_bulk(), None);
+    assert_eq!(s.stats().full_resyncs, 0);
+    // Another one: every chunk again.
+    s.on_disconnected();
+    s.on_connected();
+    s.on_message(Message::Welcome).unwrap();
+    s.on_message(Message::ReplicaId {
+        generation: [2; 16],
+    })
+    .unwrap();
+    let mut again = 0;
+    while let Some(job) = s.next_bulk() {
+        again += 1;
+        s.on_message(Message::ChunkDone {
+            index: job.index,
+            seq: job.seq,
+        })
+        .unwrap();
+    }
+    assert_eq!(again, DISK.div_ceil(CHUNK));
+    assert_eq!(s.stats().full_resyncs, 1);
+}
+
+#[test]
+fn a_welcome_comes_with_the_replica_id() {
+    let mut d = dest(DISK);
+    let out = d.on_message(hello(7, 1, DISK, CHUNK)).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Apply::Reply(Message::Welcome),
+            Apply::Reply(Message::ReplicaId {
+                generation: [9; 16]
+            })
+        ]
+    );
 }
 
 /// A source whose destination holds every chunk: welcomed and copied.
@@ -473,10 +633,14 @@ fn repair_copies_a_chunk_that_differs_again() {
     let mut s = synced(source());
     let mut d = dest(DISK);
     welcomed(&mut d, DISK);
+    assert!(matches!(s.take_synced(), Some(Message::Synced { .. })));
     s.start_verify(true, 0).unwrap();
     let r = run_verify(&mut s, &mut d, &src, &dst);
     assert_eq!(r.mismatch_chunks, 1);
     assert!(matches!(s.state(), SourceState::Resyncing { .. }));
+    // The destination took itself for consistent: it is told otherwise.
+    assert!(s.take_repaired());
+    assert_eq!(s.take_unsynced(), Some(Message::Unsynced));
     assert_eq!(s.next_bulk().map(|j| j.index), Some(4));
 }
 

@@ -67,6 +67,21 @@ pub enum Message {
     /// Destination → source: chunk `index` arrived older than a mirror write already
     /// applied there, so it was dropped; copy it again.
     Redo { index: u64 },
+    /// Source → destination (Mirror, so after every mirror write up to `seq`): every chunk
+    /// is copied and confirmed, so once the writes up to `seq` are applied the replica is
+    /// consistent (a state the source's disk was in). `last`: the source is demoted (its
+    /// disk fenced) and `seq` is its last write: the replica is complete. `chunks`: the
+    /// chunks sent on this session so far, so the destination can tell a chunk sent after
+    /// this (on the unordered Bulk class) that overtook it.
+    Synced { seq: u64, last: bool, chunks: u64 },
+    /// Destination → source, right after `Welcome`: which replica this is. A replica keeps
+    /// its id across restarts (it is stored beside the disk); a source that synced a
+    /// replica with another id copies everything again (the disk may have been replaced).
+    ReplicaId { generation: [u8; ID_BYTES] },
+    /// Source → destination (Mirror, so before every later mirror write): a write went to
+    /// the dirty bitmap instead of the mirror, so the replica is no longer a state the
+    /// source was in until the next `Synced`.
+    Unsynced,
     /// Source → destination (Mirror, so it is applied after every mirror write sent
     /// before it): hash chunks `first..first + count` as they are now and answer with
     /// `VerifyReply { id, .. }`. At most [`VERIFY_CHUNKS_MAX`] chunks.
@@ -144,6 +159,9 @@ const T_CHUNK: u8 = 6;
 const T_APPLIED: u8 = 7;
 const T_CHUNK_DONE: u8 = 8;
 const T_REDO: u8 = 9;
+const T_SYNCED: u8 = 20;
+const T_UNSYNCED: u8 = 21;
+const T_REPLICA_ID: u8 = 22;
 const T_VERIFY_REQUEST: u8 = 10;
 const T_VERIFY_REPLY: u8 = 11;
 
@@ -188,6 +206,15 @@ impl Message {
             Message::Applied { seq } => header(T_APPLIED, *seq, 0, 0, 0),
             Message::ChunkDone { index, seq } => header(T_CHUNK_DONE, *index, *seq, 0, 0),
             Message::Redo { index } => header(T_REDO, *index, 0, 0, 0),
+            Message::Synced { seq, last, chunks } => {
+                header(T_SYNCED, *seq, u64::from(*last), *chunks, 0)
+            }
+            Message::Unsynced => header(T_UNSYNCED, 0, 0, 0, 0),
+            Message::ReplicaId { generation } => {
+                let mut out = header(T_REPLICA_ID, 0, 0, 0, ID_BYTES);
+                out.extend_from_slice(generation);
+                out
+            }
             Message::VerifyRequest { id, first, count } => {
                 header(T_VERIFY_REQUEST, *id, *first, *count, 0)
             }
@@ -279,6 +306,26 @@ impl Message {
             T_APPLIED => bare(1).map(|()| Message::Applied { seq: a })?,
             T_CHUNK_DONE => bare(2).map(|()| Message::ChunkDone { index: a, seq: b })?,
             T_REDO => bare(1).map(|()| Message::Redo { index: a })?,
+            T_SYNCED => {
+                bare(3)?;
+                if b > 1 {
+                    return Err(malformed);
+                }
+                Message::Synced {
+                    seq: a,
+                    last: b == 1,
+                    chunks: c,
+                }
+            }
+            T_UNSYNCED => bare(0).map(|()| Message::Unsynced)?,
+            T_REPLICA_ID => {
+                if rest.len() != ID_BYTES || a != 0 || b != 0 || c != 0 {
+                    return Err(malformed);
+                }
+                let mut generation = [0; ID_BYTES];
+                generation.copy_from_slice(rest);
+                Message::ReplicaId { generation }
+            }
             T_VERIFY_REQUEST => bare(3).map(|()| Message::VerifyRequest {
                 id: a,
                 first: b,
@@ -349,6 +396,20 @@ mod tests {
             Message::Applied { seq: 8 },
             Message::ChunkDone { index: 3, seq: 8 },
             Message::Redo { index: 3 },
+            Message::Synced {
+                seq: 8,
+                last: false,
+                chunks: 3,
+            },
+            Message::Synced {
+                seq: 9,
+                last: true,
+                chunks: 0,
+            },
+            Message::Unsynced,
+            Message::ReplicaId {
+                generation: [3; ID_BYTES],
+            },
             Message::VerifyRequest {
                 id: 1,
                 first: 5,
@@ -397,6 +458,11 @@ mod tests {
         assert!(matches!(
             Message::decode(&huge),
             Err(WireError::TooLong { .. })
+        ));
+        let synced = header(T_SYNCED, 1, 2, 0, 0);
+        assert!(matches!(
+            Message::decode(&synced),
+            Err(WireError::Malformed { .. })
         ));
         let refuse = header(T_REFUSE, 77, 0, 0, 0);
         assert_eq!(

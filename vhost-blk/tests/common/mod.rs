@@ -161,6 +161,7 @@ impl Rig {
             read_only: options.read_only,
             serial: options.serial.clone(),
             direct_io: true,
+            fenced: false,
         })
         .unwrap();
         let file = memfd("strait-guest-ram", MEM_BYTES as u64);
