@@ -6,8 +6,9 @@
 # slower than the workload ($SLOW_MBIT Mbit/s). Writes bench/results/mirror.md.
 # Needs root (network namespaces).
 #
-#   bench/mirror.sh      # SECONDS_PER_RUN=5 IODEPTH=1 SLOW_MBIT=50 (depth 1: about
-#                         # 80 MB/s of writes here, below a 1000 Mbit/s link, above 50)
+#   bench/mirror.sh      # SECONDS_PER_RUN=5 IODEPTH=1 SLOW_MBIT=100 (depth 1: about
+#                         # 40 MB/s of writes here, below a 1000 Mbit/s link, above 100;
+#                         # 100 Mbit/s is also above the pacer's slowest pace, 8 MiB/s)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR
 S_RUN="${SECONDS_PER_RUN:-5}"
 IODEPTH="${IODEPTH:-1}"
-SLOW_MBIT="${SLOW_MBIT:-50}"
+SLOW_MBIT="${SLOW_MBIT:-100}"
 OUT=bench/results/mirror.md
 
 cargo build --release -p strait-engine --bin strait -p strait-bench --bin strait-bench-blk >&2
@@ -77,9 +78,9 @@ for rate in 1000 "$SLOW_MBIT"; do
       --run-a "sh $WORK/side_a.sh" --run-b "sh $WORK/side_b.sh" >&2
   for phase in before replicating after; do
     r=$(jq -c --arg p "$phase" --argjson rate "$rate" \
-      '{phase: $p, rate: $rate, iops: .iops, p50: .p50_us, p99: .p99_us, p999: .p999_us}' \
+      '{phase: $p, rate: $rate, iops: .iops, p50: .p50_us, p99: .p99_us, p999: .p999_us, max: .max_us}' \
       "$RUN/$phase.json")
-    s=$(jq -c '.replication // {} | {state, backlog: .mirror_backlog_bytes, mirrored: .writes_mirrored, tracked: .writes_tracked, overflowed: .overflowed_writes, dirty: .dirty_bytes}' \
+    s=$(jq -c '.replication // {} | {state, backlog: .mirror_backlog_bytes, mirrored: .writes_mirrored, tracked: .writes_tracked, overflowed: .overflowed_writes, dirty: .dirty_bytes, limit: .throttle.backlog_limit_bytes, drain: .throttle.drain_bytes_per_s, pace: .throttle.rate_bytes_per_s, delayed: .throttle.delayed_writes, held_ms: .throttle.delay_ms_total}' \
       "$RUN/$phase.status.json")
     rows+=("$(jq -nc --argjson r "$r" --argjson s "$s" '$r + $s')")
   done
@@ -97,10 +98,11 @@ done
   echo "replicating. State and counters are the source's \`status\` right after each phase."
   echo "Single runs on a shared 2-core machine."
   echo
-  echo "| link Mbit/s | phase | IOPS | p50 µs | p99 µs | p99.9 µs | replication after the phase | mirror backlog | writes mirrored / to bitmap | overflowed |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| link Mbit/s | phase | IOPS | guest MB/s | p50 µs | p99 µs | p99.9 µs | max µs | replication after the phase | mirror backlog / bound | drain MB/s | pace MB/s | writes mirrored / to bitmap | completions held (total s) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    echo "$row" | jq -r '"| \(.rate) | \(.phase) | \(.iops | round) | \(.p50 | round) | \(.p99 | round) | \(.p999 | round) | \(.state // "none") | \(.backlog // "-") | \(.mirrored // "-") / \(.tracked // "-") | \(.overflowed // "-") |"'
+    echo "$row" | jq -r 'def mb: if . == null then "-" else (. / 1e6 * 10 | round / 10 | tostring) end;
+      "| \(.rate) | \(.phase) | \(.iops | round) | \(.iops * 4096 | mb) | \(.p50 | round) | \(.p99 | round) | \(.p999 | round) | \(.max | round) | \(.state // "none") | \(.backlog // "-") / \(.limit // "-") | \(.drain | mb) | \(.pace | mb) | \(.mirrored // "-") / \(.tracked // "-") | \(.delayed // "-") (\(if .held_ms == null then "-" else (.held_ms / 1000 * 10 | round / 10) end)) |"'
   done
   if [ -f "$OUT" ] && grep -q '^## Reading' "$OUT"; then
     echo

@@ -565,7 +565,11 @@ fn source_json(s: &SourceStatus) -> Value {
             total_bytes,
         } => (
             "copying",
-            json!({ "done_bytes": done_bytes, "total_bytes": total_bytes }),
+            json!({
+                "done_bytes": done_bytes,
+                "total_bytes": total_bytes,
+                "rate_bytes_per_s": s.control.link_bytes_per_s,
+            }),
         ),
         SourceState::Resyncing {
             dirty_bytes,
@@ -576,6 +580,7 @@ fn source_json(s: &SourceStatus) -> Value {
                 "done_bytes": total_bytes - dirty_bytes,
                 "total_bytes": total_bytes,
                 "dirty_bytes": dirty_bytes,
+                "rate_bytes_per_s": s.control.link_bytes_per_s,
             }),
         ),
         SourceState::Behind { lag_bytes } => {

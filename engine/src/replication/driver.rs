@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +20,7 @@ use strait_net::tls::TlsIdentity;
 use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
+use super::apply::{Applier, APPLY_DEPTH};
 use super::capture::{Captured, MirrorCapture};
 use super::identity::{IdentityError, ReplicaIdentity};
 use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
@@ -42,6 +42,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause of a thread that found nothing to do: short against any RTT, cheap when idle.
 const IDLE_PAUSE: Duration = Duration::from_millis(1);
+
+/// Bulk chunks a destination takes per round, between looks at the mirror: eight chunks
+/// (4 MiB) keep eight writes in flight to the disk, and a mirror write waits for at most
+/// that much bulk data ahead of it.
+const BULK_PER_ROUND: usize = 8;
 
 /// How long a promoted destination waits for its refusal to reach the source before it
 /// closes the session: a few WAN round trips. A source that does not get it learns the
@@ -736,7 +741,14 @@ fn dest_thread(
             s.sessions += 1;
         }
         info!("replication session accepted");
-        let outcome = serve_session(&file, dest, identity, &link, status, stop);
+        // A writer per session: one that failed is not reused.
+        let outcome = file
+            .try_clone()
+            .and_then(Applier::new)
+            .map_err(|e| format!("cannot set up the replica's writer (io_uring): {e}"))
+            .and_then(|mut applier| {
+                serve_session(&mut applier, dest, identity, &link, status, stop)
+            });
         lock(dest).on_disconnected();
         link.close();
         let mut s = lock(status);
@@ -749,7 +761,7 @@ fn dest_thread(
 }
 
 fn serve_session(
-    file: &File,
+    applier: &mut Applier,
     dest: &Mutex<ReplicaDest>,
     identity: &IdentityStore,
     link: &Link,
@@ -758,33 +770,38 @@ fn serve_session(
 ) -> Result<(), String> {
     let mut unsynced = false;
     let mut last_sync = Instant::now();
+    let io = |e: io::Error| format!("writing the replica: {e}");
     while !stop.load(Ordering::Relaxed) {
         let mut busy = false;
-        if lock(dest).is_promoted() {
-            return tell_promoted(link);
-        }
-        for class in [StreamClass::Control, StreamClass::Mirror, StreamClass::Bulk] {
-            while let Some(p) = link.recv(class, Duration::ZERO).map_err(err)? {
-                busy = true;
-                let _ = link.mark_applied(class, p.len() as u64);
+        for (class, batch) in [
+            (StreamClass::Control, APPLY_DEPTH),
+            (StreamClass::Mirror, APPLY_DEPTH),
+            // Some chunks per round, so mirror writes are never starved.
+            (StreamClass::Bulk, BULK_PER_ROUND),
+        ] {
+            // The lock is held while a batch is applied and written: a promote waits for
+            // it, and nothing of the batch lands after the promote.
+            let mut dest = lock(dest);
+            if dest.is_promoted() {
+                drop(dest);
+                return tell_promoted(link);
+            }
+            let mut replies = Vec::new();
+            let mut received = 0u64;
+            for _ in 0..batch {
+                let Some(p) = link.recv(class, Duration::ZERO).map_err(err)? else {
+                    break;
+                };
+                received += p.len() as u64;
                 let message = Message::decode(&p).map_err(|e| e.to_string())?;
-                // The lock is held while the message is applied: a promote waits for it.
-                let mut dest = lock(dest);
-                if dest.is_promoted() {
-                    drop(dest);
-                    return tell_promoted(link);
-                }
-                let mut replies = Vec::new();
-                let mut verifies = Vec::new();
                 for action in dest.on_message(message).map_err(|e| e.to_string())? {
                     match action {
                         Apply::Write { offset, data } => {
-                            file.write_all_at(&data, offset)
-                                .map_err(|e| e.to_string())?;
+                            applier.write(offset, data).map_err(io)?;
                             unsynced = true;
                         }
                         Apply::Zero { offset, len } => {
-                            zero(file, offset, len).map_err(|e| e.to_string())?;
+                            applier.zero(offset, len).map_err(io)?;
                             unsynced = true;
                         }
                         Apply::Reply(m) => replies.push(m),
@@ -794,39 +811,52 @@ fn serve_session(
                             offset,
                             len,
                             chunk_bytes,
-                        } => verifies.push((id, first, offset, len, chunk_bytes)),
+                        } => {
+                            // Every write of the messages before it must be on the disk
+                            // before it is read, and none of the messages after it: the
+                            // writes in flight complete first, and the chunks are hashed
+                            // here, in the middle of the batch.
+                            applier.flush().map_err(io)?;
+                            let digests = hash_file_chunks(
+                                applier.file(),
+                                offset,
+                                len,
+                                chunk_bytes,
+                                &mut Vec::new(),
+                            )
+                            .map_err(|e| format!("hashing the replica for verify: {e}"))?;
+                            replies.push(Message::VerifyReply { id, first, digests });
+                        }
                     }
                 }
-                if class == StreamClass::Control {
-                    // A Hello may have bound the replica to its source: stored before the
-                    // answer goes out.
-                    identity.sync(&dest).map_err(|e| error_chain(&e))?;
-                }
-                // Replies wait for link room without the lock, so a promote never waits
-                // on the link.
-                drop(dest);
-                // Hashed after the writes before it returned (`pwrite`), before the next
-                // message is applied; without the lock, so a promote does not wait on it.
-                for (id, first, offset, len, chunk_bytes) in verifies {
-                    let digests = hash_file_chunks(file, offset, len, chunk_bytes, &mut Vec::new())
-                        .map_err(|e| format!("hashing the replica for verify: {e}"))?;
-                    replies.push(Message::VerifyReply { id, first, digests });
-                }
-                for m in replies {
-                    link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
-                        .map_err(err)?;
-                }
-                if class == StreamClass::Bulk {
-                    // One chunk at a time, so mirror writes are never starved.
-                    break;
-                }
+            }
+            if received == 0 {
+                continue;
+            }
+            busy = true;
+            applier.flush().map_err(io)?;
+            if class == StreamClass::Control {
+                // A Hello may have bound the replica to its source: stored before the
+                // answer goes out.
+                identity.sync(&dest).map_err(|e| error_chain(&e))?;
+            }
+            drop(dest);
+            // Credit for what is written, not merely received: a slow disk slows the
+            // source through the link's flow control.
+            let _ = link.mark_applied(class, received);
+            // Replies wait for link room without the lock, so a promote never waits on
+            // the link.
+            for m in replies {
+                link.send(StreamClass::Control, m.encode(), SEND_TIMEOUT)
+                    .map_err(err)?;
             }
         }
         if last_sync.elapsed() >= SYNC_INTERVAL {
             // Confirm even when nothing was written: a superseded mirror write or a
             // chunk already newer is applied by doing nothing, and is confirmed too.
             if unsynced {
-                file.sync_data()
+                applier
+                    .sync()
                     .map_err(|e| format!("syncing the replica: {e}"))?;
                 unsynced = false;
             }
@@ -854,32 +884,4 @@ fn tell_promoted(link: &Link) -> Result<(), String> {
     // Give the refusal its chance to arrive before the session closes.
     let _ = link.flush(PROMOTED_FLUSH_TIMEOUT);
     Err("promoted: the session with the source ended".into())
-}
-
-/// Makes `len` bytes at `offset` read as zeros: a hole where the filesystem can punch
-/// one, written zeros where it cannot.
-fn zero(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            l,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0; DATA_BYTES_MAX];
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }

@@ -8,6 +8,7 @@
 //! range lock is needed) is argued in `docs/replication.md`; `engine/tests/replication_sim.rs`
 //! checks it over thousands of seeded runs of the real session on the simulated link.
 
+pub mod apply;
 pub mod capture;
 pub mod dest;
 pub mod driver;
