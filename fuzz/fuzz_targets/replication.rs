@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strait_engine::replication::wire::{Message, VERIFY_CHUNKS_MAX};
+use strait_engine::replication::wire::{decode_payload, Message, VERIFY_CHUNKS_MAX};
 use strait_engine::replication::{
     Apply, DestConfig, ReplicaDest, ReplicaSource, SourceConfig,
 };
@@ -71,6 +71,8 @@ fuzz_target!(|data: &[u8]| {
         let n = (usize::from(len) * 8).min(tail.len());
         let (bytes, tail) = tail.split_at(n);
         rest = tail;
+        // The batch decoder too (a batch's messages then go through `decode` again).
+        let _ = decode_payload(bytes);
         let Ok(message) = Message::decode(bytes) else {
             continue;
         };

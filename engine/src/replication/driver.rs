@@ -25,7 +25,9 @@ use super::capture::{Captured, MirrorCapture};
 use super::identity::{IdentityError, ReplicaIdentity};
 use super::throttle::{ControlState, Controller, PacerStats, CONTROL_INTERVAL};
 use super::verify::hash_file_chunks;
-use super::wire::{Message, RefuseReason, DATA_BYTES_MAX};
+use super::wire::{
+    decode_payload, BatchEncoder, Message, RefuseReason, BATCH_BYTES_MAX, DATA_BYTES_MAX,
+};
 use super::{
     Apply, DestConfig, DestStats, PromoteError, Promoted, ReplicaDest, ReplicaSource, SourceConfig,
     SourceState, SourceStats, VerifyRefusal, VerifyReport, WriteVerdict,
@@ -158,6 +160,7 @@ impl SourceDriver {
             delivered: 0,
             link_acked: 0,
             overflow_seen: 0,
+            mirror_batch: std::cell::RefCell::new(BatchEncoder::default()),
             verify: VerifyLocal::default(),
         };
         let thread = thread::Builder::new()
@@ -243,6 +246,8 @@ struct SourceRunner {
     /// The capture's overflow mark last looked at.
     overflow_seen: u64,
     verify: VerifyLocal,
+    /// Mirror messages waiting to go out together (see [`SourceRunner::send`]).
+    mirror_batch: std::cell::RefCell<BatchEncoder>,
 }
 
 /// The source thread's part of verify.
@@ -273,7 +278,10 @@ impl SourceRunner {
                 self.dial();
                 next_dial = Instant::now() + REDIAL_PAUSE;
             }
-            let busy = match self.round() {
+            let busy = match self
+                .round()
+                .and_then(|busy| self.flush_mirror().map(|()| busy))
+            {
                 Ok(busy) => busy,
                 Err(e) => {
                     self.lost(&e);
@@ -486,7 +494,45 @@ impl SourceRunner {
         let Some(link) = &self.link else {
             return Ok(());
         };
-        link.send(class, message.encode(), SEND_TIMEOUT)
+        let bytes = message.encode();
+        if class == StreamClass::Mirror {
+            // Mirror messages go out in batches (in order), flushed at the end of each
+            // round: one link send for many small writes.
+            let mut batch = self.mirror_batch.borrow_mut();
+            if batch.fits(&bytes) {
+                batch.push(&bytes);
+                return Ok(());
+            }
+            if !batch.is_empty() {
+                let payload = batch.take();
+                link.send(class, payload, SEND_TIMEOUT).map_err(err)?;
+            }
+            if bytes.len() < BATCH_BYTES_MAX / 2 {
+                batch.push(&bytes);
+                return Ok(());
+            }
+        }
+        link.send(class, bytes, SEND_TIMEOUT)
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    /// Sends the Mirror messages batched so far.
+    fn flush_mirror(&self) -> Result<(), String> {
+        let mut batch = self.mirror_batch.borrow_mut();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let payload = batch.take();
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        // A batch of one is sent as the message itself.
+        let payload = match decode_payload(&payload) {
+            Ok(mut one) if one.len() == 1 => one.remove(0).encode(),
+            _ => payload,
+        };
+        link.send(StreamClass::Mirror, payload, SEND_TIMEOUT)
             .map(|_| ())
             .map_err(err)
     }
@@ -793,8 +839,16 @@ fn serve_session(
                     break;
                 };
                 received += p.len() as u64;
-                let message = Message::decode(&p).map_err(|e| e.to_string())?;
-                for action in dest.on_message(message).map_err(|e| e.to_string())? {
+                let messages = decode_payload(&p).map_err(|e| e.to_string())?;
+                let actions: Vec<Apply> = messages
+                    .into_iter()
+                    .map(|m| dest.on_message(m))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                for action in actions {
                     match action {
                         Apply::Write { offset, data } => {
                             applier.write(offset, data).map_err(io)?;
