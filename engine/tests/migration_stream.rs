@@ -787,12 +787,13 @@ fn abort_ends_a_running_stream_on_both_sides() {
     let incoming = dir.path().join("dst-in.sock");
     let listener = std::os::unix::net::UnixListener::bind(&incoming).unwrap();
     let destination_end = DestinationEnd::new(&incoming, StreamConfig::default())
-        .spawn(destination_link, StreamMonitor::new())
+        // Clones: the last reference to a link closes it, possibly before the abort left.
+        .spawn(destination_link.clone(), StreamMonitor::new())
         .unwrap();
     let socket = dir.path().join("src-out.sock");
     let source_end = SourceEnd::bind(&socket, 9, StreamConfig::default())
         .unwrap()
-        .spawn(source_link, StreamMonitor::new())
+        .spawn(source_link.clone(), StreamMonitor::new())
         .unwrap();
     let mut vmm = UnixStream::connect(&socket).unwrap();
     let (mut dst_vmm, _) = listener.accept().unwrap();
@@ -819,4 +820,41 @@ fn abort_ends_a_running_stream_on_both_sides() {
         "{destination:?}"
     );
     assert!(aborted_at.elapsed() < Duration::from_secs(5));
+}
+
+/// The waits before a stream begins are bounded too: a source end that no VMM connects to
+/// times out and removes its socket file; a destination end that never hears `Start` ends
+/// at its abort.
+#[test]
+fn waits_before_the_stream_begins_end() {
+    let dir = common::test_dir("mstream");
+    let (source_link, destination_link) = loopback_links(dir.path());
+    let socket = dir.path().join("src-out.sock");
+    let config = StreamConfig {
+        accept_timeout: Duration::from_millis(300),
+        ..StreamConfig::default()
+    };
+    let started = Instant::now();
+    let error = SourceEnd::bind(&socket, 1, config)
+        .unwrap()
+        .run(&source_link, &StreamMonitor::new())
+        .unwrap_err();
+    assert!(
+        matches!(error, StreamError::AcceptTimeout { .. }),
+        "{error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!socket.exists(), "the socket file was left behind");
+
+    let destination = DestinationEnd::new(&dir.path().join("dst-in.sock"), StreamConfig::default())
+        .spawn(destination_link.clone(), StreamMonitor::new())
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert!(!destination.is_finished());
+    destination.monitor().abort("no migration after all");
+    let error = join(destination, "destination").unwrap_err();
+    assert!(
+        matches!(&error, StreamError::Aborted { reason } if reason == "no migration after all"),
+        "{error:?}"
+    );
 }

@@ -369,6 +369,9 @@ pub struct SourceEnd {
     path: PathBuf,
     stream: StreamId,
     config: StreamConfig,
+    /// The socket file is still this end's to remove (false once removed at accept: by
+    /// then the path may belong to the next stream's socket).
+    owns_path: bool,
 }
 
 impl SourceEnd {
@@ -389,6 +392,7 @@ impl SourceEnd {
             path: path.to_path_buf(),
             stream,
             config,
+            owns_path: true,
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         end.listener.set_nonblocking(true).map_err(err)?;
@@ -402,7 +406,11 @@ impl SourceEnd {
 
     /// Accepts the VMM's connection, announces the stream to the peer and relays until
     /// both directions ended (see the module documentation for what success means).
-    pub fn run(self, link: &Link, monitor: &StreamMonitor) -> Result<StreamReport, StreamError> {
+    pub fn run(
+        mut self,
+        link: &Link,
+        monitor: &StreamMonitor,
+    ) -> Result<StreamReport, StreamError> {
         let inner = &monitor.inner;
         inner.set_stream(self.stream);
         inner.set_phase(StreamPhase::Waiting);
@@ -435,13 +443,14 @@ impl SourceEnd {
         spawn("strait-mem-src", monitor, move |m| self.run(&link, m))
     }
 
-    fn accept(&self, monitor: &StreamMonitor) -> Result<(UnixStream, Instant), StreamError> {
+    fn accept(&mut self, monitor: &StreamMonitor) -> Result<(UnixStream, Instant), StreamError> {
         let deadline = Instant::now() + self.config.accept_timeout;
         loop {
             match self.listener.accept() {
                 Ok((sock, _)) => {
                     // Exactly one connection: nobody else may connect from now on.
                     let _ = std::fs::remove_file(&self.path);
+                    self.owns_path = false;
                     sock.set_nonblocking(false)
                         .map_err(|source| StreamError::Socket {
                             path: self.path.clone(),
@@ -476,9 +485,10 @@ impl SourceEnd {
 
 impl Drop for SourceEnd {
     fn drop(&mut self) {
-        // Removed at accept already when a VMM connected; a stale file would make the
-        // next bind fail.
-        let _ = std::fs::remove_file(&self.path);
+        // A stale file would make the next bind on the path fail.
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -153,7 +153,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Watches and controls one memory stream; cheap to clone, shareable between threads.
+/// Watches and controls one memory stream; cheap to clone, shareable between threads. Use a
+/// new one for each stream: the counters are cumulative, and an abort is final.
 #[derive(Debug, Clone, Default)]
 pub struct StreamMonitor {
     pub(super) inner: Arc<MonitorInner>,
