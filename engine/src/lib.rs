@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 mod ctl;
 mod link_cmd;
+pub mod migration;
 mod netcmd;
 mod pattern;
 pub mod replication;
