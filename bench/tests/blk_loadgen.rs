@@ -31,6 +31,7 @@ fn spec(verify: bool, read_pct: u8, block_bytes: u32, queues: u16) -> JobSpec {
         image_bytes: IMAGE_BYTES,
         load_cpus: Vec::new(),
         seed: 7,
+        rate_iops: None,
     }
 }
 

@@ -99,6 +99,10 @@ struct Args {
     /// Frame requests in indirect descriptor tables, as Linux guests do.
     #[arg(long)]
     indirect: bool,
+    /// Submit at most this many requests per second, all queues together (fio's
+    /// `rate_iops`); unlimited when absent.
+    #[arg(long)]
+    rate_iops: Option<u64>,
     /// Busy-poll the used ring this many microseconds before sleeping on the eventfd.
     #[arg(long, default_value_t = DEFAULT_POLL_US)]
     poll_us: u64,
@@ -185,6 +189,7 @@ fn job_spec(a: &Args) -> Result<JobSpec> {
         image_bytes: a.image_size,
         load_cpus: a.load_cpus.0.clone(),
         seed: a.seed,
+        rate_iops: a.rate_iops.filter(|r| *r > 0),
     })
 }
 

@@ -67,6 +67,10 @@ pub struct JobSpec {
     /// CPUs the queue threads run on (queue `i` on `load_cpus[i % len]`); empty: anywhere.
     pub load_cpus: Vec<usize>,
     pub seed: u64,
+    /// Submit at most this many requests per second, all queues together (like fio's
+    /// `rate_iops`): a workload below a link's rate, to see what replication costs when
+    /// the link keeps up. None: as fast as the backend completes.
+    pub rate_iops: Option<u64>,
 }
 
 impl JobSpec {

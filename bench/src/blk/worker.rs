@@ -29,6 +29,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest single sleep on the call eventfd, so the stall and end-of-run checks still run
 /// when no interrupt comes.
 const SLEEP_SLICE_MS: i32 = 20;
+/// With `rate_iops`, the last stretch before a submission's turn is spun rather than slept:
+/// a sleep overshoots by tens of microseconds.
+const RATE_SPIN: Duration = Duration::from_micros(50);
 /// Spin iterations between `sched_yield`s while polling: when several queue threads share
 /// one CPU, a spinning thread must let the others reap their completions.
 const SPINS_PER_YIELD: u32 = 64;
@@ -311,7 +314,7 @@ impl Worker {
     }
 
     /// Sleeps on the call eventfd (after arming the interrupt) for at most one slice.
-    fn sleep(&self, out: &mut QueueOutcome) {
+    fn sleep(&self, out: &mut QueueOutcome, at_most: Duration) {
         self.ring.arm_interrupt();
         if self.ring.has_used() {
             return;
@@ -322,8 +325,9 @@ impl Worker {
             events: libc::POLLIN,
             revents: 0,
         };
+        let ms = i32::try_from(at_most.as_millis()).unwrap_or(SLEEP_SLICE_MS);
         // SAFETY: `pfd` is a valid pollfd for the duration of the call; count 1.
-        unsafe { libc::poll(&mut pfd, 1, SLEEP_SLICE_MS) };
+        unsafe { libc::poll(&mut pfd, 1, ms.min(SLEEP_SLICE_MS)) };
         let _ = self.call.read();
     }
 
@@ -365,8 +369,20 @@ impl Worker {
                 first_problem: None,
             },
         };
-        for s in 0..depth {
-            self.submit(&mut st, s);
+        // With a rate: this queue's share, one submission per `interval`, and the slots
+        // waiting for their turn.
+        let interval = self.spec.rate_iops.map(|r| {
+            let per_queue = (r / u64::from(self.spec.queues)).max(1);
+            Duration::from_nanos(1_000_000_000 / per_queue)
+        });
+        let mut waiting: Vec<usize> = Vec::new();
+        let mut next_at = Instant::now();
+        if interval.is_some() {
+            waiting.extend((0..depth).rev());
+        } else {
+            for s in 0..depth {
+                self.submit(&mut st, s);
+            }
         }
         self.kick_if_needed(&mut st.out)?;
         let mut inflight = depth;
@@ -376,6 +392,21 @@ impl Worker {
             let now = Instant::now();
             let stopping = now >= window_end;
             let mut progressed = false;
+            if let Some(interval) = interval {
+                if stopping {
+                    inflight -= waiting.len();
+                    waiting.clear();
+                }
+                // A queue that fell behind (a slow completion) does not burst to catch up
+                // more than one request.
+                next_at = next_at.max(now.checked_sub(interval).unwrap_or(now));
+                while now >= next_at {
+                    let Some(s) = waiting.pop() else { break };
+                    self.submit(&mut st, s);
+                    next_at += interval;
+                    progressed = true;
+                }
+            }
             while let Some(used) = self.ring.pop_used() {
                 let window = (window_start, window_end);
                 let Some(s) = self.complete(&mut st, used.id, used.len, now, window) else {
@@ -388,6 +419,8 @@ impl Worker {
                 st.out.completed += 1;
                 if stopping {
                     inflight -= 1;
+                } else if interval.is_some() {
+                    waiting.push(s);
                 } else {
                     self.submit(&mut st, s);
                 }
@@ -406,6 +439,18 @@ impl Worker {
                     self.index
                 );
             }
+            if !waiting.is_empty() && inflight == waiting.len() {
+                // Nothing in flight, only waiting for the next slot: no completion can
+                // come, so neither a stall nor an eventfd to sleep on.
+                last_progress = now;
+                let wait = next_at.saturating_duration_since(now);
+                if wait > RATE_SPIN {
+                    std::thread::sleep(wait - RATE_SPIN);
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
             if now.duration_since(last_progress) < self.spec.poll {
                 spins += 1;
                 if spins.is_multiple_of(SPINS_PER_YIELD) {
@@ -415,7 +460,17 @@ impl Worker {
                 }
                 continue;
             }
-            self.sleep(&mut st.out);
+            // With slots waiting for their turn, wake for it (a completion wakes us too).
+            let until_turn = if waiting.is_empty() {
+                Duration::MAX
+            } else {
+                next_at.saturating_duration_since(now)
+            };
+            if until_turn > Duration::from_millis(1) {
+                self.sleep(&mut st.out, until_turn);
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
