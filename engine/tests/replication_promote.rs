@@ -22,19 +22,6 @@ const MIB: u64 = 1 << 20;
 /// Copying 32 MiB over loopback takes about a second; a minute covers a loaded host.
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr], sockets: &[&Path]) -> Engine {
-    let control = dir.join(format!("{name}.sock"));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
-    command
-        .arg("serve")
-        .args(args)
-        .arg("--control")
-        .arg(&control);
-    let mut all: Vec<&Path> = sockets.to_vec();
-    all.push(&control);
-    Engine::spawn(command, dir, name, &all)
-}
-
 /// Waits until `check` holds for the engine's `status`.
 fn wait_for(engine: &Engine, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let started = Instant::now();
@@ -93,7 +80,7 @@ fn a_demoted_source_hands_over_to_a_promoted_destination() {
         "--vhost-socket".as_ref(),
         dst_vhost.as_os_str(),
     ];
-    let destination = serve(dir.path(), "destination", &args, &[&dst_vhost]);
+    let destination = Engine::serve(dir.path(), "destination", &args, &[&dst_vhost]);
     let status = destination.call("status", Map::new());
     assert_eq!(status["disk"]["fenced"], true, "{status}");
     let to = status["replication"]["listening"]
@@ -110,7 +97,7 @@ fn a_demoted_source_hands_over_to_a_promoted_destination() {
         "--tls-dir".as_ref(),
         certs.as_os_str(),
     ];
-    let source = serve(dir.path(), "source", &args, &[&src_vhost]);
+    let source = Engine::serve(dir.path(), "source", &args, &[&src_vhost]);
     // Not a destination: promote is refused and says why.
     let err = call_err(&source, "promote", Map::new());
     assert!(err.contains("holds no replica"), "{err}");
@@ -197,7 +184,7 @@ fn ctl_promote_where_it_does_not_apply_fails_clearly() {
         "--vhost-socket".as_ref(),
         vhost.as_os_str(),
     ];
-    let engine = serve(dir.path(), "engine", &args, &[&vhost]);
+    let engine = Engine::serve(dir.path(), "engine", &args, &[&vhost]);
     let out = Command::new(env!("CARGO_BIN_EXE_strait"))
         .args(["ctl", "--control"])
         .arg(&engine.control)

@@ -20,17 +20,6 @@ const MIB: u64 = 1 << 20;
 /// A refusal takes one session setup on loopback: milliseconds; a minute on a loaded host.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr]) -> Engine {
-    let control = dir.join(format!("{name}.sock"));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
-    command
-        .arg("serve")
-        .args(args)
-        .arg("--control")
-        .arg(&control);
-    Engine::spawn(command, dir, name, &[&control])
-}
-
 fn destination(dir: &Path, image: &Path, certs: &Path) -> (Engine, String) {
     let args = [
         "--disk".as_ref(),
@@ -40,7 +29,7 @@ fn destination(dir: &Path, image: &Path, certs: &Path) -> (Engine, String) {
         "--tls-dir".as_ref(),
         certs.as_os_str(),
     ];
-    let engine = serve(dir, "destination", &args);
+    let engine = Engine::serve(dir, "destination", &args, &[]);
     let listening = engine.replication()["listening"]
         .as_str()
         .unwrap()
@@ -58,7 +47,7 @@ fn source(dir: &Path, name: &str, image: &Path, certs: &Path) -> Engine {
         "--tls-dir".as_ref(),
         certs.as_os_str(),
     ];
-    serve(dir, name, &args)
+    Engine::serve(dir, name, &args, &[])
 }
 
 fn replicate(source: &Engine, to: &str) {
@@ -199,7 +188,7 @@ fn a_restarted_destination_is_recognised_and_a_replaced_one_recopied() {
             "--tls-dir".as_ref(),
             certs.as_os_str(),
         ];
-        serve(dir.path(), name, &args)
+        Engine::serve(dir.path(), name, &args, &[])
     };
     let destination = start_destination("dst-1");
     let source = source(dir.path(), "source", &src, &certs);

@@ -37,17 +37,6 @@ const CHUNK: u64 = CHUNK_BYTES;
 /// loaded 2-core host.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr]) -> Engine {
-    let control = dir.join(format!("{name}.sock"));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
-    command
-        .arg("serve")
-        .args(args)
-        .arg("--control")
-        .arg(&control);
-    Engine::spawn(command, dir, name, &[&control])
-}
-
 fn certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
     write_certs(&certs, &["127.0.0.1".to_string()]).unwrap();
@@ -99,7 +88,7 @@ fn verify_finds_nothing_on_a_replica_then_exactly_the_corrupted_chunk() {
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
     common::make_image(&src, 16 * MIB, Fill::Seeded(1)).unwrap();
     common::make_image(&dst, 16 * MIB, Fill::Seeded(2)).unwrap();
-    let destination = serve(
+    let destination = Engine::serve(
         dir.path(),
         "destination",
         &[
@@ -110,13 +99,14 @@ fn verify_finds_nothing_on_a_replica_then_exactly_the_corrupted_chunk() {
             "--tls-dir".as_ref(),
             certs.as_os_str(),
         ],
+        &[],
     );
     let to = destination.replication()["listening"]
         .as_str()
         .unwrap()
         .to_string();
     let vhost = dir.path().join("source-vhost.sock");
-    let source = serve(
+    let source = Engine::serve(
         dir.path(),
         "source",
         &[
@@ -127,6 +117,7 @@ fn verify_finds_nothing_on_a_replica_then_exactly_the_corrupted_chunk() {
             "--tls-dir".as_ref(),
             certs.as_os_str(),
         ],
+        &[&vhost],
     );
 
     // Nothing to compare with yet, and a destination compares nothing itself.

@@ -43,6 +43,21 @@ impl Engine {
         }
     }
 
+    /// `strait serve ARGS --control DIR/NAME.sock`, once `sockets` and the control socket
+    /// exist.
+    pub fn serve(dir: &Path, name: &str, args: &[&std::ffi::OsStr], sockets: &[&Path]) -> Engine {
+        let control = dir.join(format!("{name}.sock"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strait"));
+        command
+            .arg("serve")
+            .args(args)
+            .arg("--control")
+            .arg(&control);
+        let mut all: Vec<&Path> = sockets.to_vec();
+        all.push(&control);
+        Engine::spawn(command, dir, name, &all)
+    }
+
     /// One control API call; panics with the engine's log when it fails.
     pub fn call(&self, cmd: &str, args: Map<String, Value>) -> Value {
         ControlClient::connect(&self.control)
