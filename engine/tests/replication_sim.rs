@@ -20,7 +20,7 @@
 //! chunks of the destination after sync: verify must name exactly those, and `repair` must
 //! make the disks equal (and the replica's claim of consistency true) again.
 //!
-//! `STRAIT_REPL_SEEDS=N` runs N seeds (default 1000; 200 for the second and third tests);
+//! `STRAIT_REPL_SEEDS=N` runs N seeds (default 2000; 200 for the second and third tests);
 //! `STRAIT_REPL_SEED=S` runs only S.
 //! A failure names its seed.
 
@@ -709,7 +709,7 @@ fn seeds(default: u64) -> Vec<u64> {
 
 #[test]
 fn replicas_converge_under_every_fault() {
-    let seeds = seeds(1000);
+    let seeds = seeds(2000);
     let mut total = Seen::default();
     for &seed in &seeds {
         let seen = run_seed(seed, false);
