@@ -174,13 +174,7 @@ struct Inner {
 
 struct Shared {
     inner: Mutex<Inner>,
-    /// Everyone but the writers waits here: senders for room, receivers, flush, the timer.
     cond: Condvar,
-    /// The connection writers wait here, for something to transmit. Apart so that a
-    /// finished write, which only concerns senders and flush, does not wake every other
-    /// writer to find nothing to send (with four connections, that herd was a quarter of
-    /// a core in context switches at 15 000 small sends a second).
-    tx: Condvar,
     start: Instant,
 }
 
@@ -199,24 +193,6 @@ impl Shared {
             Ok((g, _)) => g,
             Err(e) => e.into_inner().0,
         }
-    }
-
-    /// A writer's wait for something to transmit.
-    fn wait_tx<'a>(
-        &self,
-        guard: MutexGuard<'a, Inner>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, Inner> {
-        match self.tx.wait_timeout(guard, timeout) {
-            Ok((g, _)) => g,
-            Err(e) => e.into_inner().0,
-        }
-    }
-
-    /// The core's state changed: wake everyone who may act on it, writers included.
-    fn notify(&self) {
-        self.cond.notify_all();
-        self.tx.notify_all();
     }
 }
 
@@ -353,7 +329,6 @@ impl Link {
                 writes_in_progress: 0,
             }),
             cond: Condvar::new(),
-            tx: Condvar::new(),
             start: Instant::now(),
         });
         let s = shared.clone();
@@ -412,7 +387,7 @@ impl Link {
             if g.core.can_send(class, payload.len()) {
                 let result = g.core.send(class, payload);
                 drop(g);
-                self.shared.notify();
+                self.shared.cond.notify_all();
                 return result.map_err(LinkError::from);
             }
             let now = Instant::now();
@@ -460,7 +435,7 @@ impl Link {
         bytes: u64,
     ) -> Result<(), super::AppliedBeyondReceived> {
         let result = self.shared.lock().core.mark_applied(class, bytes);
-        self.shared.notify();
+        self.shared.cond.notify_all();
         result
     }
 
@@ -493,7 +468,7 @@ impl Link {
         let mut g = self.shared.lock();
         g.core.close_gracefully();
         drop(g);
-        self.shared.notify();
+        self.shared.cond.notify_all();
         g = self.shared.lock();
         while g.core.state() != &SessionState::Closed {
             if let Some(reason) = g.failed.clone() {
@@ -549,7 +524,7 @@ impl Link {
             // Tell the peer, so it fails at once instead of after its resume window.
             g.core.close(CloseReason::Shutdown);
             drop(g);
-            self.shared.notify();
+            self.shared.cond.notify_all();
             let deadline = Instant::now() + CLOSE_FLUSH_TIMEOUT;
             g = self.shared.lock();
             while (g.core.has_unsent_control() || g.writes_in_progress > 0)
@@ -563,7 +538,7 @@ impl Link {
             let _ = h.sock.shutdown(Shutdown::Both);
         }
         drop(g);
-        self.shared.notify();
+        self.shared.cond.notify_all();
         let deadline = Instant::now() + WAIT_TICK * 20;
         let mut g = self.shared.lock();
         while g.threads_running > 0 && Instant::now() < deadline {
@@ -587,7 +562,7 @@ fn timer_thread(shared: &Arc<Shared>, endpoint: Endpoint) {
         g.pump_events();
         if deadline_passed {
             // A due ack, report or ping leaves through a writer: wake them.
-            shared.notify();
+            shared.cond.notify_all();
         }
         for h in g.conns.values() {
             if h.closing_since
@@ -646,7 +621,7 @@ fn timer_thread(shared: &Arc<Shared>, endpoint: Endpoint) {
     }
     g.threads_running -= 1;
     drop(g);
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 fn accept_one(
@@ -685,7 +660,7 @@ fn accept_one(
         }
     }
     drop(g);
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 fn dial_one(
@@ -709,7 +684,7 @@ fn dial_one(
         }
     }
     drop(g);
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 fn dial(
@@ -775,7 +750,7 @@ fn register(
         }
         g.core.on_connection_down(conn, shared.now_ns());
     }
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 /// Plaintext the TLS layer has decrypted; `Ok(true)` once the peer closed cleanly.
@@ -851,7 +826,7 @@ fn reader_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
         g.core.on_bytes(conn, &bytes, shared.now_ns());
         g.pump_events();
         drop(g);
-        shared.notify();
+        shared.cond.notify_all();
     }
     let _ = sock.shutdown(Shutdown::Both);
     let mut g = shared.lock();
@@ -861,7 +836,7 @@ fn reader_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
     g.pump_events();
     g.threads_running -= 1;
     drop(g);
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transport: &Transport) {
@@ -888,7 +863,7 @@ fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
                 end_stream = true;
                 break None;
             }
-            g = shared.wait_tx(g, if wire_full { WIRE_FULL_POLL } else { WAIT_TICK });
+            g = shared.wait(g, if wire_full { WIRE_FULL_POLL } else { WAIT_TICK });
         };
         drop(g);
         let Some(bytes) = bytes else {
@@ -896,8 +871,6 @@ fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
         };
         let written = write_all(&mut sock, transport, &bytes);
         shared.lock().writes_in_progress -= 1;
-        // Senders waiting for room and flush care; the other writers do not (this one
-        // polls again itself).
         shared.cond.notify_all();
         if let Err(e) = written {
             debug!(conn = conn.0, error = %e, "connection write failed");
@@ -917,7 +890,7 @@ fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
     let mut g = shared.lock();
     g.threads_running -= 1;
     drop(g);
-    shared.notify();
+    shared.cond.notify_all();
 }
 
 /// Sends TLS close_notify, if the connection has TLS.
