@@ -191,7 +191,7 @@ impl DeviceShared {
             guest: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             log: Arc::new(LogSwitch::default()),
             capture: OnceLock::new(),
-            fence: Fence::new(fenced),
+            fence: Fence::new(queue_cores.len(), fenced),
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),

@@ -453,9 +453,10 @@ async fn execute(ctx: IoContext, ticket: Ticket, req: Request) -> Completion {
     if !req.check_range(capacity_sectors) {
         return fail(ErrorKind::OutOfRange);
     }
-    // Counted in before the fence is looked at; out once the mutation is captured.
+    // Counted in (on this queue's own counter) before the fence is looked at; out once
+    // the mutation is captured.
     let entered = if req.kind.is_mutation() {
-        match device.fence.enter() {
+        match device.fence.enter(queue) {
             Some(entered) => Some(entered),
             None => return fail(ErrorKind::Fenced),
         }
