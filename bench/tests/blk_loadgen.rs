@@ -58,8 +58,11 @@ fn config(dir: &Path, queues: u16) -> PeerConfig {
 fn run_on(peer: Peer, cfg: &PeerConfig, job: &JobSpec, tag: &str) -> JobResult {
     let running = RunningPeer::start(peer, cfg, tag).expect("backend starts");
     let result = run_job(&running.socket, job, Some(running.pid()));
-    running.stop().expect("backend stops");
-    result.expect("job runs")
+    // Stopped either way, but a failed job is the first thing to report.
+    let stopped = running.stop();
+    let result = result.expect("job runs");
+    stopped.expect("backend stops");
+    result
 }
 
 #[track_caller]

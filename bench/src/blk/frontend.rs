@@ -3,7 +3,16 @@
 //! rings. Only what both strait and qemu-storage-daemon offer is asked for, and nothing
 //! backend-specific is sent (no `GET_CONFIG`: vhost 0.18's frontend hangs on a backend that
 //! answers it with an empty payload).
+//!
+//! The connection ends with a hang-up the backend has acknowledged ([`Device::disconnect`]):
+//! the frontend shuts down its sending side and waits for the backend to close the socket, so
+//! a backend stopped right afterwards has no client left. qemu-storage-daemon 7.2 deadlocks on
+//! exit while a client is still connected to an export in an iothread (fixed in QEMU 8.0 by
+//! 2957dc40a, "only acquire AioContext once for vhost_user_server_stop()"), and it learns of
+//! a plain `close` only later, in that iothread.
 
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,6 +38,12 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// that failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
+/// How long the backend may take to close its end after the hang-up. Both backends do it
+/// within milliseconds; 5 s only trips on one that stopped serving the socket.
+pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read size while waiting for the backend's end-of-file. The backend sends nothing unasked,
+/// so anything read then is a stray reply and is discarded.
+const DRAIN_BYTES: usize = 256;
 
 fn bit(n: u32) -> u64 {
     1u64 << n
@@ -43,7 +58,8 @@ pub struct QueueFds {
 /// A connected, configured vhost-user-blk device.
 pub struct Device {
     // Kept open for the whole job: closing the socket tells the backend to stop the rings.
-    _frontend: Frontend,
+    // Invariant: Some until the hang-up (`disconnect`, or drop on an error path).
+    frontend: Option<Frontend>,
     pub queues: Vec<QueueFds>,
     pub features: u64,
     pub indirect: bool,
@@ -130,11 +146,87 @@ impl Device {
             fds.push(q);
         }
         Ok(Device {
-            _frontend: fe,
+            frontend: Some(fe),
             queues: fds,
             features: wanted,
             indirect: want_indirect,
         })
+    }
+
+    /// Hangs up and waits until the backend has closed its end of the socket. Call it once
+    /// every request has completed: the backend then stops the rings with nothing in flight.
+    pub fn disconnect(mut self) -> Result<()> {
+        self.hang_up()
+    }
+
+    fn hang_up(&mut self) -> Result<()> {
+        let Some(frontend) = self.frontend.take() else {
+            return Ok(());
+        };
+        // `frontend` is dropped (our end closed) only after the backend has closed its own.
+        wait_for_backend_close(frontend.as_raw_fd())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // An error path still hangs up cleanly, so stopping the backend afterwards does not
+        // hang and hide the error that ended the job. A failed hang-up shows there instead.
+        let _ = self.hang_up();
+    }
+}
+
+/// Shuts down the sending side of the vhost-user socket `fd` and waits, up to
+/// `DISCONNECT_TIMEOUT`, for the backend's end-of-file: it reads the shutdown as the
+/// frontend leaving, tears the device down and closes its end.
+fn wait_for_backend_close(fd: RawFd) -> Result<()> {
+    // SAFETY: `fd` is the frontend's socket, open for the whole call (the caller owns it).
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("shutting down the vhost-user socket (fd {fd})"));
+    }
+    let deadline = Instant::now() + DISCONNECT_TIMEOUT;
+    let mut buf = [0u8; DRAIN_BYTES];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the backend kept the vhost-user connection open {DISCONNECT_TIMEOUT:?} \
+                 after the frontend hung up"
+            );
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call; count 1.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err).with_context(|| format!("polling the vhost-user socket (fd {fd})"));
+        }
+        // SAFETY: `buf` is writable for its whole length; `fd` is open (see above).
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n == 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+                // Closed with our stray bytes unread: closed all the same.
+                io::ErrorKind::ConnectionReset => return Ok(()),
+                _ => {
+                    return Err(err).with_context(|| {
+                        format!("waiting for the backend to close the vhost-user socket (fd {fd})")
+                    })
+                }
+            }
+        }
     }
 }
 

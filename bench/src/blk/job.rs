@@ -300,7 +300,11 @@ pub fn run_job(socket: &Path, spec: &JobSpec, backend_pid: Option<u32>) -> Resul
             .map_err(|_| anyhow::anyhow!("queue thread {q} panicked"))??;
         outcomes.push(outcome);
     }
-    drop(device);
+    // Every request has completed: the backend sees the hang-up with nothing in flight and
+    // has closed its end before the caller may stop it.
+    device
+        .disconnect()
+        .context("disconnecting from the backend")?;
     let backend_cpu_s = match cpu_start.0.zip(cpu_end.0) {
         Some((Ok(a), Ok(b))) => Some(b - a),
         Some((Err(e), _)) | Some((_, Err(e))) => return Err(e).context("backend CPU time"),

@@ -221,7 +221,17 @@ impl RunningPeer {
         }
         let _ = child.kill();
         let _ = child.wait();
-        bail!("{} ignored SIGTERM for {STOP_TIMEOUT:?}", self.peer.name())
+        let hint = match self.peer {
+            Peer::Qsd => {
+                " (qsd 7.2 deadlocks on exit while a vhost-user client is still connected \
+                 to an export in an iothread: was the frontend disconnected first?)"
+            }
+            Peer::Strait => "",
+        };
+        bail!(
+            "{} ignored SIGTERM for {STOP_TIMEOUT:?}{hint}",
+            self.peer.name()
+        )
     }
 }
 
