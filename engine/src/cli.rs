@@ -238,6 +238,12 @@ pub struct ServeArgs {
     /// Default: derived from the image's device and inode numbers.
     #[arg(long)]
     pub serial: Option<String>,
+    /// The VMM this engine's disk belongs to, as `qemu:QMP_SOCKET`. On a destination
+    /// (`--listen`) it is the VMM that receives migrations: a QEMU started with
+    /// `-incoming defer -S` and the disk on `--vhost-socket`. The engine holds its QMP
+    /// connection while a migration runs, so give QEMU a second `-qmp` for anything else.
+    #[arg(long, value_name = "qemu:QMP_SOCKET")]
+    pub vmm: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +312,41 @@ pub enum CtlCommand {
     /// replicates, the destination is told once it holds every write, and may then be
     /// promoted.
     Demote,
+    /// Live-migrate the running VM, disk and memory together, to a destination engine
+    /// (`strait serve --listen ... --vhost-socket ... [--vmm qemu:QMP]`): the disk is copied
+    /// (if not yet), then QEMU migrates its memory through this engine over the same link,
+    /// and the switchover is atomic: the VM runs on exactly one side, whatever fails.
+    /// Prints a progress line per interval until the migration ends; exit status 1 unless
+    /// it committed.
+    Migrate {
+        /// The destination engine's address (not needed if this engine replicates to it
+        /// already).
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: Option<std::net::SocketAddr>,
+        /// This VM's VMM: `qemu:QMP_SOCKET`.
+        #[arg(long, value_name = "qemu:QMP_SOCKET")]
+        vmm: String,
+        /// The destination's VMM, forwarded to the destination engine (for setups on one
+        /// machine; in production the destination engine knows its own, `serve --vmm`).
+        #[arg(long, value_name = "qemu:QMP_SOCKET")]
+        dst_vmm: Option<String>,
+        /// The downtime QEMU aims for, in milliseconds.
+        #[arg(long, default_value_t = strait_engine_defaults::DOWNTIME_MS)]
+        downtime_ms: u64,
+        /// Milliseconds between progress lines.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Return at once instead of following the migration.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Roll the running migration back (honoured until the commit is sent).
+    MigrateCancel,
+}
+
+mod strait_engine_defaults {
+    /// `migrate --downtime-ms`: see [`crate::migration::source::DOWNTIME_LIMIT_MS_DEFAULT`].
+    pub const DOWNTIME_MS: u64 = crate::migration::source::DOWNTIME_LIMIT_MS_DEFAULT;
 }
 
 /// A list of CPU cores, as `--cores` takes it.

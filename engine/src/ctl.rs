@@ -35,6 +35,8 @@ pub enum CtlError {
     Mismatches { chunks: u64 },
     #[error("verify failed: {0}")]
     VerifyFailed(String),
+    #[error("the migration did not commit: {0}")]
+    MigrationFailed(String),
 }
 
 /// Runs `strait ctl`.
@@ -68,6 +70,26 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             ("promote", a)
         }
         CtlCommand::Demote => ("demote", serde_json::Map::new()),
+        CtlCommand::Migrate {
+            to,
+            vmm,
+            dst_vmm,
+            downtime_ms,
+            interval_ms,
+            no_wait,
+        } => {
+            let mut a = serde_json::Map::new();
+            if let Some(to) = to {
+                a.insert("to".into(), Value::String(to.to_string()));
+            }
+            a.insert("vmm".into(), Value::String(vmm.clone()));
+            if let Some(d) = dst_vmm {
+                a.insert("dst_vmm".into(), Value::String(d.clone()));
+            }
+            a.insert("downtime_ms".into(), Value::from(*downtime_ms));
+            return migrate(&args, a, (!no_wait).then_some(*interval_ms));
+        }
+        CtlCommand::MigrateCancel => ("migrate-cancel", serde_json::Map::new()),
     };
     let mut client = connect(&args)?;
     let result = client
@@ -88,6 +110,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             // Returned above.
             CtlCommand::Verify { .. } => String::new(),
             CtlCommand::Promote { .. } => render_promoted(&result),
+            // Returned above.
+            CtlCommand::Migrate { .. } => String::new(),
+            CtlCommand::MigrateCancel => {
+                "the migration rolls back (unless its commit was already sent)\n".into()
+            }
             CtlCommand::Demote => {
                 if result["replicating"] == true {
                     "demoted: the disk is fenced; the destination is told once it holds every write\n".into()
@@ -155,6 +182,140 @@ fn verify(args: &CtlArgs, repair: bool, follow_ms: Option<u64>) -> Result<(), Ct
         }
         std::thread::sleep(std::time::Duration::from_millis(interval_ms.max(10)));
     }
+}
+
+/// `migrate`: starts it; unless `--no-wait`, follows it to its end.
+fn migrate(
+    args: &CtlArgs,
+    call_args: Map<String, Value>,
+    follow_ms: Option<u64>,
+) -> Result<(), CtlError> {
+    let command = "migrate";
+    let mut client = connect(args)?;
+    let err = |cmd: &'static str| {
+        move |source| CtlError::Call {
+            command: cmd,
+            path: args.control.clone(),
+            source,
+        }
+    };
+    let started = client
+        .call_with_args(command, call_args)
+        .map_err(err(command))?;
+    let Some(interval_ms) = follow_ms else {
+        let text = if args.json {
+            format!("{started}\n")
+        } else {
+            "migration started; `strait ctl status` shows its progress\n".to_string()
+        };
+        return print(command, &text);
+    };
+    loop {
+        let status = client.call("status").map_err(err("status"))?;
+        let m = &status["migration"];
+        let phase = str_field(m, "phase").unwrap_or("?");
+        let done = matches!(phase, "done" | "rolled-back" | "failed");
+        let text = match (args.json, done) {
+            (true, _) => format!("{m}\n"),
+            (false, false) => migration_progress_line(m),
+            (false, true) => migration_summary(m),
+        };
+        print(command, &text)?;
+        if done {
+            return match phase {
+                "done" => Ok(()),
+                _ => Err(CtlError::MigrationFailed(
+                    str_field(m, "error").unwrap_or(phase).to_string(),
+                )),
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(interval_ms.max(10)));
+    }
+}
+
+/// `memory      [########......................]  27% 70.0 MiB of 256 MiB, 24.1 MiB/s, dirty 3.0 MiB/s, throttle 0%, expected downtime 310 ms`.
+pub fn migration_progress_line(m: &Value) -> String {
+    let phase = str_field(m, "phase").unwrap_or("?");
+    let mut out = format!("{phase:<12}");
+    let num = |k: &str| m.get(k).and_then(Value::as_u64);
+    let (done, total) = match phase {
+        "disk" => (
+            m["disk"].get("done_bytes").and_then(Value::as_u64),
+            m["disk"].get("total_bytes").and_then(Value::as_u64),
+        ),
+        _ => (
+            num("memory_transferred_bytes"),
+            num("memory_total_bytes").filter(|t| *t > 0),
+        ),
+    };
+    if let (Some(done), Some(total)) = (done, total) {
+        let shown = done.min(total);
+        let filled = (shown * BAR_WIDTH).checked_div(total).unwrap_or(BAR_WIDTH);
+        let percent = (shown * 100).checked_div(total).unwrap_or(100);
+        let bar: String = (0..BAR_WIDTH)
+            .map(|i| if i < filled { '#' } else { '.' })
+            .collect();
+        let _ = write!(
+            out,
+            " [{bar}] {percent:>3}% {} of {}",
+            format_bytes_binary(done),
+            format_bytes_binary(total)
+        );
+    }
+    let rates = &m["rates_bytes_per_s"];
+    for (label, key) in [("memory", "memory"), ("mirror", "mirror"), ("bulk", "bulk")] {
+        if let Some(r) = rates.get(key).and_then(Value::as_u64).filter(|r| *r > 0) {
+            let _ = write!(out, ", {label} {}/s", format_bytes_binary(r));
+        }
+    }
+    if let Some(d) = m["throttle"]
+        .get("dirty_bytes_per_s")
+        .and_then(Value::as_u64)
+    {
+        if phase == "memory" {
+            let _ = write!(out, ", dirty {}/s", format_bytes_binary(d));
+        }
+    }
+    if let Some(t) = m["throttle"].get("asked_pct").and_then(Value::as_u64) {
+        let _ = write!(out, ", throttle {t}%");
+    }
+    if let Some(d) = num("expected_downtime_ms") {
+        let _ = write!(out, ", expected downtime {d} ms");
+    }
+    out.push('\n');
+    out
+}
+
+/// The end of a migration: the outcome, the times, the bytes.
+pub fn migration_summary(m: &Value) -> String {
+    let phase = str_field(m, "phase").unwrap_or("?");
+    let mut out = String::new();
+    let head = match phase {
+        "done" => "migrated: the VM runs on the destination",
+        "rolled-back" => "rolled back: the VM runs here again",
+        _ => "migration failed",
+    };
+    let _ = write!(out, "{head}");
+    if let Some(e) = str_field(m, "error") {
+        let _ = write!(out, " ({e})");
+    }
+    out.push('\n');
+    if let Some(t) = f64_field(m, "elapsed_s") {
+        let _ = writeln!(out, "  total time        {}", format_duration(t));
+    }
+    if let Some(d) = f64_field(m, "switchover_ms") {
+        let _ = writeln!(out, "  switchover        {d:.0} ms (VM stopped at pre-switchover until the destination resumed it)");
+    }
+    if let Some(d) = m.get("vmm_downtime_ms").and_then(Value::as_u64) {
+        let _ = writeln!(out, "  QEMU's downtime   {d} ms");
+    }
+    let bytes = &m["bytes"];
+    for key in ["memory", "mirror", "bulk"] {
+        if let Some(b) = bytes.get(key).and_then(Value::as_u64) {
+            let _ = writeln!(out, "  {key:<17} {}", format_bytes_binary(b));
+        }
+    }
+    out
 }
 
 /// The exit status of `verify --wait`: an error when a chunk differs or the run failed.

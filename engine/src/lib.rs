@@ -7,7 +7,7 @@
 mod bench_link;
 pub mod cli;
 pub mod control;
-mod ctl;
+pub mod ctl;
 mod link_cmd;
 pub mod migration;
 mod netcmd;

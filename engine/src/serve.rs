@@ -11,6 +11,9 @@ use strait_vhost_blk::{Backend, BackendConfig, QueueSnapshot, QueueStats};
 
 use crate::cli::ServeArgs;
 use crate::control::{ControlError, ControlServer, ErrorCode, Handler, API_VERSION};
+use crate::migration::port::Port;
+use crate::migration::source::{MigratePlan, Migration, SourceSide};
+use crate::migration::target::{Target, TargetParts};
 use crate::replication::capture::MirrorCapture;
 use crate::replication::driver::{
     DestDriver, FenceFn, PromoteFailure, SourceDriver, SourceStatus, SourceTarget,
@@ -52,6 +55,10 @@ pub enum ServeError {
     Replica(#[source] DriverError),
     #[error(transparent)]
     ReplicaIdentity(#[from] crate::replication::identity::IdentityError),
+    #[error("cannot start receiving migrations")]
+    Migration(#[source] Box<crate::migration::MigrationError>),
+    #[error(transparent)]
+    VmmSpec(Box<crate::migration::MigrationError>),
 }
 
 /// A running `strait serve`: the block backend (or, with `--listen`, the replica
@@ -85,13 +92,16 @@ impl Server {
             .len();
         // With --listen the disk receives a replica; it is served to a VMM (if
         // --vhost-socket) fenced, so no guest writes it until it is promoted.
+        if let Some(spec) = &args.vmm {
+            crate::migration::parse_vmm_spec(spec).map_err(|e| ServeError::VmmSpec(Box::new(e)))?;
+        }
         let replica = match args.listen {
-            Some(listen) => Some(Server::start_replica(
+            Some(listen) => Some(Arc::new(Server::start_replica(
                 args,
                 listen,
                 tls.clone(),
                 disk_bytes,
-            )?),
+            )?)),
             None => None,
         };
         let backend = match &args.vhost_socket {
@@ -102,14 +112,37 @@ impl Server {
             )?)),
             None => None,
         };
+        // Sockets the engine creates for migrations live beside its control socket.
+        let run_dir = args
+            .control
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf);
+        let target = match &replica {
+            Some(replica) => Some(
+                Target::start(TargetParts {
+                    port: replica.port(),
+                    replica: replica.clone(),
+                    backend: backend.clone(),
+                    vmm: args.vmm.clone(),
+                    run_dir: run_dir.clone(),
+                    disk: args.disk.clone(),
+                })
+                .map_err(|e| ServeError::Migration(Box::new(e)))?,
+            ),
+            None => None,
+        };
         let handler = Arc::new(EngineHandler {
+            run_dir,
+            target,
+            migration: Mutex::new(None),
             backend: backend.clone(),
             disk: args.disk.clone(),
             disk_bytes,
             queues: args.queues,
             tls,
             insecure: args.insecure,
-            source: Mutex::new(None),
+            source: Arc::new(Mutex::new(None)),
             replica,
             last_stats: Mutex::new(None),
         });
@@ -232,6 +265,12 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 }
 
 struct EngineHandler {
+    /// Where migration sockets are created.
+    run_dir: PathBuf,
+    /// With `--listen`: the destination's side of migrations.
+    target: Option<Target>,
+    /// The migration started here (the last one, once it ended).
+    migration: Mutex<Option<Migration>>,
     backend: Option<Arc<Backend>>,
     disk: PathBuf,
     disk_bytes: u64,
@@ -239,9 +278,9 @@ struct EngineHandler {
     tls: Option<Arc<TlsIdentity>>,
     insecure: bool,
     /// Replication of the served disk, once `replicate` started it.
-    source: Mutex<Option<SourceDriver>>,
+    source: Arc<Mutex<Option<SourceDriver>>>,
     /// With `--listen`: the replica being received.
-    replica: Option<DestDriver>,
+    replica: Option<Arc<DestDriver>>,
     // The previous `stats` answer, to turn counters into rates over the interval between
     // two calls.
     last_stats: Mutex<Option<(Instant, Vec<QueueStats>)>>,
@@ -257,6 +296,7 @@ impl Handler for EngineHandler {
                 "disk": { "path": self.disk, "size_bytes": self.disk_bytes },
                 "vmm_connected": false,
                 "replication": replication,
+                "migration": self.migration_json(),
             });
         };
         let s = backend.status();
@@ -285,6 +325,7 @@ impl Handler for EngineHandler {
             },
             "uptime_s": s.uptime_s,
             "replication": replication,
+            "migration": self.migration_json(),
         })
     }
 
@@ -420,6 +461,114 @@ impl Handler for EngineHandler {
         Ok(json!({ "to": to.to_string() }))
     }
 
+    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
+        let invalid = |m: &str| (ErrorCode::InvalidArgs, m.to_string());
+        let refused = |m: String| (ErrorCode::Refused, m);
+        let string = |key: &str| match args.get(key) {
+            None => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(invalid(&format!("`{key}` must be a string"))),
+        };
+        if let Some(k) = args
+            .keys()
+            .find(|k| !["vmm", "to", "dst_vmm", "downtime_ms"].contains(&k.as_str()))
+        {
+            return Err(invalid(&format!(
+                "`migrate` takes `vmm`, `to`, `dst_vmm` and `downtime_ms`, not `{k}`"
+            )));
+        }
+        let vmm = string("vmm")?
+            .ok_or_else(|| invalid("`vmm` (\"qemu:QMP_SOCKET\", a string) is required"))?;
+        let dst_vmm = string("dst_vmm")?;
+        for spec in std::iter::once(&vmm).chain(dst_vmm.as_ref()) {
+            crate::migration::parse_vmm_spec(spec).map_err(|e| invalid(&e.to_string()))?;
+        }
+        let downtime_limit_ms = match args.get("downtime_ms") {
+            None => crate::migration::source::DOWNTIME_LIMIT_MS_DEFAULT,
+            Some(v) => v
+                .as_u64()
+                .filter(|d| (DOWNTIME_MS_MIN..=DOWNTIME_MS_MAX).contains(d))
+                .ok_or_else(|| {
+                    invalid(&format!(
+                        "`downtime_ms` must be a whole number from {DOWNTIME_MS_MIN} to {DOWNTIME_MS_MAX}"
+                    ))
+                })?,
+        };
+        let to = string("to")?;
+        if self.replica.is_some() {
+            return Err(refused(
+                "this engine receives a replica (--listen): migrate runs on the source engine"
+                    .into(),
+            ));
+        }
+        let Some(backend) = &self.backend else {
+            return Err(refused(
+                "this engine serves no disk to a VMM (no --vhost-socket): nothing to migrate"
+                    .into(),
+            ));
+        };
+        let mut migration = lock(&self.migration);
+        if let Some(m) = migration.as_ref() {
+            let s = m.status();
+            if !s.phase.is_final() || !m.is_finished() {
+                return Err((
+                    ErrorCode::Busy,
+                    format!("a migration is in progress ({})", s.phase.name()),
+                ));
+            }
+            if s.phase == crate::migration::source::Phase::Done {
+                return Err(refused(
+                    "this VM was migrated away already: it runs on the destination".into(),
+                ));
+            }
+        }
+        let replicating_to = lock(&self.source).as_ref().map(|d| d.status().to);
+        match (replicating_to, &to) {
+            (Some(current), Some(to)) if current.to_string() != *to => {
+                return Err(refused(format!(
+                    "this engine replicates to {current}, not {to}"
+                )))
+            }
+            (Some(_), _) => {}
+            (None, Some(to)) => {
+                let mut a = Map::new();
+                a.insert("to".into(), Value::String(to.clone()));
+                self.replicate(&a)?;
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "`to` (\"ADDR:PORT\") is required: this engine does not replicate yet",
+                ))
+            }
+        }
+        let side = Arc::new(EngineSourceSide {
+            backend: backend.clone(),
+            source: self.source.clone(),
+        });
+        let plan = MigratePlan {
+            id: random_id(),
+            vmm,
+            dst_vmm,
+            run_dir: self.run_dir.clone(),
+            downtime_limit_ms,
+        };
+        let id = plan.id;
+        let started = Migration::start(plan, side).map_err(|e| refused(e.to_string()))?;
+        *migration = Some(started);
+        Ok(json!({ "id": format!("{id:016x}") }))
+    }
+
+    fn migrate_cancel(&self) -> Result<Value, (ErrorCode, String)> {
+        let migration = lock(&self.migration);
+        match migration.as_ref() {
+            Some(m) if !m.status().phase.is_final() => {
+                m.cancel();
+                Ok(json!({ "phase": m.status().phase.name() }))
+            }
+            _ => Err((ErrorCode::Refused, "no migration runs".into())),
+        }
+    }
+
     fn verify(&self, args: &Map<String, Value>) -> Result<Value, (ErrorCode, String)> {
         let repair = match args.get("repair") {
             None => false,
@@ -490,7 +639,123 @@ impl Handler for EngineHandler {
     }
 }
 
+/// `downtime_ms` of `migrate`: below 50 ms QEMU would never find a moment to switch over
+/// across a WAN; above a minute it is no longer a live migration.
+const DOWNTIME_MS_MIN: u64 = 50;
+const DOWNTIME_MS_MAX: u64 = 60_000;
+
+/// A random migration id (from the kernel's generator; a clock if that fails, which only
+/// weakens the id's uniqueness, not safety: the destination records decisions per id).
+fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    let from_kernel = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if from_kernel {
+        return u64::from_le_bytes(b);
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// The migration's view of the serving engine.
+struct EngineSourceSide {
+    backend: Arc<Backend>,
+    source: Arc<Mutex<Option<SourceDriver>>>,
+}
+
+impl SourceSide for EngineSourceSide {
+    fn replication(&self) -> Option<SourceStatus> {
+        lock(&self.source).as_ref().map(SourceDriver::status)
+    }
+
+    fn port(&self) -> Option<Arc<Port>> {
+        lock(&self.source).as_ref().map(SourceDriver::port)
+    }
+
+    fn fence(&self) -> Result<(), String> {
+        self.backend.fence(FENCE_TIMEOUT).map_err(|e| e.to_string())
+    }
+
+    fn unfence(&self) {
+        self.backend.unfence();
+    }
+
+    fn demote(&self) {
+        if let Some(d) = lock(&self.source).as_ref() {
+            d.demote();
+        }
+    }
+
+    fn undemote(&self) {
+        if let Some(d) = lock(&self.source).as_ref() {
+            d.undemote();
+        }
+    }
+}
+
 impl EngineHandler {
+    /// The `migration` object of `status`: null when no migration ran.
+    fn migration_json(&self) -> Value {
+        if let Some(target) = &self.target {
+            let t = target.status();
+            return json!({
+                "role": "destination",
+                "id": t.id.map(|id| format!("{id:016x}")),
+                "state": t.state,
+                "detail": t.detail,
+                "memory_bytes_received": t.memory_bytes,
+                "committed_unix_s": t.committed_at_unix_s,
+            });
+        }
+        let migration = lock(&self.migration);
+        let Some(m) = migration.as_ref() else {
+            return Value::Null;
+        };
+        let s = m.status();
+        let disk = lock(&self.source)
+            .as_ref()
+            .map_or(Value::Null, |d| source_json(&d.status()));
+        let rate = |f: fn(&crate::migration::source::Sample) -> u64| s.timeline.last().map_or(0, f);
+        json!({
+            "role": "source",
+            "id": format!("{:016x}", s.id),
+            "phase": s.phase.name(),
+            "phases": s.phases.iter().map(|(p, t)| json!({ "phase": p.name(), "at_s": t })).collect::<Vec<_>>(),
+            "elapsed_s": s.elapsed_s,
+            "disk": disk,
+            "memory_transferred_bytes": s.memory_transferred_bytes,
+            "memory_remaining_bytes": s.memory_remaining_bytes,
+            "memory_total_bytes": s.memory_total_bytes,
+            "rates_bytes_per_s": {
+                "memory": rate(|x| x.memory_bytes_per_s),
+                "mirror": rate(|x| x.mirror_bytes_per_s),
+                "bulk": rate(|x| x.bulk_bytes_per_s),
+            },
+            "bytes": { "memory": s.memory_bytes, "mirror": s.mirror_bytes, "bulk": s.bulk_bytes },
+            "throttle": {
+                "asked_pct": s.throttle.throttle_pct,
+                "needed_pct": s.throttle.needed_pct,
+                "applied_pct": s.applied_throttle_pct,
+                "dirty_bytes_per_s": s.throttle.dirty_bytes_per_s,
+                "drain_bytes_per_s": s.throttle.drain_bytes_per_s,
+            },
+            "expected_downtime_ms": s.expected_downtime_ms,
+            "vmm_downtime_ms": s.vmm_downtime_ms,
+            "switchover_ms": s.switchover_ms,
+            "error": s.error,
+            "timeline": s.timeline.iter().map(|x| json!([
+                (x.t_s * 1000.0).round() / 1000.0, x.phase.name(), x.memory_bytes_per_s,
+                x.mirror_bytes_per_s, x.bulk_bytes_per_s, x.dirty_bytes_per_s, x.throttle_pct,
+                x.applied_throttle_pct, x.mirror_backlog_bytes, x.expected_downtime_ms,
+            ])).collect::<Vec<_>>(),
+            "timeline_columns": ["t_s", "phase", "memory_bytes_per_s", "mirror_bytes_per_s",
+                "bulk_bytes_per_s", "dirty_bytes_per_s", "throttle_pct", "applied_throttle_pct",
+                "mirror_backlog_bytes", "expected_downtime_ms"],
+        })
+    }
+
     /// The `replication` object of `status`: null when the engine neither sends nor
     /// receives a replica.
     fn replication_json(&self) -> Value {

@@ -144,7 +144,9 @@ fn version_and_help_are_answered_by_the_server() {
             "replicate",
             "verify",
             "promote",
-            "demote"
+            "demote",
+            "migrate",
+            "migrate-cancel"
         ]
     );
 }

@@ -674,6 +674,38 @@ fn run_seed(seed: u64, late_captures: bool) -> Seen {
         let until = w.pair.net.now_ns() + APP_TICK_NS;
         w.pair.step(until);
     }
+    // A migration that rolls back takes the demote back: the replica is no longer
+    // complete (a promote is refused again), then consistent again; a second demote
+    // makes it complete again.
+    if let Some(m) = w.source.undemote() {
+        w.src_out.push_back((StreamClass::Mirror, m.encode()));
+    }
+    let deadline = w.now_ns() + SETTLE_NS;
+    while w.dest.is_complete() || !w.dest.is_consistent() {
+        w.app();
+        assert!(
+            w.now_ns() < deadline,
+            "seed {seed}: the undemote never arrived"
+        );
+        let until = w.pair.net.now_ns() + APP_TICK_NS;
+        w.pair.step(until);
+    }
+    assert_eq!(
+        w.dest.promote(false).unwrap_err(),
+        PromoteError::SourceLive,
+        "seed {seed}: promoted after the demote was taken back"
+    );
+    w.source.demote();
+    let deadline = w.now_ns() + SETTLE_NS;
+    while !w.dest.is_complete() {
+        w.app();
+        assert!(
+            w.now_ns() < deadline,
+            "seed {seed}: never told complete again"
+        );
+        let until = w.pair.net.now_ns() + APP_TICK_NS;
+        w.pair.step(until);
+    }
     let promoted = w.dest.promote(false).unwrap();
     assert!(
         promoted.complete && promoted.consistent && !promoted.forced,

@@ -110,6 +110,11 @@ impl Vmm for QemuVmm {
         self.command("cont", None)
     }
 
+    /// `quit`: QEMU answers, then exits (the connection closes after the reply).
+    fn terminate(&self) -> Result<(), VmmError> {
+        self.command("quit", None)
+    }
+
     fn set_migration_capabilities(&self, caps: &MigrationCapabilities) -> Result<(), VmmError> {
         let list: Vec<Value> = [
             ("pause-before-switchover", caps.pause_before_switchover),

@@ -145,6 +145,15 @@ pub trait Vmm: Send + Sync {
     /// Destination: starts listening for the incoming migration on `from`.
     fn start_incoming(&self, from: &MigrationUri) -> Result<(), VmmError>;
 
+    /// Destination: ends a VMM whose incoming migration was given up, so the state it
+    /// loaded can never run (QEMU `quit`). The default: unsupported.
+    fn terminate(&self) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported {
+            vmm: "this VMM",
+            what: "terminate",
+        })
+    }
+
     /// The oldest unconsumed event, waiting at most `timeout`; `None` if none came. A
     /// driver without events returns `None` after the timeout.
     fn next_event(&self, timeout: Duration) -> Result<Option<VmmEvent>, VmmError>;

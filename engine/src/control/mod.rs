@@ -66,11 +66,25 @@ pub trait Handler: Send + Sync + 'static {
     }
     /// Demotes this source (`demote`), or says why not.
     fn demote(&self) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
-        Err((
-            protocol::ErrorCode::Refused,
-            "this engine serves no disk".into(),
-        ))
+        refused("this engine serves no disk")
     }
+    /// Starts a live migration (`migrate`), or says why not.
+    fn migrate(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        let _ = args;
+        refused("this engine does not migrate")
+    }
+    /// Rolls the running migration back (`migrate-cancel`), or says why not.
+    fn migrate_cancel(&self) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+        refused("no migration runs")
+    }
+}
+
+/// The refusal the default handlers answer with.
+fn refused(message: &str) -> Result<serde_json::Value, (protocol::ErrorCode, String)> {
+    Err((protocol::ErrorCode::Refused, message.into()))
 }
 
 /// What can fail in the control server or client.

@@ -121,11 +121,15 @@ pub enum Command {
     Promote,
     /// Fences a source's disk; replication tells the destination once it has every write.
     Demote,
+    /// Live-migrates the VM (disk and memory) to the destination engine.
+    Migrate,
+    /// Rolls a migration back before its commit.
+    MigrateCancel,
 }
 
 impl Command {
     /// Every command, in the order `help` lists them.
-    pub const ALL: [Command; 8] = [
+    pub const ALL: [Command; 10] = [
         Command::Status,
         Command::Stats,
         Command::Version,
@@ -134,6 +138,8 @@ impl Command {
         Command::Verify,
         Command::Promote,
         Command::Demote,
+        Command::Migrate,
+        Command::MigrateCancel,
     ];
 
     /// The command's name in `cmd`.
@@ -147,6 +153,8 @@ impl Command {
             Command::Verify => "verify",
             Command::Promote => "promote",
             Command::Demote => "demote",
+            Command::Migrate => "migrate",
+            Command::MigrateCancel => "migrate-cancel",
         }
     }
 
@@ -173,6 +181,12 @@ impl Command {
             Command::Demote => {
                 "fence this source's disk (guest writes fail from now on); the destination is told once it holds every write"
             }
+            Command::Migrate => {
+                "live-migrate the VM to the destination engine (progress in status): args {\"vmm\": \"qemu:QMP_SOCKET\", \"to\": \"ADDR:PORT\" (unless replicating already), \"dst_vmm\": \"qemu:QMP_SOCKET\", \"downtime_ms\": N} (last two optional)"
+            }
+            Command::MigrateCancel => {
+                "roll the running migration back (honoured until the commit is sent)"
+            }
         }
     }
 
@@ -190,8 +204,8 @@ pub struct Request {
     /// Echoed in the response. A JSON scalar; null when the request had none.
     pub id: Value,
     pub command: Command,
-    /// The `args` object; empty when absent. Only `replicate`, `verify` and `promote` take
-    /// arguments.
+    /// The `args` object; empty when absent. Only `replicate`, `verify`, `promote` and
+    /// `migrate` take arguments.
     pub args: Map<String, Value>,
 }
 
@@ -282,12 +296,13 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         );
         return Err(RequestError::new(id, ErrorCode::UnknownCommand, message));
     };
-    // Only `replicate`, `verify` and `promote` take arguments (their handlers check them);
+    // Only `replicate`, `verify`, `promote` and `migrate` take arguments (their handlers
+    // check them);
     // refusing them elsewhere tells a client written for a later version that this engine
     // would not honour them.
     let takes_args = matches!(
         command,
-        Command::Replicate | Command::Verify | Command::Promote
+        Command::Replicate | Command::Verify | Command::Promote | Command::Migrate
     );
     if !args.is_empty() && !takes_args {
         let message = format!("`{}` takes no arguments", command.name());

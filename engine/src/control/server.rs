@@ -513,6 +513,8 @@ impl Connection {
             Command::Verify => handler.verify(&request.args),
             Command::Promote => handler.promote(&request.args),
             Command::Demote => handler.demote(),
+            Command::Migrate => handler.migrate(&request.args),
+            Command::MigrateCancel => handler.migrate_cancel(),
         }));
         match result {
             Ok(Ok(result)) => ok_response(&request.id, result),

@@ -20,6 +20,9 @@ use strait_net::tls::TlsIdentity;
 use strait_net::{error_chain, StreamClass};
 use tracing::{info, warn};
 
+use crate::migration::port::Port;
+use crate::migration::wire::is_migration;
+
 use super::apply::{Applier, APPLY_DEPTH};
 use super::capture::{Captured, MirrorCapture};
 use super::identity::{IdentityError, ReplicaIdentity};
@@ -109,6 +112,7 @@ pub struct SourceDriver {
     stop: Arc<AtomicBool>,
     demote: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    port: Arc<Port>,
 }
 
 impl SourceDriver {
@@ -145,7 +149,9 @@ impl SourceDriver {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let demote = Arc::new(AtomicBool::new(false));
+        let port = Port::new();
         let mut runner = SourceRunner {
+            port: port.clone(),
             demote: demote.clone(),
             fence,
             file,
@@ -173,7 +179,13 @@ impl SourceDriver {
             stop,
             demote,
             thread: Some(thread),
+            port,
         })
+    }
+
+    /// The migration's access to this replication's session (see [`Port`]).
+    pub fn port(&self) -> Arc<Port> {
+        self.port.clone()
     }
 
     /// Starts a verify run (see [`super::verify`]); with `repair`, chunks found different
@@ -208,6 +220,13 @@ impl SourceDriver {
         self.demote.store(true, Ordering::Release);
     }
 
+    /// Takes a [`Self::demote`] back (a migration rolled back before its commit): the
+    /// destination is told it is no longer complete before any later write is mirrored.
+    /// The caller keeps the disk fenced until [`SourceStatus::demoted`] reads false.
+    pub fn undemote(&self) {
+        self.demote.store(false, Ordering::Release);
+    }
+
     /// Stops the thread (its link closes; the destination keeps what it confirmed).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -232,7 +251,9 @@ struct SourceRunner {
     source: ReplicaSource,
     capture: Arc<MirrorCapture>,
     target: SourceTarget,
-    link: Option<Link>,
+    link: Option<Arc<Link>>,
+    /// Where the migration finds the session and its messages.
+    port: Arc<Port>,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
     controller: Controller,
@@ -296,6 +317,7 @@ impl SourceRunner {
         }
         // Nothing drains any more: stop holding the guest's writes.
         self.capture.pacer().set_rate(0);
+        self.port.detach();
         if let Some(link) = self.link.take() {
             link.close();
         }
@@ -310,6 +332,8 @@ impl SourceRunner {
                 match link.send(StreamClass::Control, hello.encode(), SEND_TIMEOUT) {
                     Ok(_) => {
                         info!(to = %t.to, "replication session open");
+                        let link = Arc::new(link);
+                        self.port.attach(link.clone());
                         self.link = Some(link);
                         self.link_acked = 0;
                     }
@@ -329,6 +353,7 @@ impl SourceRunner {
             error = why,
             "replication session lost; changes go to the dirty bitmap"
         );
+        self.port.detach();
         if let Some(link) = self.link.take() {
             link.close();
         }
@@ -338,6 +363,14 @@ impl SourceRunner {
 
     /// One round: captured writes, overflowed chunks, replies, bulk copy.
     fn round(&mut self) -> Result<bool, String> {
+        // A demote taken back: the destination hears it before any later write (the
+        // caller keeps the disk fenced until the status shows it).
+        if !self.demote.load(Ordering::Acquire) && self.source.is_demoted() {
+            info!("demote taken back: the destination is told its replica is not complete");
+            if let Some(m) = self.source.undemote() {
+                self.send(StreamClass::Mirror, m)?;
+            }
+        }
         let mut captured = Vec::new();
         let drained = self.capture.drain(DRAIN_BATCH, |c| captured.push(c));
         for c in captured {
@@ -366,6 +399,11 @@ impl SourceRunner {
             .map_err(err)?
         {
             let _ = link.mark_applied(StreamClass::Control, p.len() as u64);
+            if is_migration(&p) {
+                self.port.deliver(&p).map_err(|e| e.to_string())?;
+                replies += 1;
+                continue;
+            }
             let message = Message::decode(&p).map_err(|e| e.to_string())?;
             self.source.on_message(message).map_err(|e| e.to_string())?;
             replies += 1;
@@ -650,6 +688,7 @@ pub struct DestDriver {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     listen: SocketAddr,
+    port: Arc<Port>,
 }
 
 impl DestDriver {
@@ -693,9 +732,11 @@ impl DestDriver {
         let status = Arc::new(Mutex::new(DestStatus::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st, d, id) = (status.clone(), stop.clone(), dest.clone(), identity.clone());
+        let port = Port::new();
+        let p = port.clone();
         let thread = thread::Builder::new()
             .name("strait-replica".into())
-            .spawn(move || dest_thread(file, &d, &id, listener, listen, tls, &s, &st))
+            .spawn(move || dest_thread(file, &d, &id, &p, listener, listen, tls, &s, &st))
             .map_err(super::DriverError::Thread)?;
         Ok(DestDriver {
             status,
@@ -705,7 +746,13 @@ impl DestDriver {
             stop,
             thread: Some(thread),
             listen,
+            port,
         })
+    }
+
+    /// The migration's access to the current session (see [`Port`]).
+    pub fn port(&self) -> Arc<Port> {
+        self.port.clone()
     }
 
     /// The address sources connect to.
@@ -755,6 +802,7 @@ fn dest_thread(
     file: File,
     dest: &Mutex<ReplicaDest>,
     identity: &IdentityStore,
+    port: &Port,
     first: TcpListener,
     listen: SocketAddr,
     tls: Option<Arc<TlsIdentity>>,
@@ -775,7 +823,7 @@ fn dest_thread(
             }
         };
         let link = match Link::accept(l, tls.as_deref(), SessionConfig::new(Role::Destination)) {
-            Ok(link) => link,
+            Ok(link) => Arc::new(link),
             Err(e) => {
                 lock(status).last_error = Some(error_chain(&e));
                 continue;
@@ -787,14 +835,16 @@ fn dest_thread(
             s.sessions += 1;
         }
         info!("replication session accepted");
+        port.attach(link.clone());
         // A writer per session: one that failed is not reused.
         let outcome = file
             .try_clone()
             .and_then(Applier::new)
             .map_err(|e| format!("cannot set up the replica's writer (io_uring): {e}"))
             .and_then(|mut applier| {
-                serve_session(&mut applier, dest, identity, &link, status, stop)
+                serve_session(&mut applier, dest, identity, port, &link, status, stop)
             });
+        port.detach();
         lock(dest).on_disconnected();
         link.close();
         let mut s = lock(status);
@@ -810,6 +860,7 @@ fn serve_session(
     applier: &mut Applier,
     dest: &Mutex<ReplicaDest>,
     identity: &IdentityStore,
+    port: &Port,
     link: &Link,
     status: &Mutex<DestStatus>,
     stop: &AtomicBool,
@@ -839,6 +890,10 @@ fn serve_session(
                     break;
                 };
                 received += p.len() as u64;
+                if class == StreamClass::Control && is_migration(&p) {
+                    port.deliver(&p).map_err(|e| e.to_string())?;
+                    continue;
+                }
                 let messages = decode_payload(&p).map_err(|e| e.to_string())?;
                 let actions: Vec<Apply> = messages
                     .into_iter()

@@ -395,6 +395,21 @@ impl ReplicaSource {
         self.demoted = true;
     }
 
+    /// Takes a [`Self::demote`] back: the source's disk will take writes again (a
+    /// migration rolled back before its commit). Returns the message to send on Mirror
+    /// before any later write, if the destination may believe its replica complete: it is
+    /// then consistent at most, never complete, so it cannot be promoted as if the source
+    /// had stopped.
+    pub fn undemote(&mut self) -> Option<Message> {
+        self.demoted = false;
+        if !self.last_sent {
+            return None;
+        }
+        self.last_sent = false;
+        self.dest_consistent = false;
+        self.welcomed.then_some(Message::Unsynced)
+    }
+
     /// Whether [`Self::demote`] was called.
     pub fn is_demoted(&self) -> bool {
         self.demoted

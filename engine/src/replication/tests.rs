@@ -346,6 +346,19 @@ fn the_source_announces_synced_once_and_unsynced_after_a_tracked_write() {
         })
     );
     assert_eq!(s.take_synced(), None);
+    // A migration rolled back: the destination must hear it is no longer complete before
+    // any later write, and is told consistent again (not complete) after.
+    assert_eq!(s.undemote(), Some(Message::Unsynced));
+    assert!(!s.is_demoted());
+    assert_eq!(s.undemote(), None);
+    assert_eq!(
+        s.take_synced(),
+        Some(Message::Synced {
+            seq: 0,
+            last: false,
+            chunks
+        })
+    );
 }
 
 #[test]

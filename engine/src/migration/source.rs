@@ -1,0 +1,835 @@
+//! The migration's orchestration on the source engine: the phases of
+//! `docs/migration.md` ("The switchover protocol"), the vCPU throttle, and the rollback at
+//! every failure before the commit point.
+//!
+//! 1. **Disk**: wait until replication has copied the whole disk (in sync or behind).
+//! 2. **Offer**: the destination engine points its VMM at its incoming socket.
+//! 3. **Memory**: the source VMM migrates into the [`SourceEnd`] on the replication
+//!    session; the throttle ([`StunController`]) keeps its dirty rate under the link's.
+//! 4. **Switchover**: at QEMU's `pre-switchover` (vCPUs stopped) the disk is fenced and
+//!    demoted, and the mirror drained until the destination confirmed every write.
+//! 5. **Completing**: `migrate-continue`; QEMU sends the device state; the stream must end
+//!    with the destination's `SHUT 0`.
+//! 6. **Commit**: `Commit`; from here the source is in doubt until the destination answers,
+//!    and stays paused. `Committed` (or the destination refusing replication because it was
+//!    promoted): done, the VM runs there. `Refused`: the destination recorded that it never
+//!    commits, so the source rolls back.
+//!
+//! Rollback (any failure before `Commit` left, or `Refused`): cancel the VMM's migration,
+//! tell the destination `Abort`, take the demote back, lift the fence, resume the VM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use strait_net::StreamClass;
+use strait_vmm::{
+    MigrationCapabilities, MigrationInfo, MigrationParameters, MigrationStatus, MigrationUri,
+    RunState, Vmm,
+};
+use tracing::{info, warn};
+
+use super::port::Port;
+use super::stream::{SourceEnd, StreamConfig, StreamHandle, StreamMonitor};
+use super::stun::{StunController, StunState, TICK};
+use super::wire::{MigrationId, MigrationMessage};
+use super::{connect_vmm, MigrationError};
+use crate::replication::driver::SourceStatus;
+use crate::replication::SourceState;
+
+/// How long the destination may take to answer an offer: it connects to its VMM and
+/// issues two QMP commands (well under a second), plus a WAN round trip; the rest is a
+/// loaded machine's margin.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the switchover may take to drain the mirror and hear that the destination has
+/// every write durable. The backlog is bounded by one second of the link's rate
+/// ([`crate::replication::throttle`]), so this is reached only when the link is down; the
+/// VM is paused meanwhile, so it is also the longest extra downtime a cut can cause
+/// before the migration rolls back.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long QEMU may take to send the device state and hear the destination loaded it,
+/// after `migrate-continue`: kilobytes to megabytes, seconds across a slow WAN.
+pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Between two re-sends of `Commit` while in doubt within one session (a new session
+/// sends it at once).
+pub const COMMIT_RESEND: Duration = Duration::from_secs(5);
+
+/// The downtime QEMU aims for unless told otherwise (its own default is 300 ms; the
+/// product's target is about a second whatever the distance, and strait's drain adds to
+/// QEMU's figure).
+pub const DOWNTIME_LIMIT_MS_DEFAULT: u64 = 500;
+
+/// No bandwidth cap from QEMU itself (its default is 128 MiB/s): the link limits, and
+/// QEMU must see the link's rate.
+const UNCAPPED_BYTES_PER_S: u64 = 1 << 36;
+
+/// auto-converge evaluates at most once a second and triggers when a pass dirtied more than
+/// this share of what it sent; 1% makes it apply the throttle the controller asks for
+/// whenever the guest dirties memory at all (`docs/vmm.md`, "The throttle").
+const THROTTLE_TRIGGER_PCT: u8 = 1;
+
+/// Timeline samples kept. At the start one per [`TICK`] (500 ms): 2048 samples are 17
+/// minutes; a longer migration halves the resolution each time the timeline fills, so the
+/// memory stays bounded whatever its length.
+pub const TIMELINE_MAX: usize = 2048;
+
+/// How long the VMM may take to resume after a rollback.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the orchestration needs of the source engine.
+pub trait SourceSide: Send + Sync {
+    /// Replication's status, `None` when it is not running.
+    fn replication(&self) -> Option<SourceStatus>;
+    /// Replication's session, for the memory stream and the messages.
+    fn port(&self) -> Option<Arc<Port>>;
+    /// Fences the disk: no guest write is applied or acknowledged after this returns.
+    fn fence(&self) -> Result<(), String>;
+    /// Lifts the fence.
+    fn unfence(&self);
+    fn demote(&self);
+    fn undemote(&self);
+}
+
+/// What to migrate, and how.
+#[derive(Debug, Clone)]
+pub struct MigratePlan {
+    pub id: MigrationId,
+    /// The source VMM (`qemu:PATH`).
+    pub vmm: String,
+    /// The destination's VMM, forwarded (`qemu:PATH`); `None`: the destination's own.
+    pub dst_vmm: Option<String>,
+    /// Where the source socket is created.
+    pub run_dir: PathBuf,
+    pub downtime_limit_ms: u64,
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Disk,
+    Offer,
+    Memory,
+    Switchover,
+    Completing,
+    /// `Commit` sent, no answer yet: the source VM stays paused.
+    InDoubt,
+    /// Committed: the VM runs on the destination.
+    Done,
+    /// Rolled back: the VM runs here again.
+    RolledBack,
+    /// Failed and the VM's state is not what a rollback leaves (see `error`).
+    Failed,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Disk => "disk",
+            Phase::Offer => "offer",
+            Phase::Memory => "memory",
+            Phase::Switchover => "switchover",
+            Phase::Completing => "completing",
+            Phase::InDoubt => "in-doubt",
+            Phase::Done => "done",
+            Phase::RolledBack => "rolled-back",
+            Phase::Failed => "failed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Done | Phase::RolledBack | Phase::Failed)
+    }
+}
+
+/// One point of the timeline (for the progress bar's history and the demo's chart).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Seconds since the migration started.
+    pub t_s: f64,
+    pub phase: Phase,
+    /// Bytes per second the link delivered, per class, over the last interval.
+    pub memory_bytes_per_s: u64,
+    pub mirror_bytes_per_s: u64,
+    pub bulk_bytes_per_s: u64,
+    /// QEMU's dirty rate, bytes per second.
+    pub dirty_bytes_per_s: u64,
+    /// The throttle asked, and the one QEMU applies, in percent.
+    pub throttle_pct: u8,
+    pub applied_throttle_pct: u8,
+    /// Captured guest writes not yet confirmed by the destination.
+    pub mirror_backlog_bytes: u64,
+    /// QEMU's estimate of the downtime if it switched over now.
+    pub expected_downtime_ms: u64,
+}
+
+/// A migration's status, for `status` and the progress bar.
+#[derive(Debug, Clone)]
+pub struct MigrateStatus {
+    pub id: MigrationId,
+    pub phase: Phase,
+    /// When each phase began, in seconds since the start.
+    pub phases: Vec<(Phase, f64)>,
+    pub elapsed_s: f64,
+    pub memory_transferred_bytes: u64,
+    pub memory_remaining_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub throttle: StunState,
+    pub applied_throttle_pct: u8,
+    pub expected_downtime_ms: Option<u64>,
+    /// QEMU's measured downtime (from its `query-migrate` once completed).
+    pub vmm_downtime_ms: Option<u64>,
+    /// From the VM stopping at `pre-switchover` to the destination's answer to `Commit`:
+    /// the downtime as strait sees it (the destination resumes the VM before it answers).
+    pub switchover_ms: Option<f64>,
+    /// Bytes the link delivered per class during the migration.
+    pub memory_bytes: u64,
+    pub mirror_bytes: u64,
+    pub bulk_bytes: u64,
+    pub error: Option<String>,
+    pub timeline: Vec<Sample>,
+}
+
+/// A running migration.
+pub struct Migration {
+    status: Arc<Mutex<MigrateStatus>>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Migration {
+    /// Connects to the VMM (so a wrong address fails the request, not the thread) and
+    /// starts the orchestration.
+    pub fn start(
+        plan: MigratePlan,
+        side: Arc<dyn SourceSide>,
+    ) -> Result<Migration, MigrationError> {
+        let vmm = connect_vmm(&plan.vmm)?;
+        if let Some(dst) = &plan.dst_vmm {
+            super::parse_vmm_spec(dst)?;
+        }
+        let status = Arc::new(Mutex::new(MigrateStatus {
+            id: plan.id,
+            phase: Phase::Disk,
+            phases: vec![(Phase::Disk, 0.0)],
+            elapsed_s: 0.0,
+            memory_transferred_bytes: 0,
+            memory_remaining_bytes: 0,
+            memory_total_bytes: 0,
+            throttle: StunState::default(),
+            applied_throttle_pct: 0,
+            expected_downtime_ms: None,
+            vmm_downtime_ms: None,
+            switchover_ms: None,
+            memory_bytes: 0,
+            mirror_bytes: 0,
+            bulk_bytes: 0,
+            error: None,
+            timeline: Vec::new(),
+        }));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut runner = Runner {
+            plan,
+            side,
+            vmm,
+            status: status.clone(),
+            cancel: cancel.clone(),
+            started: Instant::now(),
+            stream: None,
+            stun: StunController::new(),
+            meter: ClassMeter::default(),
+            sample_every: 1,
+            ticks: 0,
+            paused_at: None,
+        };
+        let thread = thread::Builder::new()
+            .name("strait-migrate".into())
+            .spawn(move || runner.run())
+            .map_err(MigrationError::Thread)?;
+        Ok(Migration {
+            status,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn status(&self) -> MigrateStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Asks for a rollback. Honoured before `Commit` is sent; after that the outcome is
+    /// the destination's.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the orchestration stopped short of a commit.
+enum Stop {
+    /// Roll back: the VM runs here again.
+    Rollback(String),
+}
+
+type Step<T> = Result<T, Stop>;
+
+/// Bytes the link delivered per class, across sessions.
+#[derive(Default)]
+struct ClassMeter {
+    session: u64,
+    last: [u64; 4],
+    total: [u64; 4],
+    at: Option<Instant>,
+    rate: [u64; 4],
+}
+
+impl ClassMeter {
+    fn update(&mut self, port: &Port) {
+        let Some((session, link)) = port.link() else {
+            return;
+        };
+        let stats = link.stats();
+        let mut now = [0u64; 4];
+        for (i, s) in stats.send.iter().enumerate().take(4) {
+            now[i] = s.acked_bytes;
+        }
+        if session != self.session {
+            self.session = session;
+            self.last = [0; 4];
+        }
+        let t = Instant::now();
+        let dt = self.at.map_or(0.0, |a| t.duration_since(a).as_secs_f64());
+        for (i, now) in now.iter().enumerate() {
+            let delta = now.saturating_sub(self.last[i]);
+            self.total[i] += delta;
+            if dt > 0.0 {
+                self.rate[i] = (delta as f64 / dt) as u64;
+            }
+        }
+        self.last = now;
+        self.at = Some(t);
+    }
+
+    fn index(class: StreamClass) -> usize {
+        StreamClass::ALL
+            .iter()
+            .position(|c| *c == class)
+            .unwrap_or(0)
+    }
+
+    fn rate(&self, class: StreamClass) -> u64 {
+        self.rate[Self::index(class)]
+    }
+
+    fn total(&self, class: StreamClass) -> u64 {
+        self.total[Self::index(class)]
+    }
+}
+
+struct Runner {
+    plan: MigratePlan,
+    side: Arc<dyn SourceSide>,
+    vmm: Box<dyn Vmm>,
+    status: Arc<Mutex<MigrateStatus>>,
+    cancel: Arc<AtomicBool>,
+    started: Instant,
+    stream: Option<StreamHandle>,
+    stun: StunController,
+    meter: ClassMeter,
+    /// Take a timeline sample every this many ticks.
+    sample_every: u64,
+    ticks: u64,
+    /// When the VM stopped for the switchover.
+    paused_at: Option<Instant>,
+}
+
+impl Runner {
+    fn run(&mut self) {
+        info!(id = self.plan.id, vmm = %self.vmm.describe(), "migration started");
+        let outcome = self.migrate();
+        let (phase, error) = match outcome {
+            Ok(()) => (Phase::Done, None),
+            Err(Stop::Rollback(why)) => {
+                warn!(reason = %why, "migration rolls back");
+                match self.rollback(&why) {
+                    Ok(()) => (Phase::RolledBack, Some(why)),
+                    Err(e) => (
+                        Phase::Failed,
+                        Some(format!("{why}; and the rollback failed: {e}")),
+                    ),
+                }
+            }
+        };
+        self.set_phase(phase);
+        self.tick_status(None);
+        lock(&self.status).error = error;
+        info!(id = self.plan.id, phase = phase.name(), "migration ended");
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let mut s = lock(&self.status);
+        if s.phase != phase {
+            info!(phase = phase.name(), "migration phase");
+            s.phase = phase;
+            s.phases.push((phase, self.elapsed()));
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        lock(&self.status).phase
+    }
+
+    fn cancelled(&self) -> Step<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Stop::Rollback("cancelled".into()));
+        }
+        Ok(())
+    }
+
+    fn port(&self) -> Step<Arc<Port>> {
+        self.side
+            .port()
+            .ok_or_else(|| Stop::Rollback("replication stopped".into()))
+    }
+
+    fn replication(&self) -> Step<SourceStatus> {
+        self.side
+            .replication()
+            .ok_or_else(|| Stop::Rollback("replication stopped".into()))
+    }
+
+    /// Refreshes the status and the timeline from the link and, if given, QEMU.
+    fn tick_status(&mut self, info: Option<&MigrationInfo>) {
+        if let Some(port) = self.side.port() {
+            self.meter.update(&port);
+        }
+        let backlog = self
+            .side
+            .replication()
+            .map_or(0, |r| r.mirror_backlog_bytes);
+        let elapsed = self.elapsed();
+        let mut s = lock(&self.status);
+        s.elapsed_s = elapsed;
+        s.memory_bytes = self.meter.total(StreamClass::Memory);
+        s.mirror_bytes = self.meter.total(StreamClass::Mirror);
+        s.bulk_bytes = self.meter.total(StreamClass::Bulk);
+        s.throttle = self.stun.state();
+        if let Some(info) = info {
+            if let Some(ram) = &info.ram {
+                s.memory_transferred_bytes = ram.transferred_bytes;
+                s.memory_remaining_bytes = ram.remaining_bytes;
+                s.memory_total_bytes = ram.total_bytes;
+            }
+            s.applied_throttle_pct = info.cpu_throttle_pct.unwrap_or(0);
+            s.expected_downtime_ms = info.expected_downtime_ms.or(s.expected_downtime_ms);
+            if info.downtime_ms.is_some() {
+                s.vmm_downtime_ms = info.downtime_ms;
+            }
+        }
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(self.sample_every) {
+            let sample = Sample {
+                t_s: elapsed,
+                phase: s.phase,
+                memory_bytes_per_s: self.meter.rate(StreamClass::Memory),
+                mirror_bytes_per_s: self.meter.rate(StreamClass::Mirror),
+                bulk_bytes_per_s: self.meter.rate(StreamClass::Bulk),
+                dirty_bytes_per_s: s.throttle.dirty_bytes_per_s,
+                throttle_pct: s.throttle.throttle_pct,
+                applied_throttle_pct: s.applied_throttle_pct,
+                mirror_backlog_bytes: backlog,
+                expected_downtime_ms: s.expected_downtime_ms.unwrap_or(0),
+            };
+            if s.timeline.len() >= TIMELINE_MAX {
+                // Halve the resolution: keep every other sample, sample half as often.
+                let kept: Vec<Sample> = s.timeline.iter().step_by(2).copied().collect();
+                s.timeline = kept;
+                self.sample_every *= 2;
+            }
+            s.timeline.push(sample);
+        }
+    }
+
+    fn migrate(&mut self) -> Step<()> {
+        self.disk_phase()?;
+        self.set_phase(Phase::Offer);
+        self.offer()?;
+        self.set_phase(Phase::Memory);
+        self.memory_phase()?;
+        self.set_phase(Phase::Switchover);
+        self.switchover()?;
+        self.set_phase(Phase::Completing);
+        self.complete()?;
+        self.set_phase(Phase::InDoubt);
+        self.commit()
+    }
+
+    /// Phase 1: the disk copied once (mirroring then keeps it so).
+    fn disk_phase(&mut self) -> Step<()> {
+        loop {
+            self.cancelled()?;
+            let r = self.replication()?;
+            match r.state {
+                SourceState::InSync | SourceState::Behind { .. } => return Ok(()),
+                SourceState::Refused(reason) => {
+                    return Err(Stop::Rollback(format!(
+                        "the destination refuses replication: {reason}"
+                    )))
+                }
+                _ => {}
+            }
+            self.tick_status(None);
+            thread::sleep(TICK);
+        }
+    }
+
+    /// Phase 2: the destination gets ready.
+    fn offer(&mut self) -> Step<()> {
+        let port = self.port()?;
+        let id = self.plan.id;
+        let offer = MigrationMessage::Offer {
+            id,
+            vmm: self.plan.dst_vmm.clone().unwrap_or_default(),
+        };
+        port.send(&offer)
+            .map_err(|e| Stop::Rollback(format!("offering the migration: {e}")))?;
+        let deadline = Instant::now() + OFFER_TIMEOUT;
+        loop {
+            self.cancelled()?;
+            match port.recv(TICK) {
+                Some(MigrationMessage::Ready { id: i }) if i == id => return Ok(()),
+                Some(MigrationMessage::Failed { id: i, reason }) if i == id => {
+                    return Err(Stop::Rollback(format!(
+                        "the destination cannot receive: {reason}"
+                    )))
+                }
+                Some(other) => warn!(?other, "unexpected migration message; ignored"),
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Stop::Rollback(format!(
+                    "the destination did not answer the offer within {OFFER_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
+
+    /// Phase 3: QEMU migrates into the stream until it holds at `pre-switchover`.
+    fn memory_phase(&mut self) -> Step<()> {
+        let vmm_err = |what: &str| {
+            let what = what.to_string();
+            move |e: strait_vmm::VmmError| Stop::Rollback(format!("{what}: {e}"))
+        };
+        self.vmm
+            .set_migration_capabilities(&MigrationCapabilities {
+                pause_before_switchover: true,
+                return_path: true,
+                auto_converge: true,
+                events: true,
+            })
+            .map_err(vmm_err("setting the source VMM's capabilities"))?;
+        self.vmm
+            .set_migration_parameters(&MigrationParameters {
+                downtime_limit_ms: Some(self.plan.downtime_limit_ms),
+                max_bandwidth_bytes_per_s: Some(UNCAPPED_BYTES_PER_S),
+                throttle_trigger_threshold_pct: Some(THROTTLE_TRIGGER_PCT),
+                ..MigrationParameters::default()
+            })
+            .map_err(vmm_err("setting the source VMM's parameters"))?;
+        // "Off" as QEMU can express it, until the controller asks for more.
+        self.vmm
+            .set_cpu_throttle(1)
+            .map_err(vmm_err("setting the vCPU throttle"))?;
+        let port = self.port()?;
+        let (_, link) = port
+            .link()
+            .ok_or_else(|| Stop::Rollback("the replication session is down".into()))?;
+        let socket = self
+            .plan
+            .run_dir
+            .join(format!("strait-migrate-{:016x}.sock", self.plan.id));
+        let _ = std::fs::remove_file(&socket);
+        let stream_id = (self.plan.id & u64::from(u32::MAX)) as u32;
+        let end = SourceEnd::bind(&socket, stream_id, StreamConfig::default())
+            .map_err(|e| Stop::Rollback(format!("binding the migration socket: {e}")))?;
+        self.stream = Some(
+            end.spawn(link, StreamMonitor::new())
+                .map_err(|e| Stop::Rollback(format!("starting the memory stream: {e}")))?,
+        );
+        self.vmm
+            .start_migration(&MigrationUri::Unix(socket))
+            .map_err(vmm_err("starting the VMM's migration"))?;
+        let mut throttle_asked = 1u8;
+        loop {
+            self.cancelled()?;
+            self.destination_failed(&port)?;
+            let info = self
+                .vmm
+                .migration_info()
+                .map_err(vmm_err("reading the migration's progress"))?;
+            let dirty = info.ram.as_ref().map_or(0, |r| r.dirty_bytes_per_s());
+            let drain = self.meter.rate(StreamClass::Memory);
+            let want = self.stun.tick(Instant::now(), dirty, drain).max(1);
+            if want != throttle_asked {
+                info!(percent = want, dirty, drain, "vCPU throttle");
+                if let Err(e) = self.vmm.set_cpu_throttle(want) {
+                    warn!(error = %e, "cannot set the vCPU throttle");
+                }
+                throttle_asked = want;
+            }
+            self.tick_status(Some(&info));
+            match info.status {
+                MigrationStatus::PreSwitchover => {
+                    self.paused_at = Some(Instant::now());
+                    return Ok(());
+                }
+                s if s.is_terminal() => {
+                    return Err(Stop::Rollback(format!(
+                        "the VMM's migration ended as {s:?}{}",
+                        info.error_desc
+                            .map(|d| format!(": {d}"))
+                            .unwrap_or_default()
+                    )))
+                }
+                _ => {}
+            }
+            if self.stream.as_ref().is_some_and(StreamHandle::is_finished) {
+                let why = match self.stream.take().map(StreamHandle::join) {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "it ended early".into(),
+                };
+                return Err(Stop::Rollback(format!("the memory stream failed: {why}")));
+            }
+            let marker = self.vmm.activity_marker().unwrap_or(0);
+            let _ = self.vmm.wait_for_activity(marker, TICK);
+        }
+    }
+
+    /// A `Failed` from the destination ends the attempt.
+    fn destination_failed(&self, port: &Port) -> Step<()> {
+        while let Some(m) = port.recv(Duration::ZERO) {
+            match m {
+                MigrationMessage::Failed { id, reason } if id == self.plan.id => {
+                    return Err(Stop::Rollback(format!("the destination gave up: {reason}")))
+                }
+                other => warn!(?other, "unexpected migration message; ignored"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 4: the VM is stopped; the disk is fenced, demoted and drained.
+    fn switchover(&mut self) -> Step<()> {
+        self.side
+            .fence()
+            .map_err(|e| Stop::Rollback(format!("fencing the disk: {e}")))?;
+        self.side.demote();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let r = self.replication()?;
+            let drained = r.demoted
+                && r.state == SourceState::InSync
+                && r.captured_writes == r.accounted_writes;
+            if drained {
+                info!(
+                    paused_ms = self.paused_ms(),
+                    "the destination has every write"
+                );
+                return Ok(());
+            }
+            if let SourceState::Refused(reason) = r.state {
+                return Err(Stop::Rollback(format!(
+                    "the destination refuses replication: {reason}"
+                )));
+            }
+            self.cancelled()?;
+            if Instant::now() >= deadline {
+                return Err(Stop::Rollback(format!(
+                    "the mirror did not drain within {DRAIN_TIMEOUT:?} (state {:?})",
+                    r.state
+                )));
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn paused_ms(&self) -> f64 {
+        self.paused_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Phase 5: QEMU sends the device state; the destination must have loaded it all.
+    fn complete(&mut self) -> Step<()> {
+        self.cancelled()?;
+        self.vmm
+            .continue_migration()
+            .map_err(|e| Stop::Rollback(format!("migrate-continue: {e}")))?;
+        let info = self
+            .vmm
+            .wait_migration_status(&[MigrationStatus::Completed], COMPLETE_TIMEOUT)
+            .map_err(|e| Stop::Rollback(format!("the VMM's migration did not complete: {e}")))?;
+        self.tick_status(Some(&info));
+        let deadline = Instant::now() + COMPLETE_TIMEOUT;
+        while self.stream.as_ref().is_some_and(|s| !s.is_finished()) {
+            if Instant::now() >= deadline {
+                return Err(Stop::Rollback(
+                    "the memory stream did not end after the migration completed".into(),
+                ));
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        match self.stream.take().map(StreamHandle::join) {
+            Some(Ok(report)) => {
+                info!(verdict = ?report.verdict, bytes = report.progress.local_to_peer_bytes, "memory stream done: the destination loaded the state");
+                Ok(())
+            }
+            Some(Err(e)) => Err(Stop::Rollback(format!(
+                "the destination did not confirm it loaded the state: {e}"
+            ))),
+            None => Err(Stop::Rollback("the memory stream never ran".into())),
+        }
+    }
+
+    /// Phase 6: `Commit`, and wait for the destination's decision for as long as it
+    /// takes. The VM stays paused here: it may already run there.
+    fn commit(&mut self) -> Step<()> {
+        let id = self.plan.id;
+        let mut sent_on: Option<(u64, Instant)> = None;
+        loop {
+            let port = self.side.port();
+            if let Some(port) = &port {
+                let session = port.link().map(|(s, _)| s);
+                let due = match (session, sent_on) {
+                    (Some(s), Some((on, at))) => s != on || at.elapsed() >= COMMIT_RESEND,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if due {
+                    if let Some(s) = session {
+                        match port.send(&MigrationMessage::Commit { id }) {
+                            Ok(()) => sent_on = Some((s, Instant::now())),
+                            Err(e) => {
+                                warn!(error = %e, "cannot send Commit; in doubt, the VM stays paused")
+                            }
+                        }
+                    }
+                }
+                while let Some(m) = port.recv(Duration::ZERO) {
+                    match m {
+                        MigrationMessage::Committed { id: i } if i == id => {
+                            lock(&self.status).switchover_ms = Some(self.paused_ms());
+                            info!(
+                                switchover_ms = self.paused_ms(),
+                                "committed: the VM runs on the destination"
+                            );
+                            return Ok(());
+                        }
+                        MigrationMessage::Refused { id: i, reason } if i == id => {
+                            return Err(Stop::Rollback(format!(
+                                "the destination refused the commit: {reason}"
+                            )));
+                        }
+                        other => warn!(?other, "unexpected migration message; ignored"),
+                    }
+                }
+            }
+            // A destination that refuses replication because it was promoted may run the
+            // VM: it only promotes on a commit (or an operator's promote). Either way
+            // this VM must never run again.
+            if let Some(r) = self.side.replication() {
+                if r.superseded
+                    || r.state
+                        == SourceState::Refused(crate::replication::wire::RefuseReason::Promoted)
+                {
+                    lock(&self.status).switchover_ms = Some(self.paused_ms());
+                    info!("the destination was promoted: the VM runs there");
+                    return Ok(());
+                }
+            }
+            self.tick_status(None);
+            if let Some(port) = &port {
+                port.wait_change(sent_on.map_or(0, |(s, _)| s), TICK);
+            } else {
+                thread::sleep(TICK);
+            }
+        }
+    }
+
+    /// Brings the VM back here: the destination will never run it.
+    fn rollback(&mut self, why: &str) -> Result<(), String> {
+        let id = self.plan.id;
+        if let Some(stream) = self.stream.take() {
+            stream.monitor().abort(why);
+        }
+        if self.phase() != Phase::Disk {
+            if let Err(e) = self.vmm.cancel_migration() {
+                warn!(error = %e, "migrate_cancel");
+            }
+            if let Some(port) = self.side.port() {
+                let abort = MigrationMessage::Abort {
+                    id,
+                    reason: why.to_string(),
+                };
+                if let Err(e) = port.send(&abort) {
+                    warn!(error = %e, "cannot tell the destination to discard");
+                }
+            }
+        }
+        // The demote is taken back before the fence is lifted, so the destination hears
+        // it before any later write.
+        self.side.undemote();
+        let deadline = Instant::now() + RESUME_TIMEOUT;
+        while self.side.replication().is_some_and(|r| r.demoted) {
+            if Instant::now() >= deadline {
+                return Err("replication did not take the demote back".into());
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.side.unfence();
+        // A cancel at pre-switchover resumes the VM by itself; after `completed` it stays
+        // `postmigrate` and must be told.
+        let state = self.vmm.run_state().map_err(|e| e.to_string())?;
+        match state {
+            RunState::Running => {}
+            RunState::FinishMigrate => {
+                // Cancelling: QEMU resumes it in a moment.
+                self.vmm
+                    .wait_run_state(
+                        &[RunState::Running, RunState::PostMigrate, RunState::Paused],
+                        RESUME_TIMEOUT,
+                    )
+                    .map_err(|e| e.to_string())?;
+                if self.vmm.run_state().map_err(|e| e.to_string())? != RunState::Running {
+                    self.vmm.resume().map_err(|e| e.to_string())?;
+                }
+            }
+            _ => self.vmm.resume().map_err(|e| e.to_string())?,
+        }
+        self.vmm
+            .wait_run_state(&[RunState::Running], RESUME_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        info!("rolled back: the VM runs on the source");
+        Ok(())
+    }
+}
