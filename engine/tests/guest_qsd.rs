@@ -7,10 +7,12 @@
 mod common;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::{
-    parse_console_line, ConsoleLine, Fill, GuestReport, Qemu, QemuConfig, QsdConfig, Scenario,
-    StorageDaemon, Verdict, BOOT_AND_SCENARIO_TIMEOUT,
+    parse_console_line, ConsoleLine, Fill, GuestReport, Heartbeat, HeartbeatArrival, HeartbeatGap,
+    Qemu, QemuConfig, QsdConfig, Scenario, StorageDaemon, Verdict, BOOT_AND_SCENARIO_TIMEOUT,
+    MIGRATE_BLOCK_SIZE_BYTES, MIGRATE_REGION_BYTES,
 };
 
 /// Big enough for every scenario's range at its default offset, small enough that the
@@ -108,6 +110,114 @@ fn harness_md5_helpers_agree() {
     assert_ne!(
         common::md5_file(&seeded).expect("md5"),
         common::md5_file(&other).expect("md5")
+    );
+}
+
+#[test]
+fn harness_parses_heartbeats_strictly() {
+    assert_eq!(
+        common::parse_heartbeat("STRAIT-HB i=42 up=18.02\r"),
+        Some(Heartbeat {
+            i: 42,
+            guest_uptime_ms: 18_020
+        })
+    );
+    assert_eq!(
+        common::parse_heartbeat("[    9.1] virtio_blk: xSTRAIT-HB i=7 up=0.50").map(|h| h.i),
+        Some(7)
+    );
+    // A line cut short by a migration never yields a wrong number.
+    for cut in [
+        "STRAIT-HB i=4",
+        "STRAIT-HB i=42 up=",
+        "STRAIT-HB i=42 up=18.0",
+    ] {
+        assert_eq!(common::parse_heartbeat(cut), None, "{cut}");
+    }
+    assert_eq!(
+        common::parse_heartbeat("STRAIT-HB i=42 up=18.02 more"),
+        None
+    );
+    assert_eq!(common::parse_heartbeat("STRAIT-RESULT i=42 up=18.02"), None);
+    let console = "boot\nSTRAIT-HB i=1 up=1.00\nnoise\nSTRAIT-HB i=2 up=1.01\n";
+    let numbers: Vec<u64> = common::heartbeats(console).iter().map(|h| h.i).collect();
+    assert_eq!(numbers, [1, 2]);
+}
+
+#[test]
+fn harness_finds_the_largest_heartbeat_gap() {
+    let start = Instant::now();
+    let arrival = |i: u64, ms: u64| HeartbeatArrival {
+        heartbeat: Heartbeat {
+            i,
+            guest_uptime_ms: 0,
+        },
+        arrived: start + Duration::from_millis(ms),
+    };
+    let arrivals = [
+        arrival(1, 0),
+        arrival(2, 10),
+        arrival(3, 250),
+        arrival(4, 260),
+    ];
+    assert_eq!(
+        common::largest_heartbeat_gap(&arrivals),
+        Some(HeartbeatGap {
+            gap: Duration::from_millis(240),
+            before_i: 2,
+            after_i: 3
+        })
+    );
+    assert_eq!(common::largest_heartbeat_gap(&arrivals[..1]), None);
+}
+
+#[test]
+fn harness_migrate_region_holds_the_last_counter_per_block() {
+    let block_size = MIGRATE_BLOCK_SIZE_BYTES as usize;
+    let block = common::migrate_block(5);
+    assert_eq!(block.len(), block_size);
+    assert!(block.starts_with(b"strait-migrate i=5         \n0123"));
+    assert!(block.ends_with(b"+/0123456789abcdefghijklmnopqrstuvwxy\n"));
+    let region = common::migrate_region(2500);
+    assert_eq!(region.len() as u64, MIGRATE_REGION_BYTES);
+    let header = |b: usize| &region[b * block_size..b * block_size + 28];
+    assert_eq!(header(0), &common::migrate_block(2048)[..28]);
+    assert_eq!(header(452), &common::migrate_block(2500)[..28]);
+    assert_eq!(header(453), &common::migrate_block(1477)[..28]);
+    assert_eq!(header(1023), &common::migrate_block(2047)[..28]);
+    assert_eq!(
+        common::migrate_region(0),
+        common::migrate_block(0).repeat(1024)
+    );
+}
+
+#[test]
+fn harness_migration_destination_waits_paused_with_two_monitors() {
+    let guest = common::Guest {
+        kernel: "vmlinuz".into(),
+        initramfs: "initramfs.gz".into(),
+    };
+    let config = QemuConfig::new(&guest, Path::new("v.sock"), Scenario::Migrate)
+        .duration_s(30)
+        .qmp_socket(Path::new("engine.qmp"))
+        .qmp_socket(Path::new("test.qmp"))
+        .incoming_paused();
+    let args = config.args().join(" ");
+    assert!(
+        args.contains("-qmp unix:engine.qmp,server=on,wait=off"),
+        "{args}"
+    );
+    assert!(
+        args.contains("-qmp unix:test.qmp,server=on,wait=off"),
+        "{args}"
+    );
+    assert!(args.ends_with("-incoming defer -S"), "{args}");
+    assert!(
+        config
+            .kernel_cmdline()
+            .ends_with("strait.test=migrate strait.arg=30"),
+        "{}",
+        config.kernel_cmdline()
     );
 }
 

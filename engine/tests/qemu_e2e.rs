@@ -313,3 +313,92 @@ fn qemu_strait_read_only_disk_refuses_writes() {
     assert_eq!(serve.call("status")["disk"]["read_only"], true);
     serve.stop();
 }
+
+/// The live-migration workload on one QEMU, without a migration: it proves the scenario and
+/// the heartbeat measurement that `migration_e2e.rs` relies on.
+#[test]
+fn qemu_strait_migrate_workload_without_migration() {
+    if !common::require_qemu() {
+        return;
+    }
+    /// Long enough for a rate and for the counter to wrap around the region under TCG.
+    const DURATION_S: u32 = 10;
+    /// About 100 heartbeats a second on an idle 2-core host, 60 under load with the memory
+    /// loop; below 10 a second the downtime measurement would be too coarse to mean much.
+    const HEARTBEATS_PER_S_MIN: u64 = 10;
+    /// Without a migration the guest never pauses; a gap this long means it stalled (TCG on
+    /// a busy host still steps well under a second).
+    const GAP_MAX: Duration = Duration::from_secs(2);
+
+    let guest = common::guest_artifacts();
+    let dir = common::test_dir("strait-migrate");
+    let image = dir.path().join("disk.img");
+    // Non-zero content, so the guest's fill of the region with counter 0 is checked too.
+    common::make_image(&image, IMAGE_SIZE_BYTES, Fill::Seeded(3)).unwrap();
+    let serve = Serve::start(dir.path(), &image, &[]);
+    let config = QemuConfig::new(&guest, &serve.vhost, Scenario::Migrate).duration_s(DURATION_S);
+    let mut qemu = Qemu::spawn(&config).unwrap();
+    let report = qemu
+        .wait_verdict(BOOT_AND_SCENARIO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no verdict: {e:?}\nstrait log:\n{}", serve.log_text()));
+    report.log(config.scenario);
+
+    report.assert_pass();
+    let iterations = report.value_u64("migrate_iterations");
+    assert_eq!(report.value_u64("blocks_bad"), 0);
+    assert_eq!(
+        report.value_u64("blocks_checked"),
+        common::MIGRATE_REGION_BLOCKS
+    );
+    assert_eq!(
+        report.value_u64("offset"),
+        common::MIGRATE_REGION_OFFSET_DEFAULT
+    );
+    assert!(
+        iterations >= HEARTBEATS_PER_S_MIN * u64::from(DURATION_S),
+        "only {iterations} heartbeats in {DURATION_S} s"
+    );
+
+    let beats = common::heartbeats(&report.console);
+    let numbers: Vec<u64> = beats.iter().map(|h| h.i).collect();
+    assert_eq!(
+        numbers,
+        (1..=iterations).collect::<Vec<_>>(),
+        "heartbeats skip"
+    );
+    let arrivals = qemu.heartbeat_arrivals();
+    assert_eq!(arrivals.len() as u64, iterations);
+    let gap = common::largest_heartbeat_gap(&arrivals).unwrap();
+    let span = arrivals[arrivals.len() - 1]
+        .arrived
+        .duration_since(arrivals[0].arrived);
+    eprintln!(
+        "{iterations} heartbeats in {:.2} s on the host ({:.0}/s), largest gap {:?} \
+         (i={}..{}), memory copies {}",
+        span.as_secs_f64(),
+        iterations as f64 / span.as_secs_f64(),
+        gap.gap,
+        gap.before_i,
+        gap.after_i,
+        report.value("mem_copies"),
+    );
+    assert!(gap.gap < GAP_MAX, "{gap:?}");
+
+    // What the guest read back is what the host image holds, and both are what the counter
+    // says they must be.
+    let offset = report.value_u64("offset");
+    let length = common::MIGRATE_REGION_BYTES;
+    assert_eq!(
+        common::md5_file_range(&image, offset, length).unwrap(),
+        report.value("md5_region")
+    );
+    let bytes = std::fs::read(&image).unwrap();
+    let region = &bytes[offset as usize..(offset + length) as usize];
+    assert!(
+        region == common::migrate_region(iterations).as_slice(),
+        "host image region differs from the counter's expectation"
+    );
+    let written = totals(&serve)["bytes_written"].as_u64().unwrap();
+    assert!(written >= length + iterations * common::MIGRATE_BLOCK_SIZE_BYTES);
+    serve.stop();
+}

@@ -11,10 +11,10 @@
 # then powers the machine off (QEMU runs with -no-reboot, so it exits).
 #
 # Kernel command line parameters read from /proc/cmdline:
-#   strait.test=rw|flush|discard|ro|info|verify   the scenario (required)
-#   strait.arg=N                                  scenario argument, a length in MiB
-#   strait.off=BYTES                              byte offset of the tested range
-#                                                 (default 1 MiB, must be 4 KiB aligned)
+#   strait.test=rw|flush|discard|ro|info|verify|migrate   the scenario (required)
+#   strait.arg=N        scenario argument: a length in MiB (1..64), for migrate a duration
+#                       in seconds (1..600)
+#   strait.off=BYTES    byte offset of the tested range (default 1 MiB, 4 KiB aligned)
 #
 # Scenarios:
 #   rw       write N MiB (default 8) of random data at off with O_DIRECT, drop caches, read
@@ -27,6 +27,20 @@
 #   info     print the disk's geometry and queues; always PASS once the disk shows up.
 #   verify   read N MiB (default 8) at off and the whole disk; print their md5 (to check
 #            data that someone else wrote), always PASS if the reads work.
+#   migrate  the workload of a live-migration test, for N seconds (default 60) of guest
+#            uptime. Fills the 4 MiB region at off (1024 blocks of 4 KiB) with counter 0,
+#            then counts i = 1, 2, 3, ...: each step writes block (i mod 1024) with O_DIRECT
+#            and prints `STRAIT-HB i=<i> up=<uptime s>`. Meanwhile a background loop
+#            rewrites 16 MiB of random data in RAM, so memory keeps changing. At the end it
+#            reads the region back with O_DIRECT; PASS iff every block holds the last i
+#            written to it (blocks_bad=0). Prints duration_s first; at the end (so that a
+#            migrated guest prints them on the destination) offset, length, block_size,
+#            mem_copies, end_uptime_s, migrate_iterations (the last i), blocks_checked,
+#            blocks_bad, md5_region (of the region as read).
+#            Block b holding counter c is the text `strait-migrate i=<c>` (c left-aligned
+#            in 10 columns), a newline, the first 4067 bytes of the 64 characters 0-9a-zA-Z+/
+#            repeated, and a newline: 4096 bytes (engine/tests/common/qemu.rs builds the
+#            same bytes to check a host image).
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 # A failing dd at the head of a `dd | md5sum` pipeline must fail the scenario. busybox ash
@@ -42,6 +56,19 @@ MIB=1048576
 DISK_WAIT_TENTHS=100
 # The guest has 256 MiB of RAM and the data is staged in the RAM-backed rootfs.
 ARG_MIB_MAX=64
+# A migration test may run the workload through several migrations; ten minutes is plenty
+# and bounds the console transcript (about 3 MB at the TCG heartbeat rate).
+MIGRATE_SECONDS_MAX=600
+BLOCK_SIZE=4096
+# 4 MiB: small enough to read back and check in about a second under TCG, large enough that
+# a migration's dirty-block tracking sees many distinct blocks.
+MIGRATE_BLOCKS=1024
+MIGRATE_MEM_MIB=16
+# The counter loop's rate is what resolves the downtime, so the memory loop yields to it and
+# runs mostly while the counter loop waits on the disk. Measured under TCG on a loaded 2-core
+# host, 10 s: nice 19 gave 86-110 heartbeats/s and 8-11 copies/s (130+ MB/s of memory
+# changed); nice 0 gave 69/s and 12/s; no memory loop at all, 170/s.
+MIGRATE_MEM_NICE=19
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -223,23 +250,128 @@ scenario_verify() {
     pass
 }
 
+# Prints the text of the 4 KiB block holding counter $1 (see migrate in the header); $FILL
+# must be set. printf is an ash builtin: no fork.
+migrate_block() {
+    printf 'strait-migrate i=%-10s\n%s\n' "$1" "$FILL"
+}
+
+# Prints the whole region as it must be once the counter reached $1: block b holds the last
+# i <= $1 with i mod MIGRATE_BLOCKS = b, or 0 if there is none.
+migrate_region() {
+    b=0
+    while [ "$b" -lt "$MIGRATE_BLOCKS" ]; do
+        c=0
+        [ "$1" -lt "$b" ] || c=$((b + ($1 - b) / MIGRATE_BLOCKS * MIGRATE_BLOCKS))
+        migrate_block "$c"
+        b=$((b + 1))
+    done
+}
+
+# Rewrites /tmp/mem_dst from /tmp/mem_src until /tmp/mem_stop exists; then records how many
+# copies it made in /tmp/mem_copies. Runs in the background.
+migrate_memory_loop() {
+    copies=0
+    while [ ! -e /tmp/mem_stop ]; do
+        dd if=/tmp/mem_src of=/tmp/mem_dst bs=$MIB conv=notrunc status=none || break
+        copies=$((copies + 1))
+    done
+    echo "$copies" >/tmp/mem_copies
+}
+
+# The counter loop until ARG seconds of uptime have passed; leaves the last i in $i. Kept
+# to one fork per step (dd): the block goes to a tmpfs file through a builtin first, since
+# O_DIRECT needs whole blocks and a pipe may deliver a short read.
+migrate_count() {
+    first_block=$((OFF / BLOCK_SIZE))
+    read -r up _ </proc/uptime
+    end_s=$((${up%.*} + ARG))
+    i=0
+    while [ "${up%.*}" -lt "$end_s" ]; do
+        i=$((i + 1))
+        migrate_block "$i" >/tmp/block
+        dd if=/tmp/block of="$DISK" bs=$BLOCK_SIZE count=1 oflag=direct status=none \
+            seek=$((first_block + i % MIGRATE_BLOCKS)) || fail write_failed
+        read -r up _ </proc/uptime
+        echo "STRAIT-HB i=$i up=$up"
+    done
+}
+
+# Counts the blocks in which /tmp/expect and /tmp/region differ, and prints the first few
+# as STRAIT-DIAG lines (what the block should and does begin with).
+migrate_bad_blocks() {
+    cmp -s /tmp/expect /tmp/region && echo 0 && return
+    cmp -l /tmp/expect /tmp/region 2>/dev/null |
+        awk -v bs=$BLOCK_SIZE 'BEGIN { last = -1 }
+            { b = int(($1 - 1) / bs); if (b != last) { n++; last = b; print b >"/tmp/bad" } }
+            END { print n + 0 }'
+    for b in $(head -n 4 /tmp/bad); do
+        want=$(dd if=/tmp/expect bs=$BLOCK_SIZE skip="$b" count=1 status=none | head -c 27 |
+            tail -c 10 | tr -d ' ')
+        got=$(dd if=/tmp/region bs=$BLOCK_SIZE skip="$b" count=1 status=none | head -c 27 |
+            tr -c 'A-Za-z0-9=-' '.')
+        echo "block=$b want_i=$want got=$got" >&2
+    done
+}
+
+scenario_migrate() {
+    len=$((MIGRATE_BLOCKS * BLOCK_SIZE))
+    check_range "$OFF" "$len"
+    result "duration_s=$ARG"
+    fill=0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/
+    while [ "${#fill}" -lt "$BLOCK_SIZE" ]; do fill=$fill$fill; done
+    # header (28 bytes) + FILL + newline = BLOCK_SIZE
+    FILL=$(printf '%.4067s' "$fill")
+    migrate_region 0 >/tmp/expect
+    write_at /tmp/expect "$OFF" || fail write_failed
+    dd if=/dev/urandom of=/tmp/mem_src bs=$MIB count=$MIGRATE_MEM_MIB status=none ||
+        fail datagen_failed
+    cp /tmp/mem_src /tmp/mem_dst || fail datagen_failed
+    migrate_memory_loop &
+    mem_pid=$!
+    renice -n "$MIGRATE_MEM_NICE" -p "$mem_pid" >/dev/null || fail renice_failed
+
+    migrate_count
+
+    touch /tmp/mem_stop
+    wait "$mem_pid"
+    drop_caches
+    dd if="$DISK" of=/tmp/region bs=$MIB iflag=direct,skip_bytes,count_bytes skip="$OFF" \
+        count="$len" status=none || fail read_failed
+    md5_region=$(md5_file /tmp/region)
+    migrate_region "$i" >/tmp/expect
+    bad=$(migrate_bad_blocks 2>/tmp/diag)
+    sed 's/^/STRAIT-DIAG /' /tmp/diag
+    # Everything the host needs to check the region is printed here, at the end: after a
+    # migration only these lines are on the destination's console.
+    result "offset=$OFF length=$len block_size=$BLOCK_SIZE mem_copies=$(cat /tmp/mem_copies)" \
+        "end_uptime_s=$up"
+    result "migrate_iterations=$i blocks_checked=$MIGRATE_BLOCKS blocks_bad=$bad" \
+        "md5_region=$md5_region"
+    [ "$bad" = 0 ] || fail region_mismatch
+    pass
+}
+
 TEST=$(param test)
 ARG=$(param arg)
 OFF=$(param off)
 OFF=${OFF:-$MIB}
 result "test=${TEST:-none} kernel=$(uname -r) boot_uptime_s=$(cut -d' ' -f1 /proc/uptime)"
 
+ARG_MAX=$ARG_MIB_MAX
 case "$TEST" in
-rw | verify) ARG_MIB=${ARG:-8} ;;
-discard) ARG_MIB=${ARG:-4} ;;
-*) ARG_MIB=${ARG:-1} ;;
+rw | verify) ARG=${ARG:-8} ;;
+discard) ARG=${ARG:-4} ;;
+migrate) ARG=${ARG:-60} ARG_MAX=$MIGRATE_SECONDS_MAX ;;
+*) ARG=${ARG:-1} ;;
 esac
-case "$ARG_MIB" in
+case "$ARG" in
 '' | *[!0-9]*) fail bad_arg ;;
 esac
-if [ "$ARG_MIB" -lt 1 ] || [ "$ARG_MIB" -gt "$ARG_MIB_MAX" ]; then
+if [ "$ARG" -lt 1 ] || [ "$ARG" -gt "$ARG_MAX" ]; then
     fail arg_out_of_range
 fi
+ARG_MIB=$ARG
 case "$OFF" in
 '' | *[!0-9]*) fail bad_off ;;
 esac
@@ -256,6 +388,7 @@ discard) scenario_discard ;;
 ro) scenario_ro ;;
 info) scenario_info ;;
 verify) scenario_verify ;;
+migrate) scenario_migrate ;;
 *) fail "unknown_test_${TEST:-none}" ;;
 esac
 # Every scenario ends in pass or fail; reaching here is a bug in this script.

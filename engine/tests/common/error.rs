@@ -46,6 +46,12 @@ pub enum HarnessError {
     BadVerdict { line: String, console: String },
     #[error("QEMU did not exit within {timeout:?}; it was killed. Console:\n{console}")]
     ExitTimeout { timeout: Duration, console: String },
+    #[error("no guest heartbeat i >= {min_i} within {timeout:?}. Console:\n{console}")]
+    HeartbeatTimeout {
+        min_i: u64,
+        timeout: Duration,
+        console: String,
+    },
 }
 
 impl std::fmt::Debug for HarnessError {

@@ -45,6 +45,7 @@ mod disk;
 mod engine;
 mod error;
 mod guest;
+mod migrate;
 mod process;
 mod qemu;
 mod qsd;
@@ -53,6 +54,11 @@ pub use disk::{make_image, md5_file, md5_file_range, md5_zeros, Fill};
 pub use engine::{Engine, ENGINE_START_TIMEOUT};
 pub use error::HarnessError;
 pub use guest::{guest_artifacts, require_qemu, require_qsd, test_dir, Guest};
+pub use migrate::{
+    downtime_from_heartbeats, heartbeats, largest_heartbeat_gap, migrate_block, migrate_region,
+    parse_heartbeat, Heartbeat, HeartbeatArrival, HeartbeatGap, MIGRATE_BLOCK_SIZE_BYTES,
+    MIGRATE_REGION_BLOCKS, MIGRATE_REGION_BYTES, MIGRATE_REGION_OFFSET_DEFAULT,
+};
 pub use process::{kill_with_parent, wait_for_socket};
 pub use qemu::{
     parse_console_line, ConsoleLine, GuestReport, Qemu, QemuConfig, Scenario, Verdict,

@@ -11,6 +11,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::guest::{Guest, QEMU_BINARY};
+use super::migrate::{parse_heartbeat, Heartbeat, HeartbeatArrival};
 use super::process::{kill_and_reap, kill_with_parent};
 use super::HarnessError;
 
@@ -25,6 +26,9 @@ pub const QEMU_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 const GUEST_MEMORY_MIB: u32 = 256;
 /// How often to look whether QEMU has exited.
 const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often [`Qemu::wait_heartbeat`] looks at the heartbeats so far; the guest prints about
+/// a hundred a second, so this costs a couple of them in latency.
+const HEARTBEAT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `quiet` keeps kernel messages out of the report lines; `panic=-1` turns a guest panic
 /// (e.g. /init dying) into a reboot, which `-no-reboot` turns into QEMU exiting.
 const KERNEL_CMDLINE_BASE: &str = "console=ttyS0 quiet panic=-1";
@@ -51,6 +55,12 @@ pub enum Scenario {
     Info,
     /// Reads a range and the whole disk: `offset length md5_read md5_disk`.
     Verify,
+    /// The live-migration workload for `strait.arg` seconds (see `common::migrate`): a
+    /// heartbeat per 4 KiB block written, memory rewritten meanwhile, the region checked at
+    /// the end: `duration_s`, then at the end (so a migrated guest reports them on the
+    /// destination) `offset length block_size mem_copies end_uptime_s migrate_iterations
+    /// blocks_checked blocks_bad md5_region`.
+    Migrate,
 }
 
 impl Scenario {
@@ -62,6 +72,7 @@ impl Scenario {
             Scenario::ReadOnly => "ro",
             Scenario::Info => "info",
             Scenario::Verify => "verify",
+            Scenario::Migrate => "migrate",
         }
     }
 }
@@ -73,16 +84,23 @@ pub struct QemuConfig {
     /// The vhost-user socket the backend listens on; QEMU connects to it.
     pub socket: PathBuf,
     pub scenario: Scenario,
-    /// `strait.arg`: the scenario's length in MiB (1..=64); `None` for its default.
-    pub arg_mib: Option<u32>,
+    /// `strait.arg`: the scenario's length in MiB (1..=64), or for [`Scenario::Migrate`] its
+    /// duration in seconds (1..=600); `None` for the scenario's default.
+    pub arg: Option<u32>,
     /// `strait.off`: byte offset of the tested range (4 KiB aligned); `None` for 1 MiB.
     pub offset_bytes: Option<u64>,
     pub num_queues: u16,
     pub cpus: u16,
     /// Reconnect to the backend this many seconds after it goes away (chardev `reconnect`).
     pub reconnect_s: Option<u32>,
-    /// Where QEMU serves QMP (as a server that does not wait for a client).
-    pub qmp_socket: Option<PathBuf>,
+    /// Where QEMU serves QMP, one monitor per socket (as servers that do not wait for a
+    /// client): a migration test holds one, the engine another.
+    pub qmp_sockets: Vec<PathBuf>,
+    /// Start as a migration destination: `-incoming defer` (the address comes later, with
+    /// QMP `migrate-incoming`) and `-S`: the guest stays paused (`query-status` says
+    /// `inmigrate`, then `paused`) even once the incoming migration completed, until QMP
+    /// `cont`.
+    pub incoming_paused: bool,
     /// Appended to QEMU's command line.
     pub extra_args: Vec<String>,
     /// Appended to the kernel command line.
@@ -96,19 +114,26 @@ impl QemuConfig {
             guest: guest.clone(),
             socket: socket.to_owned(),
             scenario,
-            arg_mib: None,
+            arg: None,
             offset_bytes: None,
             num_queues: 1,
             cpus: 1,
             reconnect_s: None,
-            qmp_socket: None,
+            qmp_sockets: Vec::new(),
+            incoming_paused: false,
             extra_args: Vec::new(),
             extra_append: Vec::new(),
         }
     }
 
     pub fn arg_mib(mut self, mib: u32) -> Self {
-        self.arg_mib = Some(mib);
+        self.arg = Some(mib);
+        self
+    }
+
+    /// How long [`Scenario::Migrate`] runs, in seconds of guest uptime (1..=600; default 60).
+    pub fn duration_s(mut self, seconds: u32) -> Self {
+        self.arg = Some(seconds);
         self
     }
 
@@ -135,8 +160,18 @@ impl QemuConfig {
         self
     }
 
+    /// Adds a QMP monitor on `path`; call again for another one.
     pub fn qmp_socket(mut self, path: &Path) -> Self {
-        self.qmp_socket = Some(path.to_owned());
+        self.qmp_sockets.push(path.to_owned());
+        self
+    }
+
+    /// A migration destination: waits, paused, for QMP `migrate-incoming`, and after the
+    /// migration for `cont`. Give it the same configuration as the source (machine, memory,
+    /// kernel, scenario) and its own backend socket; QEMU refuses incoming state that does
+    /// not match its devices.
+    pub fn incoming_paused(mut self) -> Self {
+        self.incoming_paused = true;
         self
     }
 
@@ -152,8 +187,8 @@ impl QemuConfig {
 
     pub fn kernel_cmdline(&self) -> String {
         let mut cmdline = format!("{KERNEL_CMDLINE_BASE} strait.test={}", self.scenario.name());
-        if let Some(mib) = self.arg_mib {
-            cmdline.push_str(&format!(" strait.arg={mib}"));
+        if let Some(arg) = self.arg {
+            cmdline.push_str(&format!(" strait.arg={arg}"));
         }
         if let Some(offset) = self.offset_bytes {
             cmdline.push_str(&format!(" strait.off={offset}"));
@@ -212,9 +247,12 @@ impl QemuConfig {
             "none".into(),
             "-no-reboot".into(),
         ];
-        if let Some(qmp) = &self.qmp_socket {
+        for qmp in &self.qmp_sockets {
             args.push("-qmp".into());
             args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        if self.incoming_paused {
+            args.extend(["-incoming".into(), "defer".into(), "-S".into()]);
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -344,6 +382,8 @@ pub struct Qemu {
     events: Receiver<ConsoleEvent>,
     /// Invariant: holds every console line received so far, in order, and QEMU's stderr.
     transcript: Arc<Mutex<String>>,
+    /// Invariant: every complete `STRAIT-HB` console line received so far, in order.
+    heartbeats: Arc<Mutex<Vec<HeartbeatArrival>>>,
     readers: Vec<JoinHandle<()>>,
     results: BTreeMap<String, String>,
     started: Instant,
@@ -367,26 +407,35 @@ impl Qemu {
             source,
         })?;
         let transcript = Arc::new(Mutex::new(String::new()));
+        let heartbeats = Arc::new(Mutex::new(Vec::new()));
         let (sender, events) = mpsc::channel();
         let echo = std::env::var_os(ECHO_ENV).is_some();
         let mut readers = Vec::new();
         if let Some(stdout) = child.stdout.take() {
-            let transcript = Arc::clone(&transcript);
-            readers.push(thread::spawn(move || {
-                read_lines(stdout, "", &transcript, Some(&sender), echo);
-                let _ = sender.send(ConsoleEvent::Closed);
-            }));
+            let sink = LineSink {
+                prefix: "",
+                transcript: Arc::clone(&transcript),
+                heartbeats: Some(Arc::clone(&heartbeats)),
+                sender: Some(sender),
+                echo,
+            };
+            readers.push(thread::spawn(move || read_lines(stdout, &sink)));
         }
         if let Some(stderr) = child.stderr.take() {
-            let transcript = Arc::clone(&transcript);
-            readers.push(thread::spawn(move || {
-                read_lines(stderr, "[qemu stderr] ", &transcript, None, echo);
-            }));
+            let sink = LineSink {
+                prefix: "[qemu stderr] ",
+                transcript: Arc::clone(&transcript),
+                heartbeats: None,
+                sender: None,
+                echo,
+            };
+            readers.push(thread::spawn(move || read_lines(stderr, &sink)));
         }
         Ok(Qemu {
             child,
             events,
             transcript,
+            heartbeats,
             readers,
             results: BTreeMap::new(),
             started,
@@ -403,6 +452,46 @@ impl Qemu {
             .lock()
             .map(|t| t.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// The heartbeats of [`Scenario::Migrate`] so far, with the host time each line arrived,
+    /// in order (see `common::migrate` for what to compute from them).
+    pub fn heartbeat_arrivals(&self) -> Vec<HeartbeatArrival> {
+        self.heartbeats
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Waits until the guest printed heartbeat `min_i` or a later one, and returns the latest
+    /// one so far: the workload is running, e.g. time to start a migration. Fails if QEMU
+    /// exits first or on timeout (QEMU is left running then).
+    pub fn wait_heartbeat(
+        &mut self,
+        min_i: u64,
+        timeout: Duration,
+    ) -> Result<Heartbeat, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let latest = self.heartbeats.lock().ok().and_then(|h| h.last().copied());
+            if let Some(arrival) = latest.filter(|a| a.heartbeat.i >= min_i) {
+                return Ok(arrival.heartbeat);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(HarnessError::NoVerdict {
+                    status: status.to_string(),
+                    console: self.finish_transcript(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::HeartbeatTimeout {
+                    min_i,
+                    timeout,
+                    console: self.console(),
+                });
+            }
+            thread::sleep(HEARTBEAT_POLL_INTERVAL);
+        }
     }
 
     /// Waits for the guest's verdict, then for QEMU to exit (the guest powers off after it).
@@ -493,39 +582,60 @@ impl Drop for Qemu {
     }
 }
 
-/// Copies `source` line by line into `transcript` (and to `sender`) until end of file. The
-/// console is bytes, not necessarily UTF-8, and ends lines with "\r\n".
-fn read_lines(
-    source: impl Read,
-    prefix: &str,
-    transcript: &Mutex<String>,
-    sender: Option<&Sender<ConsoleEvent>>,
+/// Where [`read_lines`] puts what it reads from one of QEMU's outputs.
+struct LineSink {
+    /// Put before each line in the transcript.
+    prefix: &'static str,
+    transcript: Arc<Mutex<String>>,
+    /// Heartbeat lines, with their arrival time (the console only).
+    heartbeats: Option<Arc<Mutex<Vec<HeartbeatArrival>>>>,
+    /// Every line, for [`Qemu::wait_verdict`] (the console only); told when the output ends.
+    sender: Option<Sender<ConsoleEvent>>,
+    /// Also print each line on stderr.
     echo: bool,
-) {
+}
+
+/// Copies `source` line by line into `sink` until end of file. The console is bytes, not
+/// necessarily UTF-8, and ends lines with "\r\n".
+fn read_lines(source: impl Read, sink: &LineSink) {
     let mut reader = BufReader::new(source);
     let mut buf = Vec::new();
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
+        // The downtime measurement: taken as soon as the line is in.
+        let arrived = Instant::now();
         let line = String::from_utf8_lossy(&buf)
             .trim_end_matches(['\r', '\n'])
             .to_owned();
-        if echo {
-            eprintln!("[guest] {prefix}{line}");
+        if sink.echo {
+            eprintln!("[guest] {}{line}", sink.prefix);
         }
         {
-            let mut transcript = transcript.lock().unwrap_or_else(|p| p.into_inner());
-            transcript.push_str(prefix);
+            let mut transcript = sink.transcript.lock().unwrap_or_else(|p| p.into_inner());
+            transcript.push_str(sink.prefix);
             transcript.push_str(&line);
             transcript.push('\n');
         }
-        if let Some(sender) = sender {
+        // A line without its newline is the end of a QEMU that stopped mid-line (a migration
+        // source): its heartbeat, if any, is incomplete.
+        let complete = buf.ends_with(b"\n");
+        if let (Some(heartbeats), true) = (&sink.heartbeats, complete) {
+            if let Some(heartbeat) = parse_heartbeat(&line) {
+                let mut heartbeats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+                heartbeats.push(HeartbeatArrival { heartbeat, arrived });
+            }
+        }
+        if let Some(sender) = &sink.sender {
             // The receiver is gone once the test stopped listening; keep draining the pipe
             // into the transcript so QEMU never blocks writing to a full pipe.
             let _ = sender.send(ConsoleEvent::Line(line));
         }
+    }
+    if let Some(sender) = &sink.sender {
+        let _ = sender.send(ConsoleEvent::Closed);
     }
 }
