@@ -180,22 +180,8 @@ impl Runner {
 
     /// Takes the stream's verdict once it ended.
     fn watch_stream(&mut self) {
-        let Some(incoming) = self.current.as_mut() else {
-            return;
-        };
-        if let Some(stream) = &incoming.stream {
-            lock(&self.status).memory_bytes = stream.monitor().progress().peer_to_local_bytes;
-        }
-        if incoming
-            .stream
-            .as_ref()
-            .is_some_and(StreamHandle::is_finished)
-        {
-            if let Some(stream) = incoming.stream.take() {
-                let outcome = stream.join().map(|_| ()).map_err(|e| e.to_string());
-                info!(id = incoming.id, ?outcome, "memory stream ended");
-                incoming.outcome = Some(outcome);
-            }
+        if let Some(incoming) = self.current.as_mut() {
+            settle(incoming, &self.status);
         }
     }
 
@@ -284,7 +270,7 @@ impl Runner {
             None => {}
         }
         let why_not = match self.current.take() {
-            Some(incoming) if incoming.id == id => match self.ready_to_commit(&incoming) {
+            Some(mut incoming) if incoming.id == id => match self.ready_to_commit(&mut incoming) {
                 Ok(()) => return self.do_commit(incoming),
                 Err(why) => {
                     self.current = Some(incoming);
@@ -306,21 +292,23 @@ impl Runner {
 
     /// Whether everything the commit needs is here: the VMM loaded the whole state and
     /// the replica is complete. Waits a little for each (see the constants).
-    fn ready_to_commit(&mut self, incoming: &Incoming) -> Result<(), String> {
+    fn ready_to_commit(&mut self, incoming: &mut Incoming) -> Result<(), String> {
         let deadline = Instant::now() + LOADED_WAIT;
-        while incoming.stream.as_ref().is_some_and(|s| !s.is_finished()) {
+        loop {
+            settle(incoming, &self.status);
+            match &incoming.outcome {
+                Some(Ok(())) => break,
+                Some(Err(e)) => return Err(format!("the memory stream failed: {e}")),
+                None if incoming.stream.is_none() => {
+                    return Err("the memory stream never ran".into())
+                }
+                None => {}
+            }
             if Instant::now() >= deadline {
                 return Err("the memory stream has not ended".into());
             }
             thread::sleep(Duration::from_millis(10));
         }
-        // The outcome is taken by watch_stream; take it here if it has not run.
-        let outcome = match (&incoming.outcome, &incoming.stream) {
-            (Some(o), _) => o.clone(),
-            (None, None) => Err("the memory stream never ran".into()),
-            (None, Some(_)) => Err("the memory stream's outcome is unknown".into()),
-        };
-        outcome.map_err(|e| format!("the memory stream failed: {e}"))?;
         let info = incoming
             .vmm
             .wait_migration_status(&[MigrationStatus::Completed], LOADED_WAIT)
@@ -410,6 +398,24 @@ impl Runner {
                     warn!(error = %e, "cannot terminate the destination VMM");
                 }
             }
+        }
+    }
+}
+
+/// Publishes the stream's progress and, once it ended, takes its verdict.
+fn settle(incoming: &mut Incoming, status: &Mutex<TargetStatus>) {
+    if let Some(stream) = &incoming.stream {
+        lock(status).memory_bytes = stream.monitor().progress().peer_to_local_bytes;
+    }
+    if incoming
+        .stream
+        .as_ref()
+        .is_some_and(StreamHandle::is_finished)
+    {
+        if let Some(stream) = incoming.stream.take() {
+            let outcome = stream.join().map(|_| ()).map_err(|e| e.to_string());
+            info!(id = incoming.id, ?outcome, "memory stream ended");
+            incoming.outcome = Some(outcome);
         }
     }
 }
