@@ -33,6 +33,8 @@ const PORT: u16 = 7400;
 /// of RAM at 200 Mbit/s with the guest dirtying memory, and go on for a while on the
 /// destination, on a loaded 2-core machine.
 const WORKLOAD_S: u32 = 90;
+/// The same for the tests that wait out the session's resume window (30 s) first.
+const WORKLOAD_LONG_S: u32 = 130;
 /// The whole migration: the disk copy (64 MiB), the memory (256 MiB, mostly zero pages,
 /// plus what the guest dirties) at 200 Mbit/s, and the switchover.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(150);
@@ -53,10 +55,17 @@ fn wanem(config: WanemConfig) -> Option<Wanem> {
     }
 }
 
+/// A link cut the session survives: shorter than its resume window (30 s).
+const SHORT_CUT: Duration = Duration::from_secs(4);
+/// A link cut past the resume window: the session fails.
+const LONG_CUT: Duration = Duration::from_secs(40);
+
 /// Both sides: engines across the emulator, the destination QEMU waiting.
 struct Setup {
-    _wanem: Wanem,
+    _serial: std::sync::MutexGuard<'static, ()>,
+    wanem: Wanem,
     dir: tempfile::TempDir,
+    src: PathBuf,
     dst: PathBuf,
     to: String,
     source: Engine,
@@ -68,7 +77,12 @@ struct Setup {
     dst_qmp: PathBuf,
 }
 
-fn setup(cut: Option<(f64, f64)>) -> Option<Setup> {
+/// The tests of this file run one at a time: each runs two TCG guests, two engines and
+/// the emulator, which is all two cores can take with the downtime still meaningful.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn setup(workload_s: u32) -> Option<Setup> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !common::require_qemu() {
         return None;
     }
@@ -76,8 +90,6 @@ fn setup(cut: Option<(f64, f64)>) -> Option<Setup> {
         rtt_ms: RTT_MS,
         rate_mbit: RATE_MBIT,
         seed: 7,
-        cut_at_s: cut.map(|c| c.0),
-        cut_for_s: cut.map_or(0.0, |c| c.1),
         ..WanemConfig::default()
     })?;
     let dir = common::test_dir("strait-migrate");
@@ -109,7 +121,7 @@ fn setup(cut: Option<(f64, f64)>) -> Option<Setup> {
     let destination = Engine::spawn(command, d, "destination", &[&dst_vhost, &dst_control]);
     let dst_qemu = Qemu::spawn(
         &QemuConfig::new(&guest, &dst_vhost, Scenario::Migrate)
-            .duration_s(WORKLOAD_S)
+            .duration_s(workload_s)
             .qmp_socket(&dst_engine_qmp)
             .qmp_socket(&dst_qmp)
             .incoming_paused(),
@@ -131,13 +143,15 @@ fn setup(cut: Option<(f64, f64)>) -> Option<Setup> {
     let (src_engine_qmp, src_qmp) = (d.join("src-qmp-engine.sock"), d.join("src-qmp.sock"));
     let src_qemu = Qemu::spawn(
         &QemuConfig::new(&guest, &src_vhost, Scenario::Migrate)
-            .duration_s(WORKLOAD_S)
+            .duration_s(workload_s)
             .qmp_socket(&src_engine_qmp)
             .qmp_socket(&src_qmp),
     )
     .unwrap();
     Some(Setup {
-        _wanem: wanem,
+        _serial: serial,
+        wanem,
+        src,
         dst,
         to,
         source,
@@ -151,6 +165,15 @@ fn setup(cut: Option<(f64, f64)>) -> Option<Setup> {
 }
 
 impl Setup {
+    /// Waits for the guest's workload to run.
+    fn wait_workload(&mut self) {
+        let first = self
+            .src_qemu
+            .wait_heartbeat(1, FIRST_HEARTBEAT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("the workload did not start: {e:?}"));
+        eprintln!("the guest's workload runs: {first:?}");
+    }
+
     fn engine_qmp(&self, side: &str) -> String {
         format!(
             "qemu:{}",
@@ -212,25 +235,31 @@ fn run_state(qmp: &Path) -> RunState {
     QemuVmm::connect(qmp).unwrap().run_state().unwrap()
 }
 
-#[test]
-fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
-    let Some(mut s) = setup(None) else {
-        return;
-    };
-    let first = s
-        .src_qemu
-        .wait_heartbeat(1, FIRST_HEARTBEAT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("the workload did not start: {e:?}"));
-    eprintln!("the guest's workload runs: {first:?}");
-    // The destination disk is fenced until the commit.
-    let dst_status = s.destination.call("status", Map::new());
-    assert_eq!(dst_status["disk"]["fenced"], json!(true), "{dst_status}");
+/// Waits until the migration is in its memory phase with at least `bytes` of memory sent.
+fn wait_memory_phase(s: &Setup, bytes: u64) -> Value {
+    let started = Instant::now();
+    loop {
+        let m = s.source.call("status", Map::new())["migration"].clone();
+        if m["phase"] == "memory" && m["memory_transferred_bytes"].as_u64().unwrap_or(0) >= bytes {
+            return m;
+        }
+        assert!(
+            !["done", "rolled-back", "failed"].contains(&m["phase"].as_str().unwrap_or("")),
+            "the migration ended before its memory phase: {m}\n{}",
+            s.logs()
+        );
+        assert!(
+            started.elapsed() < MIGRATION_TIMEOUT,
+            "no memory phase: {m}\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
-    let started = s.migrate();
-    eprintln!("migrate: {started}");
-    let m = s.follow(MIGRATION_TIMEOUT);
+/// Everything that must hold after a committed migration.
+fn assert_migrated(s: &mut Setup, m: &Value) {
     assert_eq!(m["phase"], json!("done"), "{m}\n{}", s.logs());
-
     // Exactly one side runs: the destination.
     assert_eq!(run_state(&s.src_qmp), RunState::PostMigrate);
     assert_eq!(run_state(&s.dst_qmp), RunState::Running);
@@ -255,8 +284,8 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
         downtime_from_heartbeats(&s.src_qemu, &s.dst_qemu).expect("heartbeats on both sides");
     eprintln!(
         "guest-side downtime: {gap:?} (heartbeat {before} on the source, {after} on the destination); \
-         QEMU's downtime {} ms; strait's switchover {} ms",
-        m["vmm_downtime_ms"], m["switchover_ms"]
+         QEMU's downtime {} ms; strait's switchover {} ms; phases {}",
+        m["vmm_downtime_ms"], m["switchover_ms"], m["phases"]
     );
     assert!(
         after <= before + 1,
@@ -285,7 +314,6 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
         report.value("md5_region"),
         "the destination image does not hold what the guest read back"
     );
-    // The timeline has the phases the issue names.
     let phases: Vec<&str> = m["phases"]
         .as_array()
         .unwrap()
@@ -305,4 +333,124 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
         ]
     );
     assert!(m["bytes"]["memory"].as_u64().unwrap() > 0, "{m}");
+}
+
+/// Everything that must hold after a migration rolled back: the VM runs on the source,
+/// goes on writing its disk, and the destination neither runs nor was promoted.
+fn assert_rolled_back(s: &mut Setup, m: &Value) {
+    assert_eq!(m["phase"], json!("rolled-back"), "{m}\n{}", s.logs());
+    assert_eq!(run_state(&s.src_qmp), RunState::Running);
+    let src_status = s.source.call("status", Map::new());
+    assert_eq!(src_status["disk"]["fenced"], json!(false), "{src_status}");
+    let dst_status = s.destination.call("status", Map::new());
+    assert_eq!(dst_status["disk"]["fenced"], json!(true), "{dst_status}");
+    assert_ne!(dst_status["replication"]["state"], json!("promoted"));
+    assert_ne!(dst_status["migration"]["state"], json!("committed"));
+    // The guest goes on here and finishes its workload on the source disk.
+    let last = s
+        .src_qemu
+        .heartbeat_arrivals()
+        .last()
+        .map(|a| a.heartbeat.i)
+        .unwrap();
+    s.src_qemu
+        .wait_heartbeat(last + 5, Duration::from_secs(60))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the guest does not go on on the source: {e:?}\n{}",
+                s.logs()
+            )
+        });
+    assert!(
+        s.dst_qemu.heartbeat_arrivals().is_empty(),
+        "the destination ran the guest"
+    );
+    let report = s
+        .src_qemu
+        .wait_verdict(VERDICT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no verdict on the source: {e:?}\n{}", s.logs()));
+    report.log(Scenario::Migrate);
+    report.assert_pass();
+    assert_eq!(report.value("blocks_bad"), "0");
+    let region = common::md5_file_range(
+        &s.src,
+        common::MIGRATE_REGION_OFFSET_DEFAULT,
+        common::MIGRATE_REGION_BYTES,
+    )
+    .unwrap();
+    assert_eq!(region, report.value("md5_region"));
+}
+
+#[test]
+fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
+    let Some(mut s) = setup(WORKLOAD_S) else {
+        return;
+    };
+    s.wait_workload();
+    // The destination disk is fenced until the commit.
+    let dst_status = s.destination.call("status", Map::new());
+    assert_eq!(dst_status["disk"]["fenced"], json!(true), "{dst_status}");
+    eprintln!("migrate: {}", s.migrate());
+    let m = s.follow(MIGRATION_TIMEOUT);
+    assert_migrated(&mut s, &m);
+}
+
+/// A cut shorter than the session's resume window in the memory phase: the session
+/// resumes underneath the stream and the migration completes.
+#[test]
+fn qemu_migration_survives_a_short_link_cut_in_the_memory_phase() {
+    let Some(mut s) = setup(WORKLOAD_S) else {
+        return;
+    };
+    s.wait_workload();
+    s.migrate();
+    let m = wait_memory_phase(&s, 32 << 20);
+    eprintln!(
+        "cutting the link for {SHORT_CUT:?} at {} bytes of memory",
+        m["memory_transferred_bytes"]
+    );
+    s.wanem.cut(SHORT_CUT);
+    let m = s.follow(MIGRATION_TIMEOUT + SHORT_CUT);
+    assert_migrated(&mut s, &m);
+}
+
+/// A cut longer than the resume window in the memory phase: the migration rolls back,
+/// the VM never stopped on the source, and the destination discards what it received.
+#[test]
+fn qemu_migration_rolls_back_when_the_link_stays_down() {
+    let Some(mut s) = setup(WORKLOAD_LONG_S) else {
+        return;
+    };
+    s.wait_workload();
+    s.migrate();
+    wait_memory_phase(&s, 32 << 20);
+    s.wanem.cut(LONG_CUT);
+    let m = s.follow(MIGRATION_TIMEOUT + LONG_CUT);
+    eprintln!("rolled back: {}", m["error"]);
+    assert_rolled_back(&mut s, &m);
+    // The destination discarded its side: its QEMU is gone (it exits when its incoming
+    // migration fails) and it recorded that this migration never commits.
+    let record =
+        std::fs::read_to_string(s.dst.with_extension("img.strait-migration")).unwrap_or_default();
+    let id = s.source.call("status", Map::new())["migration"]["id"].clone();
+    assert!(
+        record.contains(&format!("{} refused", id.as_str().unwrap())),
+        "record: {record:?}"
+    );
+}
+
+/// The destination QEMU dies before the commit: the migration rolls back and the VM
+/// runs on the source.
+#[test]
+fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
+    let Some(mut s) = setup(WORKLOAD_S) else {
+        return;
+    };
+    s.wait_workload();
+    s.migrate();
+    wait_memory_phase(&s, 32 << 20);
+    s.dst_qemu.kill();
+    let m = s.follow(MIGRATION_TIMEOUT);
+    eprintln!("rolled back: {}", m["error"]);
+    assert_rolled_back(&mut s, &m);
 }

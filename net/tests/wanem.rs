@@ -456,6 +456,47 @@ fn netns_link_cut_stalls_and_resumes() {
     assert!(stats.a_to_b.dropped_cut > 0 && stats.b_to_a.dropped_cut > 0);
 }
 
+/// The same with the cut ordered while the stream runs (`Wanem::cut`), as a test does
+/// that cuts at a moment it observes.
+#[test]
+fn netns_link_cut_ordered_at_run_time_stalls_and_resumes() {
+    let _serial = serial();
+    let Some(wanem) = start(config(40, 50)) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let checked = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| checked_stream(&wanem, t0, Duration::from_secs(6)));
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed()));
+        wanem.cut(Duration::from_secs(2));
+        stream.join().unwrap()
+    });
+    let stats = wanem.stats();
+    eprintln!("{stats}");
+    assert_eq!(
+        (checked.received_bytes, checked.received_crc),
+        (checked.sent_bytes, checked.sent_crc),
+        "stream corrupted"
+    );
+    let ms = Duration::from_millis;
+    let reads_in = |range: std::ops::Range<Duration>| {
+        checked
+            .arrivals
+            .iter()
+            .filter(|(t, _)| range.contains(t))
+            .count()
+    };
+    let (before, during, after) = (
+        reads_in(ms(0)..ms(1000)),
+        reads_in(ms(1150)..ms(2950)),
+        reads_in(ms(3100)..ms(60_000)),
+    );
+    eprintln!("reads before cut {before}, during {during}, after {after}");
+    assert!(before > 0 && after > 0);
+    assert_eq!(during, 0, "data crossed a cut link");
+    assert!(stats.a_to_b.dropped_cut > 0 && stats.b_to_a.dropped_cut > 0);
+}
+
 /// Reads a counter of `/proc/net/snmp` (`Tcp`, `InCsumErrors`) in the calling thread's
 /// namespace.
 fn snmp_counter(group: &str, name: &str) -> u64 {

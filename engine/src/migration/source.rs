@@ -639,12 +639,24 @@ impl Runner {
         Ok(())
     }
 
-    /// Phase 4: the VM is stopped; the disk is fenced, demoted and drained.
+    /// Phase 4: the VM is stopped: the disk is fenced and demoted, and QEMU is let go
+    /// (`migrate-continue`) at once, so its last pages and device state cross the link
+    /// while the mirror drains; the commit waits for both (phase 5). Nothing is lost by
+    /// not draining first: the destination VM cannot run before the commit, and the
+    /// commit needs the replica complete.
     fn switchover(&mut self) -> Step<()> {
         self.side
             .fence()
             .map_err(|e| Stop::Rollback(format!("fencing the disk: {e}")))?;
         self.side.demote();
+        self.cancelled()?;
+        self.vmm
+            .continue_migration()
+            .map_err(|e| Stop::Rollback(format!("migrate-continue: {e}")))
+    }
+
+    /// Waits until every captured write is confirmed durable at the destination.
+    fn drain(&mut self) -> Step<()> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let r = self.replication()?;
@@ -663,7 +675,6 @@ impl Runner {
                     "the destination refuses replication: {reason}"
                 )));
             }
-            self.cancelled()?;
             if Instant::now() >= deadline {
                 return Err(Stop::Rollback(format!(
                     "the mirror did not drain within {DRAIN_TIMEOUT:?} (state {:?})",
@@ -679,12 +690,9 @@ impl Runner {
             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3)
     }
 
-    /// Phase 5: QEMU sends the device state; the destination must have loaded it all.
+    /// Phase 5: QEMU sends the rest; the destination must have loaded it all, and hold
+    /// every write of the disk.
     fn complete(&mut self) -> Step<()> {
-        self.cancelled()?;
-        self.vmm
-            .continue_migration()
-            .map_err(|e| Stop::Rollback(format!("migrate-continue: {e}")))?;
         let info = self
             .vmm
             .wait_migration_status(&[MigrationStatus::Completed], COMPLETE_TIMEOUT)
@@ -702,7 +710,7 @@ impl Runner {
         match self.stream.take().map(StreamHandle::join) {
             Some(Ok(report)) => {
                 info!(verdict = ?report.verdict, bytes = report.progress.local_to_peer_bytes, "memory stream done: the destination loaded the state");
-                Ok(())
+                self.drain()
             }
             Some(Err(e)) => Err(Stop::Rollback(format!(
                 "the destination did not confirm it loaded the state: {e}"

@@ -180,8 +180,19 @@ impl Runner {
 
     /// Takes the stream's verdict once it ended.
     fn watch_stream(&mut self) {
-        if let Some(incoming) = self.current.as_mut() {
-            settle(incoming, &self.status);
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        settle(incoming, &self.status);
+        // A stream that failed can never commit: discard at once (the source may be cut
+        // off and never send its Abort), and tell the source if it can hear it.
+        if let Some(Err(e)) = &incoming.outcome {
+            let (id, reason) = (incoming.id, format!("the memory stream failed: {e}"));
+            self.refuse(id, &reason);
+            let _ = self
+                .parts
+                .port
+                .send(&MigrationMessage::Failed { id, reason });
         }
     }
 
@@ -342,10 +353,10 @@ impl Runner {
         info!(id, "migration committed");
         // Answer first: the promote ends the replication session (the source is told it
         // was superseded), and the answer must travel before that.
+        // (The session's end after the promote flushes it: no wait here, the VM is
+        // stopped until the `cont` below.)
         if let Err(e) = self.parts.port.send(&MigrationMessage::Committed { id }) {
             warn!(error = %e, "cannot tell the source the commit; it asks again");
-        } else if let Some((_, link)) = self.parts.port.link() {
-            let _ = link.flush(Duration::from_secs(2));
         }
         let mut problems = Vec::new();
         // The replica is complete, so this is the ordinary (unforced) promote.

@@ -186,8 +186,35 @@ impl DelayLine {
 }
 
 /// One direction's fixed wiring.
+/// A link cut ordered while the emulator runs ([`super::Wanem::cut`]), shared by both
+/// directions: every packet entering the link in `start_ns..end_ns` (emulator time) is
+/// lost, as with a scheduled cut.
+#[derive(Debug, Default)]
+pub(crate) struct CutControl {
+    start_ns: AtomicU64,
+    end_ns: AtomicU64,
+}
+
+impl CutControl {
+    /// Cuts the link during `start_ns..end_ns` (replacing an earlier ordered cut).
+    pub(crate) fn set(&self, start_ns: u64, end_ns: u64) {
+        // Close the window first, so a reader never sees the new start with an old end.
+        self.end_ns.store(0, Ordering::SeqCst);
+        self.start_ns.store(start_ns, Ordering::SeqCst);
+        self.end_ns.store(end_ns, Ordering::SeqCst);
+    }
+
+    fn contains(&self, now_ns: u64) -> bool {
+        let start = self.start_ns.load(Ordering::Relaxed);
+        let end = self.end_ns.load(Ordering::Relaxed);
+        (start..end).contains(&now_ns)
+    }
+}
+
 struct Direction {
     name: &'static str,
+    /// A cut ordered at run time.
+    cut: Arc<CutControl>,
     from: Arc<OwnedFd>,
     to: Arc<OwnedFd>,
     line: DelayLine,
@@ -222,6 +249,7 @@ impl Forwarder {
         a_to_b: DirectionSpec,
         b_to_a: DirectionSpec,
         epoch_ns: u64,
+        cut: Arc<CutControl>,
     ) -> Result<Forwarder, WanemError> {
         let stop_event =
             Arc::new(StopEvent::new().map_err(|source| WanemError::EventFd { source })?);
@@ -242,6 +270,7 @@ impl Forwarder {
             debug!(direction = spec.name, line_bytes_max = line.bytes_max, params = ?spec.params, "path");
             let direction = Arc::new(Direction {
                 name: spec.name,
+                cut: cut.clone(),
                 from,
                 to,
                 line,
@@ -424,6 +453,10 @@ fn admit_one(
     has_room: bool,
 ) -> Option<u64> {
     let counters = &direction.counters;
+    if direction.cut.contains(now_ns) {
+        counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     let dropped = match path.admit(now_ns, wire_bytes, has_room) {
         Verdict::Release {
             due_ns,

@@ -422,6 +422,8 @@ pub struct Wanem {
     started_ns: u64,
     /// `/proc/net/dev` of A and B, for the drops at each device's queue.
     dev_stats: [DeviceStatsFile; 2],
+    /// Cuts ordered at run time ([`Wanem::cut`]).
+    cut: Arc<forwarder::CutControl>,
     // Field order is drop order: the forwarder (and with it the TUN devices) goes before
     // the namespaces.
     forwarder: Option<Forwarder>,
@@ -448,6 +450,7 @@ impl Wanem {
         let a_to_b = Arc::new(Counters::default());
         let b_to_a = Arc::new(Counters::default());
         let started_ns = sys::monotonic_ns();
+        let cut = Arc::new(forwarder::CutControl::default());
         let forwarder = Forwarder::start(
             tun_a,
             tun_b,
@@ -462,6 +465,7 @@ impl Wanem {
                 counters: b_to_a.clone(),
             },
             started_ns,
+            cut.clone(),
         )?;
         info!(
             namespace_a = %namespaces.a, %addr_a, namespace_b = %namespaces.b, %addr_b,
@@ -475,6 +479,7 @@ impl Wanem {
             b_to_a,
             started_ns,
             dev_stats: [dev_stats_a, dev_stats_b],
+            cut,
             forwarder: Some(forwarder),
             namespaces,
         })
@@ -524,6 +529,19 @@ impl Wanem {
     /// Runs `f` on a thread inside namespace B and returns its result.
     pub fn run_in_b<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T, WanemError> {
         netns::run_in(&self.namespaces.b, f)
+    }
+
+    /// Cuts the link in both directions now, for `duration` (at most [`CUT_S_MAX`]
+    /// seconds): every packet entering it meanwhile is lost, those already on the wire
+    /// arrive. For tests and drills that must cut at a moment chosen by what they observe
+    /// (a phase of a migration), not at a time fixed in advance. Replaces a cut ordered
+    /// earlier with this method; a scheduled cut (`cut_at_s`) applies as well.
+    pub fn cut(&self, duration: std::time::Duration) {
+        let now = sys::monotonic_ns().saturating_sub(self.started_ns);
+        let len = duration.min(std::time::Duration::from_secs_f64(CUT_S_MAX));
+        let len_ns = u64::try_from(len.as_nanos()).unwrap_or(u64::MAX);
+        info!(?duration, "wanem: link cut");
+        self.cut.set(now, now.saturating_add(len_ns));
     }
 
     /// The counters of both directions so far.
