@@ -345,6 +345,13 @@ fn qemu_strait_migrate_workload_without_migration() {
 
     report.assert_pass();
     let iterations = report.value_u64("migrate_iterations");
+    // The DMA check works: the last data read through the page cache is read again
+    // without disk I/O and is right.
+    assert!(report.value_u64("dma_refreshes") > 0);
+    assert_eq!(
+        (report.value("dma_ok"), report.value("dma_from_cache")),
+        ("1", "1")
+    );
     assert_eq!(report.value_u64("blocks_bad"), 0);
     assert_eq!(
         report.value_u64("blocks_checked"),

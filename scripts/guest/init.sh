@@ -37,6 +37,14 @@
 #            migrated guest prints them on the destination) offset, length, block_size,
 #            mem_copies, end_uptime_s, migrate_iterations (the last i), blocks_checked,
 #            blocks_bad, md5_region (of the region as read).
+#            The DMA check: every 100 steps the 1 MiB after the region is written with new
+#            random data (O_DIRECT) and read back through the page cache (buffered), so the
+#            virtio-blk backend writes those page-cache pages and no vCPU writes them again:
+#            a migration carries them only through the backend's dirty log. At the end the
+#            range is read again through the page cache (no I/O if it is still cached):
+#            prints dma_refreshes, md5_dma (the last data written), dma_ok (the cached read
+#            equals it), dma_from_cache (1 if that read did no disk I/O); FAIL
+#            reason=dma_mismatch otherwise.
 #            Block b holding counter c is the text `strait-migrate i=<c>` (c left-aligned
 #            in 10 columns), a newline, the first 4067 bytes of the 64 characters 0-9a-zA-Z+/
 #            repeated, and a newline: 4096 bytes (engine/tests/common/qemu.rs builds the
@@ -69,6 +77,11 @@ MIGRATE_MEM_MIB=16
 # host, 10 s: nice 19 gave 86-110 heartbeats/s and 8-11 copies/s (130+ MB/s of memory
 # changed); nice 0 gave 69/s and 12/s; no memory loop at all, 170/s.
 MIGRATE_MEM_NICE=19
+# The DMA check of the migrate scenario: this often (in counter steps, about 1 s under TCG)
+# the 1 MiB after the region gets new random data (O_DIRECT) and is read back through the
+# page cache, so the backend writes guest pages that no vCPU writes again.
+MIGRATE_DMA_EVERY=100
+MIGRATE_DMA_BYTES=$MIB
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -294,7 +307,30 @@ migrate_count() {
             seek=$((first_block + i % MIGRATE_BLOCKS)) || fail write_failed
         read -r up _ </proc/uptime
         echo "STRAIT-HB i=$i up=$up"
+        [ $((i % MIGRATE_DMA_EVERY)) -ne 0 ] || migrate_dma_refresh
     done
+}
+
+# New random data in the DMA range (O_DIRECT), then read back through the page cache: the
+# read is what puts backend-written pages in guest RAM. Leaves the data's md5 in $md5_dma.
+migrate_dma_refresh() {
+    dd if=/dev/urandom of=/tmp/dma bs="$MIGRATE_DMA_BYTES" count=1 status=none ||
+        fail datagen_failed
+    dd if=/tmp/dma of="$DISK" bs="$MIGRATE_DMA_BYTES" count=1 oflag=direct,seek_bytes \
+        seek="$DMA_OFF" status=none || fail write_failed
+    # The direct write invalidated cached pages of the range; make sure of it.
+    blockdev --flushbufs "$DISK" || fail flushbufs_failed
+    md5_dma=$(md5_file /tmp/dma)
+    got=$(dd if="$DISK" bs="$MIGRATE_DMA_BYTES" iflag=skip_bytes skip="$DMA_OFF" count=1 \
+        status=none | md5sum | cut -d' ' -f1) || fail read_failed
+    [ "$got" = "$md5_dma" ] || fail dma_readback_mismatch
+    dma_refreshes=$((dma_refreshes + 1))
+}
+
+# Sectors read from the disk so far (field 3 of /sys/block/vda/stat).
+sectors_read() {
+    read -r _ _ sectors _ <$SYS/stat
+    echo "$sectors"
 }
 
 # Counts the blocks in which /tmp/expect and /tmp/region differ, and prints the first few
@@ -316,7 +352,15 @@ migrate_bad_blocks() {
 
 scenario_migrate() {
     len=$((MIGRATE_BLOCKS * BLOCK_SIZE))
-    check_range "$OFF" "$len"
+    DMA_OFF=$((OFF + len))
+    dma_refreshes=0
+    # No readahead: a buffered read fetches exactly the pages asked for, so the read at
+    # the end can tell by the disk's counters whether the cache served it.
+    blockdev --setra 0 "$DISK" || fail setra_failed
+    # Linux drops a block device's page cache when its last opener closes it: this shell
+    # holds it open, so the pages read between two dd runs stay cached.
+    exec 3<"$DISK"
+    check_range "$OFF" $((len + MIGRATE_DMA_BYTES))
     result "duration_s=$ARG"
     fill=0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/
     while [ "${#fill}" -lt "$BLOCK_SIZE" ]; do fill=$fill$fill; done
@@ -335,6 +379,16 @@ scenario_migrate() {
 
     touch /tmp/mem_stop
     wait "$mem_pid"
+    # Through the page cache, as the backend left it: after a migration these are the
+    # destination's copies of pages only the backend wrote.
+    dma_ok=0 dma_from_cache=0
+    if [ "$dma_refreshes" -gt 0 ]; then
+        before=$(sectors_read)
+        got=$(dd if="$DISK" bs="$MIGRATE_DMA_BYTES" iflag=skip_bytes skip="$DMA_OFF" count=1 \
+            status=none | md5sum | cut -d' ' -f1) || fail read_failed
+        [ "$(sectors_read)" != "$before" ] || dma_from_cache=1
+        [ "$got" != "$md5_dma" ] || dma_ok=1
+    fi
     drop_caches
     dd if="$DISK" of=/tmp/region bs=$MIB iflag=direct,skip_bytes,count_bytes skip="$OFF" \
         count="$len" status=none || fail read_failed
@@ -348,7 +402,10 @@ scenario_migrate() {
         "end_uptime_s=$up"
     result "migrate_iterations=$i blocks_checked=$MIGRATE_BLOCKS blocks_bad=$bad" \
         "md5_region=$md5_region"
+    result "dma_offset=$DMA_OFF dma_refreshes=$dma_refreshes md5_dma=${md5_dma:-none}" \
+        "dma_ok=$dma_ok dma_from_cache=$dma_from_cache"
     [ "$bad" = 0 ] || fail region_mismatch
+    [ "$dma_refreshes" = 0 ] || [ "$dma_ok" = 1 ] || fail dma_mismatch
     pass
 }
 
