@@ -693,6 +693,12 @@ impl SourceSide for EngineSourceSide {
             d.undemote();
         }
     }
+
+    fn set_disk_rate_cap(&self, bytes_per_s: u64) {
+        if let Some(d) = lock(&self.source).as_ref() {
+            d.set_rate_cap(bytes_per_s);
+        }
+    }
 }
 
 impl EngineHandler {
@@ -739,7 +745,11 @@ impl EngineHandler {
                 "needed_pct": s.throttle.needed_pct,
                 "applied_pct": s.applied_throttle_pct,
                 "dirty_bytes_per_s": s.throttle.dirty_bytes_per_s,
-                "drain_bytes_per_s": s.throttle.drain_bytes_per_s,
+                "disk_bytes_per_s": s.throttle.disk_bytes_per_s,
+                "link_bytes_per_s": s.throttle.link_bytes_per_s,
+                "memory_share_bytes_per_s": s.throttle.memory_share_bytes_per_s,
+                "disk_share_bytes_per_s": s.throttle.disk_share_bytes_per_s,
+                "disk_cap_bytes_per_s": s.throttle.disk_cap_bytes_per_s,
             },
             "expected_downtime_ms": s.expected_downtime_ms,
             "vmm_downtime_ms": s.vmm_downtime_ms,
@@ -749,10 +759,11 @@ impl EngineHandler {
                 (x.t_s * 1000.0).round() / 1000.0, x.phase.name(), x.memory_bytes_per_s,
                 x.mirror_bytes_per_s, x.bulk_bytes_per_s, x.dirty_bytes_per_s, x.throttle_pct,
                 x.applied_throttle_pct, x.mirror_backlog_bytes, x.expected_downtime_ms,
+                x.disk_cap_bytes_per_s,
             ])).collect::<Vec<_>>(),
             "timeline_columns": ["t_s", "phase", "memory_bytes_per_s", "mirror_bytes_per_s",
                 "bulk_bytes_per_s", "dirty_bytes_per_s", "throttle_pct", "applied_throttle_pct",
-                "mirror_backlog_bytes", "expected_downtime_ms"],
+                "mirror_backlog_bytes", "expected_downtime_ms", "disk_cap_bytes_per_s"],
         })
     }
 

@@ -63,6 +63,9 @@ const LONG_CUT: Duration = Duration::from_secs(40);
 /// Both sides: engines across the emulator, the destination QEMU waiting.
 struct Setup {
     _serial: std::sync::MutexGuard<'static, ()>,
+    /// When the test asked for the migration (the engine's phase times count from about
+    /// then).
+    migrate_called: Option<Instant>,
     wanem: Wanem,
     dir: tempfile::TempDir,
     src: PathBuf,
@@ -150,6 +153,7 @@ fn setup(workload_s: u32) -> Option<Setup> {
     .unwrap();
     Some(Setup {
         _serial: serial,
+        migrate_called: None,
         wanem,
         src,
         dst,
@@ -184,10 +188,11 @@ impl Setup {
         )
     }
 
-    fn migrate(&self) -> Value {
+    fn migrate(&mut self) -> Value {
         let mut args = Map::new();
         args.insert("to".into(), json!(self.to));
         args.insert("vmm".into(), json!(self.engine_qmp("src")));
+        self.migrate_called = Some(Instant::now());
         self.source.call("migrate", args)
     }
 
@@ -282,6 +287,28 @@ fn assert_migrated(s: &mut Setup, m: &Value) {
         .unwrap_or_else(|e| panic!("no heartbeats on the destination: {e:?}\n{}", s.logs()));
     let (gap, before, after) =
         downtime_from_heartbeats(&s.src_qemu, &s.dst_qemu).expect("heartbeats on both sides");
+    // Where the gap sits against the engine's phases: the last heartbeats on the source
+    // and the first on the destination, in seconds since `migrate`.
+    if let Some(t0) = s.migrate_called {
+        let at = |a: &common::HeartbeatArrival| a.arrived.duration_since(t0).as_secs_f64();
+        let src: Vec<String> = s
+            .src_qemu
+            .heartbeat_arrivals()
+            .iter()
+            .rev()
+            .take(6)
+            .rev()
+            .map(|a| format!("{}@{:.2}", a.heartbeat.i, at(a)))
+            .collect();
+        let dst: Vec<String> = s
+            .dst_qemu
+            .heartbeat_arrivals()
+            .iter()
+            .take(4)
+            .map(|a| format!("{}@{:.2}", a.heartbeat.i, at(a)))
+            .collect();
+        eprintln!("last on the source {src:?}; first on the destination {dst:?}");
+    }
     eprintln!(
         "guest-side downtime: {gap:?} (heartbeat {before} on the source, {after} on the destination); \
          QEMU's downtime {} ms; strait's switchover {} ms; phases {}",

@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::port::Port;
 use super::stream::{SourceEnd, StreamConfig, StreamHandle, StreamMonitor};
-use super::stun::{StunController, StunState, TICK};
+use super::stun::{Demand, StunController, StunState, TICK};
 use super::wire::{MigrationId, MigrationMessage};
 use super::{connect_vmm, MigrationError};
 use crate::replication::driver::SourceStatus;
@@ -93,6 +93,9 @@ pub trait SourceSide: Send + Sync {
     fn unfence(&self);
     fn demote(&self);
     fn undemote(&self);
+    /// Caps the guest's disk write rate (bytes per second; 0: no cap), on top of
+    /// replication's own back-pressure: the disk's share of the link.
+    fn set_disk_rate_cap(&self, bytes_per_s: u64);
 }
 
 /// What to migrate, and how.
@@ -165,6 +168,8 @@ pub struct Sample {
     pub mirror_backlog_bytes: u64,
     /// QEMU's estimate of the downtime if it switched over now.
     pub expected_downtime_ms: u64,
+    /// The cap on the guest's disk writes (the disk's share of the link); 0: none.
+    pub disk_cap_bytes_per_s: u64,
 }
 
 /// A migration's status, for `status` and the progress bar.
@@ -290,6 +295,12 @@ enum Stop {
 
 type Step<T> = Result<T, Stop>;
 
+/// Ticks over which the link's rate is taken as its peak: acknowledgements arrive in
+/// bursts, so one 0.5 s tick can read half the link's rate or less; the memory stream
+/// keeps the link busy, so the peak of the last 2 s is its capacity, and a link that
+/// really slows shows within 2 s.
+const LINK_PEAK_TICKS: usize = 4;
+
 /// Bytes the link delivered per class, across sessions.
 #[derive(Default)]
 struct ClassMeter {
@@ -298,6 +309,8 @@ struct ClassMeter {
     total: [u64; 4],
     at: Option<Instant>,
     rate: [u64; 4],
+    /// All classes' rate over the last ticks, newest last.
+    recent: std::collections::VecDeque<u64>,
 }
 
 impl ClassMeter {
@@ -325,6 +338,12 @@ impl ClassMeter {
         }
         self.last = now;
         self.at = Some(t);
+        if dt > 0.0 {
+            if self.recent.len() == LINK_PEAK_TICKS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(self.rate.iter().sum());
+        }
     }
 
     fn index(class: StreamClass) -> usize {
@@ -338,8 +357,37 @@ impl ClassMeter {
         self.rate[Self::index(class)]
     }
 
+    /// All classes together: the peak of the last [`LINK_PEAK_TICKS`].
+    fn rate_all(&self) -> u64 {
+        self.recent.iter().copied().max().unwrap_or(0)
+    }
+
     fn total(&self, class: StreamClass) -> u64 {
         self.total[Self::index(class)]
+    }
+}
+
+/// The guest's mirrored write rate, and whether the migration's cap held it, from one
+/// replication status to the next.
+#[derive(Default)]
+struct DiskMeter {
+    last: Option<(Instant, u64, u64)>,
+}
+
+impl DiskMeter {
+    fn update(&mut self, r: &SourceStatus) -> (u64, bool) {
+        let now = Instant::now();
+        let (bytes, delayed) = (r.stats.bytes_mirrored, r.pacer.delayed_writes);
+        let out = match self.last {
+            Some((at, b, d)) => {
+                let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+                let rate = (bytes.saturating_sub(b) as f64 / dt) as u64;
+                (rate, r.rate_cap_bytes_per_s > 0 && delayed > d)
+            }
+            None => (0, false),
+        };
+        self.last = Some((now, bytes, delayed));
+        out
     }
 }
 
@@ -377,6 +425,8 @@ impl Runner {
                 }
             }
         };
+        // The VM either runs on the destination or here again: no more sharing.
+        self.side.set_disk_rate_cap(0);
         self.set_phase(phase);
         self.tick_status(None);
         lock(&self.status).error = error;
@@ -460,6 +510,7 @@ impl Runner {
                 applied_throttle_pct: s.applied_throttle_pct,
                 mirror_backlog_bytes: backlog,
                 expected_downtime_ms: s.expected_downtime_ms.unwrap_or(0),
+                disk_cap_bytes_per_s: s.throttle.disk_cap_bytes_per_s,
             };
             if s.timeline.len() >= TIMELINE_MAX {
                 // Halve the resolution: keep every other sample, sample half as often.
@@ -581,6 +632,7 @@ impl Runner {
             .start_migration(&MigrationUri::Unix(socket))
             .map_err(vmm_err("starting the VMM's migration"))?;
         let mut throttle_asked = 1u8;
+        let mut disk = DiskMeter::default();
         loop {
             self.cancelled()?;
             self.destination_failed(&port)?;
@@ -588,16 +640,24 @@ impl Runner {
                 .vmm
                 .migration_info()
                 .map_err(vmm_err("reading the migration's progress"))?;
-            let dirty = info.ram.as_ref().map_or(0, |r| r.dirty_bytes_per_s());
-            let drain = self.meter.rate(StreamClass::Memory);
-            let want = self.stun.tick(Instant::now(), dirty, drain).max(1);
+            let (disk_bytes_per_s, disk_capped) = disk.update(&self.replication()?);
+            let demand = Demand {
+                dirty_bytes_per_s: info.ram.as_ref().map_or(0, |r| r.dirty_bytes_per_s()),
+                applied_throttle_pct: info.cpu_throttle_pct.unwrap_or(0),
+                disk_bytes_per_s,
+                disk_capped,
+                link_bytes_per_s: self.meter.rate_all(),
+            };
+            let decided = self.stun.tick(Instant::now(), demand);
+            let want = decided.throttle_pct.max(1);
             if want != throttle_asked {
-                info!(percent = want, dirty, drain, "vCPU throttle");
+                info!(percent = want, ?decided, "vCPU throttle");
                 if let Err(e) = self.vmm.set_cpu_throttle(want) {
                     warn!(error = %e, "cannot set the vCPU throttle");
                 }
                 throttle_asked = want;
             }
+            self.side.set_disk_rate_cap(decided.disk_cap_bytes_per_s);
             self.tick_status(Some(&info));
             match info.status {
                 MigrationStatus::PreSwitchover => {

@@ -1,17 +1,27 @@
-//! Stun During Page Send: the vCPU throttle that keeps the guest's memory dirty rate below
-//! the rate the link actually drains the memory stream, so the migration converges instead
-//! of chasing the guest forever, and throttles no more than that.
+//! Stun During Page Send, for memory and disk together: one controller shares the link
+//! between the guest's memory dirtying (slowed by the vCPU throttle) and its disk writes
+//! (slowed by pacing their completions, [`crate::replication::throttle`]), so that both
+//! together stay below what the link delivers and the migration converges, and each is
+//! slowed no more than that.
 //!
 //! Inputs, once per [`TICK`]: the guest's dirty rate as the VMM measured it over its last
-//! pass, and the rate the link delivered the `memory` class over the last tick (the
-//! peer's acknowledgements, so it is the WAN's rate, shared with the disk's classes, not a
-//! local buffer's). The throttle asked is the share of vCPU time to take away so that
-//! `dirty × (1 − throttle) ≤ HEADROOM × drain`.
+//! pass (with the throttle it applied then, so the unthrottled demand can be recovered),
+//! the rate of the guest's mirrored disk writes (and whether the controller's own cap is
+//! holding them), and what the link delivered over the last tick, all classes together
+//! (the peer's acknowledgements: the WAN's rate, not a local buffer's; the memory stream
+//! keeps the link busy during the memory phase, so this is its capacity).
 //!
-//! Rises at once (the guest is outrunning the link now), falls by at most [`STEP_DOWN_PCT`]
-//! per [`HOLD`] (QEMU applies a new value at auto-converge's next trigger, about 2 s later,
-//! see `docs/vmm.md`; moving faster would oscillate). Below [`OFF_BELOW_PCT`] it is off. QEMU
-//! cannot go below 1% once throttling started, so "off" is asked as 1%.
+//! The budget is [`HEADROOM`] of the link. If both demands fit, nothing is slowed. If not,
+//! the budget is shared max-min fairly: a side that wants less than half gets what it
+//! wants, the other gets the rest; two that both want more get half each. Memory's share
+//! becomes a throttle (`dirty × (1 − t) ≤ share`), the disk's a cap on the guest's write
+//! rate.
+//!
+//! The throttle rises at once (the guest is outrunning the link now) and falls by at most
+//! [`STEP_DOWN_PCT`] per [`HOLD`] (QEMU applies a new value at auto-converge's next
+//! trigger, about 2 s later, see `docs/vmm.md`; moving faster would oscillate). Below
+//! [`OFF_BELOW_PCT`] it is off. QEMU cannot go below 1% once throttling started, so the
+//! caller asks "off" as 1%.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +29,8 @@ use std::time::{Duration, Instant};
 /// throttle at most once a second, so 500 ms sees every change without busy polling.
 pub const TICK: Duration = Duration::from_millis(500);
 
-/// The dirty rate is held at this share of the drain rate: the memory stream must also
-/// make progress on what is already dirty, and the link rate it measured may drop.
+/// Memory and disk together are held at this share of the link: the memory stream must
+/// also make progress on what is already dirty, and the link rate it measured may drop.
 pub const HEADROOM: f64 = 0.8;
 
 /// Largest throttle asked (QEMU's ceiling is 99%): the guest keeps a sliver of CPU so its
@@ -36,6 +46,26 @@ pub const STEP_DOWN_PCT: u8 = 10;
 /// How long a throttle stays before it may fall: QEMU's trigger delay (about 2 s).
 pub const HOLD: Duration = Duration::from_secs(2);
 
+/// While the cap holds the guest's writes, their true demand is unknown (at least the
+/// cap): it is taken as this much more, so the disk's share grows again as soon as memory
+/// leaves room.
+pub const DISK_PROBE: f64 = 1.25;
+
+/// What the controller sees in one tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Demand {
+    /// QEMU's dirty rate over its last pass, bytes per second.
+    pub dirty_bytes_per_s: u64,
+    /// The throttle QEMU applied meanwhile, in percent.
+    pub applied_throttle_pct: u8,
+    /// The guest's mirrored disk writes, bytes per second.
+    pub disk_bytes_per_s: u64,
+    /// Whether this controller's cap held the guest's writes during the tick.
+    pub disk_capped: bool,
+    /// What the link delivered, all classes, bytes per second.
+    pub link_bytes_per_s: u64,
+}
+
 /// What the controller decided.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StunState {
@@ -43,8 +73,16 @@ pub struct StunState {
     pub throttle_pct: u8,
     /// The throttle the inputs called for this tick, before smoothing.
     pub needed_pct: u8,
+    /// The cap on the guest's disk writes, bytes per second; 0 is none.
+    pub disk_cap_bytes_per_s: u64,
+    /// The guest's dirty rate without throttle (estimated), bytes per second.
     pub dirty_bytes_per_s: u64,
-    pub drain_bytes_per_s: u64,
+    /// The disk's demand as estimated, bytes per second.
+    pub disk_bytes_per_s: u64,
+    /// The link rate and the shares of its budget, bytes per second.
+    pub link_bytes_per_s: u64,
+    pub memory_share_bytes_per_s: u64,
+    pub disk_share_bytes_per_s: u64,
 }
 
 /// The controller. Pure: the caller feeds it rates and applies its answer.
@@ -59,9 +97,21 @@ impl StunController {
         StunController::default()
     }
 
-    /// One look: returns the throttle to ask for, in percent (0: off).
-    pub fn tick(&mut self, now: Instant, dirty_bytes_per_s: u64, drain_bytes_per_s: u64) -> u8 {
-        let needed = needed_pct(dirty_bytes_per_s, drain_bytes_per_s);
+    /// One look: the throttle to ask for (0: off) and the disk cap (0: none).
+    pub fn tick(&mut self, now: Instant, demand: Demand) -> StunState {
+        let applied = f64::from(demand.applied_throttle_pct.min(MAX_PCT)) / 100.0;
+        // What the guest would dirty unthrottled: the measured rate is what it managed
+        // with `applied` of its CPU time taken away.
+        let memory = (demand.dirty_bytes_per_s as f64 / (1.0 - applied)) as u64;
+        let disk = if demand.disk_capped {
+            let cap = self.state.disk_cap_bytes_per_s.max(demand.disk_bytes_per_s);
+            (cap as f64 * DISK_PROBE) as u64
+        } else {
+            demand.disk_bytes_per_s
+        };
+        let budget = (HEADROOM * demand.link_bytes_per_s as f64) as u64;
+        let (memory_share, disk_share) = share(budget, memory, disk);
+        let needed = needed_pct(memory, memory_share);
         let current = self.state.throttle_pct;
         let held = self
             .changed_at
@@ -81,13 +131,22 @@ impl StunController {
         if next != current {
             self.changed_at = Some(now);
         }
+        let disk_cap = if disk > disk_share {
+            disk_share.max(1)
+        } else {
+            0
+        };
         self.state = StunState {
             throttle_pct: next,
             needed_pct: needed,
-            dirty_bytes_per_s,
-            drain_bytes_per_s,
+            disk_cap_bytes_per_s: disk_cap,
+            dirty_bytes_per_s: memory,
+            disk_bytes_per_s: disk,
+            link_bytes_per_s: demand.link_bytes_per_s,
+            memory_share_bytes_per_s: memory_share,
+            disk_share_bytes_per_s: disk_share,
         };
-        next
+        self.state
     }
 
     pub fn state(&self) -> StunState {
@@ -95,16 +154,28 @@ impl StunController {
     }
 }
 
-/// The throttle that brings `dirty` to [`HEADROOM`] of `drain`, in percent.
-fn needed_pct(dirty: u64, drain: u64) -> u8 {
-    if dirty == 0 {
+/// The budget shared max-min fairly between two demands: `(memory, disk)`.
+fn share(budget: u64, memory: u64, disk: u64) -> (u64, u64) {
+    if memory.saturating_add(disk) <= budget {
+        return (memory, disk);
+    }
+    let half = budget / 2;
+    if memory <= half {
+        (memory, budget - memory)
+    } else if disk <= half {
+        (budget - disk, disk)
+    } else {
+        (half, budget - half)
+    }
+}
+
+/// The throttle that brings `demand` down to `allowed`, in percent.
+fn needed_pct(demand: u64, allowed: u64) -> u8 {
+    if demand == 0 || demand <= allowed {
         return 0;
     }
-    let allowed = HEADROOM * drain as f64;
-    if (dirty as f64) <= allowed {
-        return 0;
-    }
-    let share = 1.0 - allowed / dirty as f64;
+    let share = 1.0 - allowed as f64 / demand as f64;
+    // Rounded up, less a hair so an exact share is not pushed to the next percent.
     let pct = (share * 100.0 - 1e-6).ceil();
     let pct = if pct.is_finite() { pct } else { 100.0 };
     let pct = pct.clamp(0.0, f64::from(MAX_PCT)) as u8;
@@ -121,41 +192,71 @@ mod tests {
 
     const MB: u64 = 1_000_000;
 
+    fn memory_only(dirty: u64, link: u64) -> Demand {
+        Demand {
+            dirty_bytes_per_s: dirty,
+            link_bytes_per_s: link,
+            ..Demand::default()
+        }
+    }
+
     #[test]
     fn off_while_the_link_keeps_up() {
         let mut c = StunController::new();
         let t = Instant::now();
-        assert_eq!(c.tick(t, 10 * MB, 25 * MB), 0);
-        assert_eq!(c.tick(t, 0, 0), 0);
+        assert_eq!(c.tick(t, memory_only(10 * MB, 25 * MB)).throttle_pct, 0);
+        assert_eq!(c.tick(t, memory_only(0, 0)).throttle_pct, 0);
         // Just above the headroom: too small to act on.
-        assert_eq!(c.tick(t, 20 * MB + MB / 2, 25 * MB), 0);
+        let s = c.tick(t, memory_only(20 * MB + MB / 2, 25 * MB));
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (0, 0));
     }
 
     #[test]
     fn rises_at_once_to_what_brings_the_dirty_rate_under_the_link() {
         let mut c = StunController::new();
         let t = Instant::now();
-        // 100 MB/s dirty, 25 MB/s drained: keep 20 MB/s, take 80%.
-        let pct = c.tick(t, 100 * MB, 25 * MB);
+        // 100 MB/s dirty, 25 MB/s link: keep 20 MB/s, take 80%.
+        let pct = c.tick(t, memory_only(100 * MB, 25 * MB)).throttle_pct;
         assert_eq!(pct, 80);
         let throttled = 100.0 * (1.0 - f64::from(pct) / 100.0);
         assert!(throttled <= HEADROOM * 25.0 + 1e-9);
-        // A drain of nothing asks for the most, never more.
-        assert_eq!(c.tick(t, 100 * MB, 0), MAX_PCT);
+        // A link that delivers nothing asks for the most, never more.
+        assert_eq!(c.tick(t, memory_only(100 * MB, 0)).throttle_pct, MAX_PCT);
+    }
+
+    #[test]
+    fn the_measured_dirty_rate_is_unthrottled_before_it_is_compared() {
+        let mut c = StunController::new();
+        let t = Instant::now();
+        assert_eq!(c.tick(t, memory_only(100 * MB, 25 * MB)).throttle_pct, 80);
+        // QEMU applies 80%: the guest now dirties 20 MB/s, which fits. The demand is
+        // still 100 MB/s, so the throttle must stay, not fall.
+        let s = c.tick(
+            t + HOLD * 2,
+            Demand {
+                dirty_bytes_per_s: 20 * MB,
+                applied_throttle_pct: 80,
+                link_bytes_per_s: 25 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!((s.needed_pct, s.throttle_pct), (80, 80));
+        assert_eq!(s.dirty_bytes_per_s, 100 * MB);
     }
 
     #[test]
     fn falls_in_steps_no_faster_than_the_hold() {
         let mut c = StunController::new();
         let t0 = Instant::now();
-        assert_eq!(c.tick(t0, 100 * MB, 25 * MB), 80);
+        assert_eq!(c.tick(t0, memory_only(100 * MB, 25 * MB)).throttle_pct, 80);
         // The guest calms down: nothing needed, but the throttle holds...
-        assert_eq!(c.tick(t0 + Duration::from_secs(1), MB, 25 * MB), 80);
+        let calm = memory_only(MB, 25 * MB);
+        assert_eq!(c.tick(t0 + Duration::from_secs(1), calm).throttle_pct, 80);
         // ...then falls one step per hold.
         let mut t = t0 + HOLD;
         let mut seen = vec![];
         for _ in 0..12 {
-            seen.push(c.tick(t, MB, 25 * MB));
+            seen.push(c.tick(t, calm).throttle_pct);
             t += HOLD;
         }
         assert_eq!(seen, vec![70, 60, 50, 40, 30, 20, 10, 0, 0, 0, 0, 0]);
@@ -165,9 +266,98 @@ mod tests {
     fn a_link_that_slows_raises_it_again_at_once() {
         let mut c = StunController::new();
         let t = Instant::now();
-        assert_eq!(c.tick(t, 40 * MB, 25 * MB), 50);
+        assert_eq!(c.tick(t, memory_only(40 * MB, 25 * MB)).throttle_pct, 50);
         // The link drops to a fifth: the same guest needs more, now.
-        assert_eq!(c.tick(t + Duration::from_millis(500), 40 * MB, 5 * MB), 90);
-        assert_eq!(c.state().needed_pct, 90);
+        let s = c.tick(t + Duration::from_millis(500), memory_only(40 * MB, 5 * MB));
+        assert_eq!((s.throttle_pct, s.needed_pct), (90, 90));
+    }
+
+    #[test]
+    fn memory_and_disk_share_the_link_max_min_fairly() {
+        let t = Instant::now();
+        // Budget 20 MB/s. A disk that wants little gets it all; memory is throttled to
+        // the rest.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                dirty_bytes_per_s: 40 * MB,
+                disk_bytes_per_s: 4 * MB,
+                link_bytes_per_s: 25 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!(
+            (s.memory_share_bytes_per_s, s.disk_share_bytes_per_s),
+            (16 * MB, 4 * MB)
+        );
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (60, 0));
+        // Memory that wants little leaves the rest to the disk, which is capped to it.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                dirty_bytes_per_s: 2 * MB,
+                disk_bytes_per_s: 40 * MB,
+                link_bytes_per_s: 25 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (0, 18 * MB));
+        // Both want more than half: half each.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                dirty_bytes_per_s: 40 * MB,
+                disk_bytes_per_s: 40 * MB,
+                link_bytes_per_s: 25 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (75, 10 * MB));
+        // Together within the budget: neither is slowed.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                dirty_bytes_per_s: 10 * MB,
+                disk_bytes_per_s: 9 * MB,
+                link_bytes_per_s: 25 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (0, 0));
+    }
+
+    #[test]
+    fn a_capped_disk_gets_its_share_back_when_memory_leaves_room() {
+        let mut c = StunController::new();
+        let t = Instant::now();
+        let both = Demand {
+            dirty_bytes_per_s: 40 * MB,
+            disk_bytes_per_s: 40 * MB,
+            link_bytes_per_s: 25 * MB,
+            ..Demand::default()
+        };
+        assert_eq!(c.tick(t, both).disk_cap_bytes_per_s, 10 * MB);
+        // The guest stops dirtying memory; its writes are held at the cap (10 MB/s
+        // measured): the cap must grow, not settle where it was.
+        let mut cap = 10 * MB;
+        for i in 1..10 {
+            let s = c.tick(
+                t + TICK * i,
+                Demand {
+                    dirty_bytes_per_s: 0,
+                    disk_bytes_per_s: cap,
+                    disk_capped: true,
+                    link_bytes_per_s: 25 * MB,
+                    ..Demand::default()
+                },
+            );
+            assert!(s.disk_cap_bytes_per_s == 0 || s.disk_cap_bytes_per_s >= cap);
+            cap = s.disk_cap_bytes_per_s;
+            if cap == 0 {
+                break;
+            }
+        }
+        // It reaches the whole budget (then the cap is whatever the budget allows).
+        assert!(cap == 0 || cap >= 20 * MB - 1, "cap {cap}");
     }
 }

@@ -8,7 +8,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -89,6 +89,8 @@ pub struct SourceStatus {
     pub pacer: PacerStats,
     /// The current or last verify run (see [`SourceDriver::start_verify`]).
     pub verify: Option<VerifyReport>,
+    /// The cap a migration put on the guest's write rate (0: none).
+    pub rate_cap_bytes_per_s: u64,
     /// A verify asked for (with `repair`) that the thread has not taken up yet.
     verify_requested: Option<bool>,
 }
@@ -113,6 +115,9 @@ pub struct SourceDriver {
     demote: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     port: Arc<Port>,
+    /// A ceiling on the guest's write rate from outside (a migration sharing the link
+    /// between memory and disk), bytes per second; 0: none.
+    rate_cap: Arc<AtomicU64>,
 }
 
 impl SourceDriver {
@@ -146,11 +151,14 @@ impl SourceDriver {
             pacer: PacerStats::default(),
             verify: None,
             verify_requested: None,
+            rate_cap_bytes_per_s: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let demote = Arc::new(AtomicBool::new(false));
         let port = Port::new();
+        let rate_cap = Arc::new(AtomicU64::new(0));
         let mut runner = SourceRunner {
+            rate_cap: rate_cap.clone(),
             port: port.clone(),
             demote: demote.clone(),
             fence,
@@ -180,7 +188,15 @@ impl SourceDriver {
             demote,
             thread: Some(thread),
             port,
+            rate_cap,
         })
+    }
+
+    /// Caps the rate of the guest's writes at `bytes_per_s` (0: no cap), on top of the
+    /// back-pressure's own pacing: the lower of the two applies. A live migration sets it
+    /// to the disk's share of the link ([`crate::migration::stun`]).
+    pub fn set_rate_cap(&self, bytes_per_s: u64) {
+        self.rate_cap.store(bytes_per_s, Ordering::Relaxed);
     }
 
     /// The migration's access to this replication's session (see [`Port`]).
@@ -254,6 +270,8 @@ struct SourceRunner {
     link: Option<Arc<Link>>,
     /// Where the migration finds the session and its messages.
     port: Arc<Port>,
+    /// See [`SourceDriver::set_rate_cap`].
+    rate_cap: Arc<AtomicU64>,
     status: Arc<Mutex<SourceStatus>>,
     stop: Arc<AtomicBool>,
     controller: Controller,
@@ -596,7 +614,14 @@ impl SourceRunner {
         let state = self
             .controller
             .tick(now, confirmed, self.delivered, backlog, connected);
-        self.capture.pacer().set_rate(state.rate_bytes_per_s);
+        let cap = self.rate_cap.load(Ordering::Relaxed);
+        let rate = match (state.rate_bytes_per_s, cap) {
+            (0, cap) => cap,
+            (rate, 0) => rate,
+            (rate, cap) => rate.min(cap),
+        };
+        self.capture.pacer().set_rate(rate);
+        lock(&self.status).rate_cap_bytes_per_s = cap;
         self.source.set_mirror_backlog_limit(state.budget_bytes);
     }
 
