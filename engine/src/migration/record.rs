@@ -103,6 +103,14 @@ impl MigrationRecord {
             .map(|(_, d)| *d)
     }
 
+    /// The id of the most recent decision, if that decision was a commit.
+    pub fn last_decision_committed(&self) -> Option<MigrationId> {
+        self.decisions
+            .last()
+            .filter(|(_, d)| *d == Decision::Committed)
+            .map(|(id, _)| *id)
+    }
+
     /// The last migration committed here, if any.
     pub fn last_committed(&self) -> Option<MigrationId> {
         self.decisions
@@ -175,6 +183,7 @@ mod tests {
         assert_eq!(r.get(1), Some(Decision::Refused));
         assert_eq!(r.get(0xabc), Some(Decision::Committed));
         assert_eq!(r.last_committed(), Some(0xabc));
+        assert_eq!(r.last_decision_committed(), Some(0xabc));
     }
 
     #[test]

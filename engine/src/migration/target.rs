@@ -133,6 +133,7 @@ struct Runner {
 
 impl Runner {
     fn run(&mut self, stop: &AtomicBool) {
+        self.finish_recorded_commit();
         while !stop.load(Ordering::Relaxed) {
             self.watch_stream();
             let Some(message) = self.parts.port.recv(POLL) else {
@@ -377,6 +378,59 @@ impl Runner {
         }
         self.set_status(id, "committed", detail);
         None
+    }
+
+    /// An engine that stopped between the commit point (the record) and the promote
+    /// finishes the commit when it starts again: the source may already know it
+    /// committed, so the VM must run here. The replica was complete when the commit was
+    /// recorded, but a restarted replica cannot know that by itself, so the promote is
+    /// forced; the VMM, if it still holds the loaded state (paused after a completed
+    /// incoming migration), is resumed.
+    fn finish_recorded_commit(&mut self) {
+        let Some(id) = self.record.last_decision_committed() else {
+            return;
+        };
+        if self.parts.replica.status().promoted {
+            return;
+        }
+        warn!(
+            id,
+            "a recorded commit was not finished before the engine stopped: finishing it"
+        );
+        let mut problems = Vec::new();
+        if let Err(e) = self.parts.replica.promote(true) {
+            problems.push(format!("promoting the disk: {e}"));
+        }
+        if let Some(backend) = &self.parts.backend {
+            backend.unfence();
+        }
+        let vmm = self.parts.vmm.as_deref().map(connect_vmm);
+        match vmm {
+            Some(Ok(vmm)) => {
+                let loaded = vmm
+                    .migration_info()
+                    .is_ok_and(|i| i.status == MigrationStatus::Completed);
+                match vmm.run_state() {
+                    Ok(RunState::Paused) if loaded && problems.is_empty() => {
+                        if let Err(e) = vmm.resume() {
+                            problems.push(format!("resuming the VM: {e}"));
+                        }
+                    }
+                    Ok(RunState::Running) => {}
+                    other => problems.push(format!(
+                        "the VMM does not hold the migrated state (run state {other:?}): start the VM from the promoted disk"
+                    )),
+                }
+            }
+            Some(Err(e)) => problems.push(format!("the VMM: {e}")),
+            None => problems
+                .push("no VMM configured (--vmm): start the VM from the promoted disk".into()),
+        }
+        let detail = (!problems.is_empty()).then(|| problems.join("; "));
+        if let Some(d) = &detail {
+            warn!(id, problem = %d, "the recorded commit is finished only in part");
+        }
+        self.set_status(id, "committed", detail);
     }
 
     /// Records that `id` never commits here, and discards what was received.
