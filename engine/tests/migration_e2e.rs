@@ -44,17 +44,6 @@ const FIRST_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(90);
 /// workload, then the read-back of 4 MiB.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn wanem(config: WanemConfig) -> Option<Wanem> {
-    match Wanem::start(config) {
-        Ok(w) => Some(w),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: the WAN emulator cannot start here ({e})");
-            None
-        }
-        Err(e) => panic!("the WAN emulator is required in CI: {e}"),
-    }
-}
-
 /// A link cut the session survives: shorter than its resume window (30 s).
 const SHORT_CUT: Duration = Duration::from_secs(4);
 /// A link cut past the resume window: the session fails.
@@ -89,7 +78,7 @@ fn setup(workload_s: u32) -> Option<Setup> {
     if !common::require_qemu() {
         return None;
     }
-    let wanem = wanem(WanemConfig {
+    let wanem = common::wanem_or_skip(WanemConfig {
         rtt_ms: RTT_MS,
         rate_mbit: RATE_MBIT,
         seed: 7,

@@ -27,17 +27,6 @@ const SLOW_LINK_MBIT: u32 = 200;
 /// The destination's port inside namespace B (private to the test's namespaces).
 const PORT: u16 = 7400;
 
-fn wanem(config: WanemConfig) -> Option<Wanem> {
-    match Wanem::start(config) {
-        Ok(w) => Some(w),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: the WAN emulator cannot start here ({e})");
-            None
-        }
-        Err(e) => panic!("the WAN emulator is required in CI: {e}"),
-    }
-}
-
 #[test]
 fn qemu_guest_disk_replicates_across_wanem_byte_exact() {
     replicate_guest_writes(None);
@@ -157,7 +146,7 @@ fn start_pair(rate_mbit: u32, cut: Option<(f64, f64)>) -> Option<Pair> {
     if !common::require_qemu() {
         return None;
     }
-    let wanem = wanem(WanemConfig {
+    let wanem = common::wanem_or_skip(WanemConfig {
         rtt_ms: 100,
         rate_mbit,
         seed: 1,

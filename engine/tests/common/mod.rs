@@ -49,6 +49,7 @@ mod migrate;
 mod process;
 mod qemu;
 mod qsd;
+mod wan;
 
 pub use disk::{make_image, md5_file, md5_file_range, md5_zeros, Fill};
 pub use engine::{Engine, ENGINE_START_TIMEOUT};
@@ -65,3 +66,4 @@ pub use qemu::{
     BOOT_AND_SCENARIO_TIMEOUT, QEMU_EXIT_TIMEOUT,
 };
 pub use qsd::{QsdConfig, StorageDaemon, SOCKET_WAIT_TIMEOUT};
+pub use wan::wanem_or_skip;
