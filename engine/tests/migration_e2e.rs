@@ -44,6 +44,12 @@ const FIRST_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(90);
 /// workload, then the read-back of 4 MiB.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// A WAN long enough that the test can freeze the destination between the source's
+/// `Commit` and its arrival (a one-way delay of 200 ms).
+const IN_DOUBT_RTT_MS: u32 = 400;
+/// How long the destination stays frozen while the source is in doubt.
+const IN_DOUBT_HOLD: Duration = Duration::from_secs(4);
+
 /// A link cut the session survives: shorter than its resume window (30 s).
 const SHORT_CUT: Duration = Duration::from_secs(4);
 /// A link cut past the resume window: the session fails.
@@ -74,12 +80,16 @@ struct Setup {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn setup(workload_s: u32) -> Option<Setup> {
+    setup_rtt(workload_s, RTT_MS)
+}
+
+fn setup_rtt(workload_s: u32, rtt_ms: u32) -> Option<Setup> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !common::require_qemu() {
         return None;
     }
     let wanem = common::wanem_or_skip(WanemConfig {
-        rtt_ms: RTT_MS,
+        rtt_ms,
         rate_mbit: RATE_MBIT,
         seed: 7,
         ..WanemConfig::default()
@@ -503,4 +513,54 @@ fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
     let m = s.follow(MIGRATION_TIMEOUT);
     eprintln!("rolled back: {}", m["error"]);
     assert_rolled_back(&mut s, &m);
+}
+
+/// The window where the source cannot know the outcome: `Commit` sent, no answer. The
+/// destination engine is frozen (SIGSTOP) as soon as the source says `in-doubt`, before the
+/// `Commit` can reach it (a 400 ms RTT gives 200 ms for that): the source VM stays paused
+/// and says so, and neither side runs; once the destination thaws, the engines reconcile
+/// and the VM runs there.
+#[test]
+fn qemu_migration_in_doubt_stays_paused_until_the_destination_answers() {
+    let Some(mut s) = setup_rtt(WORKLOAD_S, IN_DOUBT_RTT_MS) else {
+        return;
+    };
+    s.wait_workload();
+    s.migrate();
+    let started = Instant::now();
+    let m = loop {
+        let m = s.source.call("status", Map::new())["migration"].clone();
+        if m["phase"] == "in-doubt" {
+            break m;
+        }
+        assert!(
+            !["done", "rolled-back", "failed"].contains(&m["phase"].as_str().unwrap_or("")),
+            "the migration ended before the test saw it in doubt: {m}\n{}",
+            s.logs()
+        );
+        assert!(started.elapsed() < MIGRATION_TIMEOUT, "{m}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let pid = libc::pid_t::try_from(s.destination.pid()).unwrap();
+    // SAFETY: kill(2) with the pid of a child this test spawned and has not reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen_at = Instant::now();
+    eprintln!(
+        "in doubt after {:?}; destination engine frozen",
+        started.elapsed()
+    );
+    let mut checks = 0;
+    while frozen_at.elapsed() < IN_DOUBT_HOLD {
+        let now = s.source.call("status", Map::new())["migration"].clone();
+        assert_eq!(now["phase"], json!("in-doubt"), "{now}\n{}", s.logs());
+        assert_eq!(run_state(&s.src_qmp), RunState::PostMigrate);
+        assert_eq!(run_state(&s.dst_qmp), RunState::Paused);
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    eprintln!("{checks} checks while frozen; destination thawed: {m}");
+    let m = s.follow(MIGRATION_TIMEOUT);
+    assert_migrated(&mut s, &m);
 }

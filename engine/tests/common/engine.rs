@@ -71,6 +71,11 @@ impl Engine {
         self.call("status", Map::new())["replication"].clone()
     }
 
+    /// The engine's process id (`ip netns exec` execs it, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
