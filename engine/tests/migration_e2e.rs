@@ -61,6 +61,8 @@ struct Setup {
     /// When the test asked for the migration (the engine's phase times count from about
     /// then).
     migrate_called: Option<Instant>,
+    /// `migrate` forwards the destination's VMM (the destination engine has none).
+    forward_vmm: bool,
     wanem: Wanem,
     dir: tempfile::TempDir,
     src: PathBuf,
@@ -80,10 +82,12 @@ struct Setup {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn setup(workload_s: u32) -> Option<Setup> {
-    setup_rtt(workload_s, RTT_MS)
+    setup_with(workload_s, RTT_MS, false)
 }
 
-fn setup_rtt(workload_s: u32, rtt_ms: u32) -> Option<Setup> {
+/// `forward_vmm`: the destination engine has no `--vmm`; `migrate` forwards the
+/// destination QEMU's address (`dst_vmm`), as on one machine.
+fn setup_with(workload_s: u32, rtt_ms: u32, forward_vmm: bool) -> Option<Setup> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !common::require_qemu() {
         return None;
@@ -117,9 +121,12 @@ fn setup_rtt(workload_s: u32, rtt_ms: u32) -> Option<Setup> {
         .arg("--control")
         .arg(&dst_control)
         .args(["--listen", &to, "--tls-dir"])
-        .arg(&certs)
-        .arg("--vmm")
-        .arg(format!("qemu:{}", dst_engine_qmp.display()));
+        .arg(&certs);
+    if !forward_vmm {
+        command
+            .arg("--vmm")
+            .arg(format!("qemu:{}", dst_engine_qmp.display()));
+    }
     let destination = Engine::spawn(command, d, "destination", &[&dst_vhost, &dst_control]);
     let dst_qemu = Qemu::spawn(
         &QemuConfig::new(&guest, &dst_vhost, Scenario::Migrate)
@@ -153,6 +160,7 @@ fn setup_rtt(workload_s: u32, rtt_ms: u32) -> Option<Setup> {
     Some(Setup {
         _serial: serial,
         migrate_called: None,
+        forward_vmm,
         wanem,
         src,
         dst,
@@ -191,6 +199,9 @@ impl Setup {
         let mut args = Map::new();
         args.insert("to".into(), json!(self.to));
         args.insert("vmm".into(), json!(self.engine_qmp("src")));
+        if self.forward_vmm {
+            args.insert("dst_vmm".into(), json!(self.engine_qmp("dst")));
+        }
         self.migrate_called = Some(Instant::now());
         self.source.call("migrate", args)
     }
@@ -457,9 +468,11 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
 
 /// A cut shorter than the session's resume window in the memory phase: the session
 /// resumes underneath the stream and the migration completes.
+/// This one also forwards the destination's VMM from the source (`dst_vmm`), as a setup
+/// on one machine does.
 #[test]
 fn qemu_migration_survives_a_short_link_cut_in_the_memory_phase() {
-    let Some(mut s) = setup(WORKLOAD_S) else {
+    let Some(mut s) = setup_with(WORKLOAD_S, RTT_MS, true) else {
         return;
     };
     s.wait_workload();
@@ -522,7 +535,7 @@ fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
 /// and the VM runs there.
 #[test]
 fn qemu_migration_in_doubt_stays_paused_until_the_destination_answers() {
-    let Some(mut s) = setup_rtt(WORKLOAD_S, IN_DOUBT_RTT_MS) else {
+    let Some(mut s) = setup_with(WORKLOAD_S, IN_DOUBT_RTT_MS, false) else {
         return;
     };
     s.wait_workload();
