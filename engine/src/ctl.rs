@@ -262,10 +262,12 @@ pub fn migration_progress_line(m: &Value) -> String {
             format_bytes_binary(total)
         );
     }
+    // The details, comma-separated after the bar (or after the phase when there is none).
+    let mut details = Vec::new();
     let rates = &m["rates_bytes_per_s"];
     for (label, key) in [("memory", "memory"), ("mirror", "mirror"), ("bulk", "bulk")] {
         if let Some(r) = rates.get(key).and_then(Value::as_u64).filter(|r| *r > 0) {
-            let _ = write!(out, ", {label} {}/s", format_bytes_binary(r));
+            details.push(format!("{label} {}/s", format_bytes_binary(r)));
         }
     }
     if let Some(d) = m["throttle"]
@@ -273,14 +275,23 @@ pub fn migration_progress_line(m: &Value) -> String {
         .and_then(Value::as_u64)
     {
         if phase == "memory" {
-            let _ = write!(out, ", dirty {}/s", format_bytes_binary(d));
+            details.push(format!("dirty {}/s", format_bytes_binary(d)));
         }
     }
     if let Some(t) = m["throttle"].get("asked_pct").and_then(Value::as_u64) {
-        let _ = write!(out, ", throttle {t}%");
+        details.push(format!("throttle {t}%"));
     }
     if let Some(d) = num("expected_downtime_ms") {
-        let _ = write!(out, ", expected downtime {d} ms");
+        details.push(format!("expected downtime {d} ms"));
+    }
+    if !details.is_empty() {
+        let separator = if done.is_some() && total.is_some() {
+            ", "
+        } else {
+            " "
+        };
+        out.push_str(separator);
+        out.push_str(&details.join(", "));
     }
     out.push('\n');
     out
@@ -871,7 +882,7 @@ fn labelled(out: &mut String, label: &str, value: &str) {
 }
 
 /// `12.5s`, `5m 03s`, `2h 05m 03s`, `3d 04h 05m`.
-fn format_duration(seconds: f64) -> String {
+pub(crate) fn format_duration(seconds: f64) -> String {
     if !seconds.is_finite() || seconds < 0.0 {
         return format!("{seconds}s");
     }
@@ -894,7 +905,7 @@ fn format_duration(seconds: f64) -> String {
 }
 
 /// `1.00 GiB`: disk sizes are powers of two, so binary units read round.
-fn format_bytes_binary(bytes: u64) -> String {
+pub(crate) fn format_bytes_binary(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -915,6 +926,31 @@ fn format_bytes_binary(bytes: u64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn migration_progress_lines_separate_details_by_commas() {
+        let offer = json!({"phase": "offer", "rates_bytes_per_s": {"bulk": 2048},
+            "throttle": {"asked_pct": 0}});
+        assert_eq!(
+            migration_progress_line(&offer),
+            "offer        bulk 2.00 KiB/s, throttle 0%\n"
+        );
+        let memory = json!({"phase": "memory", "memory_transferred_bytes": 1024,
+            "memory_total_bytes": 4096, "rates_bytes_per_s": {"memory": 1024},
+            "throttle": {"asked_pct": 5, "dirty_bytes_per_s": 0}});
+        let line = migration_progress_line(&memory);
+        assert!(line.starts_with("memory       [#######"), "{line}");
+        assert!(
+            line.ends_with(
+                " 25% 1.00 KiB of 4.00 KiB, memory 1.00 KiB/s, dirty 0 B/s, throttle 5%\n"
+            ),
+            "{line}"
+        );
+        assert_eq!(
+            migration_progress_line(&json!({"phase": "disk"})),
+            "disk        \n"
+        );
+    }
 
     #[test]
     fn progress_lines_show_state_bar_bytes_rate_and_lag() {
