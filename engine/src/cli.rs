@@ -27,6 +27,53 @@ pub enum Command {
     Link(LinkArgs),
     /// Measure parts of strait on this machine.
     Bench(BenchArgs),
+    /// Live-migrate a running VM across an emulated WAN on this machine, and prove that it
+    /// went on over there: a small guest boots under QEMU (TCG) on a disk served by a
+    /// source engine; two engines run in two network namespaces joined by `strait wanem`;
+    /// the VM, disk and memory, moves to the destination with the control API's `migrate`
+    /// while its workload runs. Prints a progress line per second, a report (times,
+    /// downtime, bytes, link use, the workload's slowdown, the checks) and writes an SVG
+    /// chart of the timeline. Needs root, QEMU and the test guest (`make demo` provides
+    /// all three). Exit status 1 if the migration did not commit or a check failed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder with the guest's `vmlinuz` and `initramfs.gz`, as `scripts/guest/build.sh`
+    /// builds them (it prints the folder).
+    #[arg(long, value_name = "DIR", default_value = ".cache/guest")]
+    pub guest: PathBuf,
+    /// Round-trip time of the emulated WAN, in milliseconds.
+    #[arg(long, default_value_t = crate::demo::RTT_MS_DEFAULT)]
+    pub rtt_ms: u32,
+    /// Rate of the emulated WAN in each direction, in Mbit/s.
+    #[arg(long, default_value_t = crate::demo::RATE_MBIT_DEFAULT)]
+    pub rate_mbit: u32,
+    /// How long the guest's workload runs, in seconds of guest time (20 to 600): long
+    /// enough for a baseline, the migration, and a while on the destination.
+    #[arg(long, default_value_t = crate::demo::WORKLOAD_S_DEFAULT)]
+    pub workload_s: u32,
+    /// Cut the link this many seconds after it comes up (the migration starts about 10 s
+    /// after; the demo prints when).
+    #[arg(long)]
+    pub cut_at_s: Option<f64>,
+    /// How long the cut lasts, in seconds.
+    #[arg(long, default_value_t = 0.0, requires = "cut_at_s")]
+    pub cut_for_s: f64,
+    /// Where to write the SVG chart of the migration's timeline.
+    #[arg(long, value_name = "PATH", default_value = crate::demo::SVG_DEFAULT)]
+    pub svg: PathBuf,
+    /// Folder for the images, sockets, certificates and logs (default: a new temporary
+    /// folder, removed at the end unless `--keep` or the demo failed).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Keep the work folder.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also print the report as one JSON object, on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ mod bench_link;
 pub mod cli;
 pub mod control;
 pub mod ctl;
+pub mod demo;
 mod link_cmd;
 pub mod migration;
 mod netcmd;
@@ -30,6 +31,8 @@ pub enum Error {
     Bench(#[from] Box<bench_link::BenchError>),
     #[error(transparent)]
     Link(#[from] link_cmd::LinkCmdError),
+    #[error(transparent)]
+    Demo(#[from] demo::DemoError),
 }
 
 /// Runs one `strait` command to completion.
@@ -43,6 +46,7 @@ pub fn run(cli: cli::Cli) -> Result<(), Error> {
         cli::Command::Bench(cli::BenchArgs {
             command: cli::BenchCommand::Link(args),
         }) => bench_link::run(args).map_err(Box::new)?,
+        cli::Command::Demo(args) => demo::run(args)?,
     }
     Ok(())
 }

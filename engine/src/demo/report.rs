@@ -1,0 +1,689 @@
+//! What the demo recorded, and the report made of it: the migration's times, the downtime
+//! three ways, the bytes per class, the link's use, the workload's slowdown, the throttle,
+//! and the checks that the guest went on on the destination.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::console::{Heartbeat, Verdict};
+use super::rig::Rig;
+use super::{passed, Plan};
+use crate::ctl::{format_bytes_binary, format_duration};
+
+/// The phase whose link use the report measures: the one where memory, mirror and bulk
+/// (if any) share the link at full speed.
+const MEMORY_PHASE: &str = "memory";
+
+/// What the demo saw. Times are host `Instant`s; the migration's own times (`status`) are
+/// seconds since its start, which is `migrate_at` to within the control call's latency.
+pub struct Recording {
+    pub rtt_ms: u32,
+    pub rate_mbit: u32,
+    pub cut: Option<(f64, f64)>,
+    pub link_up: Instant,
+    /// The guest's first heartbeat on the source.
+    pub first_heartbeat: Instant,
+    /// When `migrate` was sent.
+    pub migrate_at: Instant,
+    /// `status.migration` once it ended.
+    pub migration: Value,
+    /// The run states of the source and destination QEMU after a commit.
+    pub run_states: Option<(String, String)>,
+    pub verdict: Option<Verdict>,
+    /// The guest's `STRAIT-RESULT` pairs on the destination.
+    pub guest_results: BTreeMap<String, String>,
+    /// The md5 of the guest's region in the destination image, read on the host.
+    pub host_md5: Option<String>,
+    /// What went wrong after the commit (no heartbeat or verdict on the destination).
+    pub after_error: Option<String>,
+    pub src_heartbeats: Vec<Heartbeat>,
+    pub dst_heartbeats: Vec<Heartbeat>,
+    /// The source console ended in a cut line.
+    pub src_cut: bool,
+}
+
+impl Recording {
+    pub fn new(
+        plan: &Plan,
+        rig: &Rig,
+        first_heartbeat: Instant,
+        migrate_at: Instant,
+        migration: Value,
+    ) -> Recording {
+        Recording {
+            rtt_ms: plan.rtt_ms,
+            rate_mbit: plan.rate_mbit,
+            cut: plan.cut,
+            link_up: rig.link_up,
+            first_heartbeat,
+            migrate_at,
+            migration,
+            run_states: None,
+            verdict: None,
+            guest_results: BTreeMap::new(),
+            host_md5: None,
+            after_error: None,
+            src_heartbeats: Vec::new(),
+            dst_heartbeats: Vec::new(),
+            src_cut: false,
+        }
+    }
+
+    pub fn committed(&self) -> bool {
+        self.migration["phase"] == "done"
+    }
+
+    /// Takes the consoles' heartbeats once the QEMUs are stopped.
+    pub fn take_heartbeats(&mut self, rig: &Rig) {
+        self.src_heartbeats = rig.src_qemu.console.heartbeats();
+        self.dst_heartbeats = rig.dst_qemu.console.heartbeats();
+        self.src_cut = rig.src_qemu.console.ends_mid_line();
+    }
+
+    /// Seconds from `migrate` to `at` (negative before it).
+    pub fn since_migrate_s(&self, at: Instant) -> f64 {
+        match at.checked_duration_since(self.migrate_at) {
+            Some(d) => d.as_secs_f64(),
+            None => -self.migrate_at.duration_since(at).as_secs_f64(),
+        }
+    }
+}
+
+/// One row of `status.migration.timeline`, read by the names in `timeline_columns`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row {
+    pub t_s: f64,
+    pub phase: String,
+    pub memory_bytes_per_s: f64,
+    pub mirror_bytes_per_s: f64,
+    pub bulk_bytes_per_s: f64,
+    pub dirty_bytes_per_s: f64,
+    pub throttle_pct: f64,
+    pub applied_throttle_pct: f64,
+    pub mirror_backlog_bytes: f64,
+}
+
+/// The timeline's rows; columns it lacks read as 0.
+pub fn timeline(migration: &Value) -> Vec<Row> {
+    let columns: Vec<&str> = migration["timeline_columns"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let index = |name: &str| columns.iter().position(|c| *c == name);
+    let rows = migration["timeline"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    rows.iter()
+        .filter_map(Value::as_array)
+        .map(|row| {
+            let num = |name: &str| {
+                index(name)
+                    .and_then(|i| row.get(i))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+            };
+            Row {
+                t_s: num("t_s"),
+                phase: index("phase")
+                    .and_then(|i| row.get(i))
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_owned(),
+                memory_bytes_per_s: num("memory_bytes_per_s"),
+                mirror_bytes_per_s: num("mirror_bytes_per_s"),
+                bulk_bytes_per_s: num("bulk_bytes_per_s"),
+                dirty_bytes_per_s: num("dirty_bytes_per_s"),
+                throttle_pct: num("throttle_pct"),
+                applied_throttle_pct: num("applied_throttle_pct"),
+                mirror_backlog_bytes: num("mirror_backlog_bytes"),
+            }
+        })
+        .collect()
+}
+
+/// A phase and when it ran, in seconds since the migration's start; the final phase
+/// (`done`, `rolled-back`, `failed`) has `end_s == start_s`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseSpan {
+    pub name: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+pub fn phase_spans(migration: &Value) -> Vec<PhaseSpan> {
+    let marks: Vec<(String, f64)> = migration["phases"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter_map(|p| Some((p["phase"].as_str()?.to_owned(), p["at_s"].as_f64()?)))
+        .collect();
+    marks
+        .iter()
+        .enumerate()
+        .map(|(i, (name, start_s))| PhaseSpan {
+            name: name.clone(),
+            start_s: *start_s,
+            end_s: marks.get(i + 1).map_or(*start_s, |next| next.1),
+        })
+        .collect()
+}
+
+/// The longest host-side silence between consecutive heartbeats of both consoles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gap {
+    pub seconds: f64,
+    /// Seconds since the migration's start when the silence began.
+    pub start_s: f64,
+    pub before_i: u64,
+    pub after_i: u64,
+}
+
+/// One check of the guest's continuity.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// The report.
+pub struct Report {
+    pub outcome: String,
+    pub phases: Vec<PhaseSpan>,
+    /// The longest silence between heartbeats in the whole run (the guest-side downtime,
+    /// unless the guest stalled longer elsewhere: throttled, or on a busy host).
+    pub gap: Option<Gap>,
+    /// From the source's last heartbeat to the destination's first: the switchover as the
+    /// guest's console shows it.
+    pub switchover_gap: Option<Gap>,
+    /// Link use in the memory phase: seconds, bytes delivered, share of the link.
+    pub memory_phase: Option<(f64, f64, f64)>,
+    /// Heartbeats per second before the migration, during it, and in its memory phase.
+    pub rates: (Option<f64>, Option<f64>, Option<f64>),
+    pub throttle_peak: (f64, f64),
+    pub checks: Vec<Check>,
+    json: Value,
+}
+
+impl Report {
+    pub fn new(rec: &Recording, plan: &Plan) -> Report {
+        let m = &rec.migration;
+        let rows = timeline(m);
+        let phases = phase_spans(m);
+        let gap = largest_gap(rec);
+        let switchover_gap = switchover_gap(rec);
+        let memory_phase = link_use(&rows, rec.rate_mbit);
+        let end_s = phases.last().map_or(0.0, |p| p.end_s);
+        let memory = phases.iter().find(|p| p.name == MEMORY_PHASE);
+        let rates = (
+            rate_between(rec, rec.since_migrate_s(rec.first_heartbeat), 0.0),
+            rate_between(rec, 0.0, end_s),
+            memory.and_then(|p| rate_between(rec, p.start_s, p.end_s)),
+        );
+        let peak = |f: fn(&Row) -> f64| rows.iter().map(f).fold(0.0, f64::max);
+        let throttle_peak = (peak(|r| r.throttle_pct), peak(|r| r.applied_throttle_pct));
+        let checks = checks(rec);
+        let mut report = Report {
+            outcome: m["phase"].as_str().unwrap_or("unknown").to_owned(),
+            phases,
+            gap,
+            switchover_gap,
+            memory_phase,
+            rates,
+            throttle_peak,
+            checks,
+            json: Value::Null,
+        };
+        report.json = report.make_json(rec, plan);
+        report
+    }
+
+    pub fn failed_checks(&self) -> Vec<&'static str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    /// The slowdown of the workload during the migration, in percent of its rate before.
+    fn slowdown_pct(&self) -> Option<f64> {
+        match self.rates {
+            (Some(before), Some(during), _) if before > 0.0 => {
+                Some((1.0 - during / before) * 100.0)
+            }
+            _ => None,
+        }
+    }
+
+    fn make_json(&self, rec: &Recording, plan: &Plan) -> Value {
+        let m = &rec.migration;
+        let r = &rec.guest_results;
+        let (src_last, dst_first) = counter_ends(rec);
+        json!({
+            "outcome": self.outcome,
+            "passed": self.checks.iter().all(|c| c.passed),
+            "error": m["error"],
+            "link": {
+                "rtt_ms": rec.rtt_ms,
+                "rate_mbit": rec.rate_mbit,
+                "cut_at_s": rec.cut.map(|c| c.0),
+                "cut_for_s": rec.cut.map(|c| c.1),
+            },
+            "migration": {
+                "id": m["id"],
+                "started_after_link_up_s": rec.migrate_at.duration_since(rec.link_up).as_secs_f64(),
+                "total_s": m["elapsed_s"],
+                "phases": self.phases.iter().map(|p| json!({
+                    "phase": p.name, "start_s": p.start_s, "duration_s": p.end_s - p.start_s,
+                })).collect::<Vec<_>>(),
+            },
+            "downtime": {
+                "guest_ms": self.gap.map(|g| (g.seconds * 1e3).round()),
+                "guest_gap_before_i": self.gap.map(|g| g.before_i),
+                "guest_gap_after_i": self.gap.map(|g| g.after_i),
+                "guest_gap_at_s": self.gap.map(|g| g.start_s),
+                "guest_switchover_ms": self.switchover_gap.map(|g| (g.seconds * 1e3).round()),
+                "vmm_ms": m["vmm_downtime_ms"],
+                "switchover_ms": m["switchover_ms"],
+            },
+            "bytes": m["bytes"],
+            "memory_phase": self.memory_phase.map(|(s, b, u)| json!({
+                "duration_s": s, "bytes_delivered": b.round(), "link_utilization": u,
+            })),
+            "workload": {
+                "heartbeats_per_s_before": self.rates.0,
+                "heartbeats_per_s_during": self.rates.1,
+                "heartbeats_per_s_memory_phase": self.rates.2,
+                "slowdown_pct": self.slowdown_pct(),
+                "heartbeats_source": rec.src_heartbeats.len(),
+                "heartbeats_destination": rec.dst_heartbeats.len(),
+            },
+            "throttle": {
+                "peak_asked_pct": self.throttle_peak.0,
+                "peak_applied_pct": self.throttle_peak.1,
+            },
+            "counter": {
+                "source_last_i": src_last,
+                "source_line_cut": rec.src_cut,
+                "destination_first_i": dst_first,
+            },
+            "guest": {
+                "verdict": rec.verdict.as_ref().map(|v| match v {
+                    Verdict::Pass => "PASS".to_owned(),
+                    Verdict::Fail(why) => format!("FAIL {why}"),
+                }),
+                "migrate_iterations": r.get("migrate_iterations"),
+                "blocks_checked": r.get("blocks_checked"),
+                "blocks_bad": r.get("blocks_bad"),
+                "md5_region": r.get("md5_region"),
+            },
+            "host_md5_region": rec.host_md5,
+            "run_states": rec.run_states.as_ref().map(|(s, d)| json!({"source": s, "destination": d})),
+            "checks": self.checks.iter().map(|c| json!({
+                "name": c.name, "passed": c.passed, "detail": c.detail,
+            })).collect::<Vec<_>>(),
+            "workload_s": plan.workload_s,
+        })
+    }
+
+    /// The report as one JSON object, with where the chart and (if kept) the work folder are.
+    pub fn json(&self, svg: &Path, workdir: Option<&Path>) -> Value {
+        let mut json = self.json.clone();
+        json["svg"] = json!(svg.display().to_string());
+        json["workdir"] = json!(workdir.map(|p| p.display().to_string()));
+        json
+    }
+
+    /// The report for a person.
+    pub fn text(&self, svg: &Path) -> String {
+        let j = &self.json;
+        let mut out = String::from("\n== report\n");
+        let mut line = |label: &str, value: String| {
+            let _ = writeln!(out, "{label:<19}{value}");
+        };
+        let outcome = match self.outcome.as_str() {
+            "done" => "committed: the VM runs on the destination".to_owned(),
+            "rolled-back" => "rolled back: the VM runs on the source again".to_owned(),
+            other => other.to_owned(),
+        };
+        let error = j["error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        line("outcome", format!("{outcome}{error}"));
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .filter(|p| p.end_s > p.start_s)
+            .map(|p| format!("{} {:.1} s", p.name, p.end_s - p.start_s))
+            .collect();
+        let total = j["migration"]["total_s"]
+            .as_f64()
+            .map_or("-".into(), format_duration);
+        line("migration time", format!("{total} ({})", phases.join(", ")));
+        line("downtime, guest", match self.switchover_gap {
+            Some(g) => format!(
+                "{:.0} ms from the source's last heartbeat (i={}) to the destination's first (i={})",
+                g.seconds * 1e3, g.before_i, g.after_i
+            ),
+            None => "-".into(),
+        });
+        if let Some(g) = self.gap {
+            let same = self
+                .switchover_gap
+                .is_some_and(|s| s.before_i == g.before_i);
+            line(
+                "",
+                if same {
+                    "(the longest silence between heartbeats of the whole run)".into()
+                } else {
+                    format!(
+                        "the longest silence between heartbeats of the whole run: {:.0} ms \
+                     (i={} to i={}, {:.1} s after migrate)",
+                        g.seconds * 1e3,
+                        g.before_i,
+                        g.after_i,
+                        g.start_s
+                    )
+                },
+            );
+        }
+        let ms = |v: &Value| v.as_f64().map_or("-".into(), |v| format!("{v:.0} ms"));
+        line(
+            "downtime, QEMU",
+            format!("{} (QEMU's own measure)", ms(&j["downtime"]["vmm_ms"])),
+        );
+        line(
+            "downtime, strait",
+            format!(
+                "{} (switchover: VM stopped at pre-switchover until the destination committed)",
+                ms(&j["downtime"]["switchover_ms"])
+            ),
+        );
+        let bytes = |k: &str| {
+            j["bytes"][k]
+                .as_u64()
+                .map_or("-".into(), format_bytes_binary)
+        };
+        line(
+            "bytes",
+            format!(
+                "memory {}, mirror {}, bulk {}",
+                bytes("memory"),
+                bytes("mirror"),
+                bytes("bulk")
+            ),
+        );
+        line(
+            "link utilization",
+            match self.memory_phase {
+                Some((s, b, u)) => format!(
+                    "{:.0}% of {} Mbit/s during the memory phase ({} in {s:.1} s)",
+                    u * 100.0,
+                    j["link"]["rate_mbit"],
+                    format_bytes_binary(b as u64)
+                ),
+                None => "-".into(),
+            },
+        );
+        let rate = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.0}/s"));
+        line(
+            "workload",
+            format!(
+                "{} heartbeats before the migration, {} during it ({} in the memory phase){}",
+                rate(self.rates.0),
+                rate(self.rates.1),
+                rate(self.rates.2),
+                self.slowdown_pct()
+                    .map(|s| format!(": {s:.0}% slower"))
+                    .unwrap_or_default()
+            ),
+        );
+        line(
+            "throttle peak",
+            format!(
+                "{:.0}% asked, {:.0}% applied by QEMU",
+                self.throttle_peak.0, self.throttle_peak.1
+            ),
+        );
+        out.push_str("checks\n");
+        for c in &self.checks {
+            let _ = writeln!(
+                out,
+                "  [{}] {}: {}",
+                if c.passed { "pass" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+        let _ = write!(out, "chart              {}", svg.display());
+        out
+    }
+}
+
+/// The source's last heartbeat and the destination's first.
+fn counter_ends(rec: &Recording) -> (Option<u64>, Option<u64>) {
+    (
+        rec.src_heartbeats.last().map(|h| h.i),
+        rec.dst_heartbeats.first().map(|h| h.i),
+    )
+}
+
+/// The longest silence between consecutive heartbeats of both consoles merged by arrival.
+fn largest_gap(rec: &Recording) -> Option<Gap> {
+    let mut merged: Vec<&Heartbeat> = rec
+        .src_heartbeats
+        .iter()
+        .chain(&rec.dst_heartbeats)
+        .collect();
+    merged.sort_by_key(|h| h.arrived);
+    merged
+        .windows(2)
+        .map(|pair| Gap {
+            seconds: pair[1]
+                .arrived
+                .duration_since(pair[0].arrived)
+                .as_secs_f64(),
+            start_s: rec.since_migrate_s(pair[0].arrived),
+            before_i: pair[0].i,
+            after_i: pair[1].i,
+        })
+        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
+}
+
+/// The silence from the source's last heartbeat to the destination's first.
+fn switchover_gap(rec: &Recording) -> Option<Gap> {
+    let (last, first) = (rec.src_heartbeats.last()?, rec.dst_heartbeats.first()?);
+    Some(Gap {
+        seconds: first
+            .arrived
+            .saturating_duration_since(last.arrived)
+            .as_secs_f64(),
+        start_s: rec.since_migrate_s(last.arrived),
+        before_i: last.i,
+        after_i: first.i,
+    })
+}
+
+/// Heartbeats per second that arrived between two times (seconds since the migration's
+/// start) on either console; `None` for an empty interval.
+fn rate_between(rec: &Recording, from_s: f64, to_s: f64) -> Option<f64> {
+    if to_s <= from_s {
+        return None;
+    }
+    let count = rec
+        .src_heartbeats
+        .iter()
+        .chain(&rec.dst_heartbeats)
+        .map(|h| rec.since_migrate_s(h.arrived))
+        .filter(|t| (from_s..to_s).contains(t))
+        .count();
+    Some(count as f64 / (to_s - from_s))
+}
+
+/// The memory phase's seconds, the bytes the link delivered in it (all classes), and
+/// their share of the link's rate. Each row's rates cover the interval since the previous
+/// row, so the integral is exact at the timeline's resolution.
+fn link_use(rows: &[Row], rate_mbit: u32) -> Option<(f64, f64, f64)> {
+    let (mut seconds, mut bytes) = (0.0, 0.0);
+    for pair in rows.windows(2) {
+        if pair[1].phase != MEMORY_PHASE {
+            continue;
+        }
+        let dt = pair[1].t_s - pair[0].t_s;
+        let r = &pair[1];
+        seconds += dt;
+        bytes += dt * (r.memory_bytes_per_s + r.mirror_bytes_per_s + r.bulk_bytes_per_s);
+    }
+    (seconds > 0.0).then(|| {
+        let link_bytes = seconds * f64::from(rate_mbit) * 1e6 / 8.0;
+        (seconds, bytes, bytes / link_bytes)
+    })
+}
+
+/// The counter went on without a step lost or repeated: the destination's first heartbeat
+/// follows the source's last, or the one after if the source's last line was cut short
+/// (its rest, printed on the destination, is not a whole heartbeat line).
+fn counter_continued(src_last: Option<u64>, dst_first: Option<u64>, src_cut: bool) -> bool {
+    match (src_last, dst_first) {
+        (Some(last), Some(first)) => {
+            Some(first) == last.checked_add(1) || (src_cut && Some(first) == last.checked_add(2))
+        }
+        _ => false,
+    }
+}
+
+fn checks(rec: &Recording) -> Vec<Check> {
+    let m = &rec.migration;
+    let mut checks = vec![Check {
+        name: "committed",
+        passed: rec.committed(),
+        detail: match m["error"].as_str() {
+            Some(e) => format!("the migration ended {}: {e}", m["phase"]),
+            None => format!("the migration ended {}", m["phase"]),
+        },
+    }];
+    if !rec.committed() {
+        return checks;
+    }
+    let (src_state, dst_state) = rec.run_states.clone().unwrap_or_default();
+    checks.push(Check {
+        name: "one_side_runs",
+        passed: src_state == "postmigrate" && dst_state == "running",
+        detail: format!("source QEMU {src_state}, destination QEMU {dst_state}"),
+    });
+    let (src_last, dst_first) = counter_ends(rec);
+    let continued = counter_continued(src_last, dst_first, rec.src_cut);
+    let show = |i: Option<u64>| i.map_or("none".into(), |i| i.to_string());
+    checks.push(Check {
+        name: "counter_continued",
+        passed: continued,
+        detail: format!(
+            "the source's last heartbeat i={}{}, the destination's first i={}",
+            show(src_last),
+            if rec.src_cut {
+                " (and a line cut short)"
+            } else {
+                ""
+            },
+            show(dst_first)
+        ),
+    });
+    let r = &rec.guest_results;
+    let blocks_bad = r.get("blocks_bad").map(String::as_str);
+    checks.push(Check {
+        name: "blocks_intact",
+        passed: passed(rec.verdict.as_ref()) && blocks_bad == Some("0"),
+        detail: match (&rec.after_error, &rec.verdict) {
+            (Some(e), _) => e.clone(),
+            (None, None) => "no verdict from the guest".into(),
+            (None, Some(v)) => format!(
+                "the guest read back {} blocks on the destination after {} steps: blocks_bad={}, verdict {:?}",
+                r.get("blocks_checked").map_or("?", String::as_str),
+                r.get("migrate_iterations").map_or("?", String::as_str),
+                blocks_bad.unwrap_or("?"),
+                v
+            ),
+        },
+    });
+    let guest_md5 = r.get("md5_region");
+    checks.push(Check {
+        name: "md5_match",
+        passed: guest_md5.is_some() && guest_md5 == rec.host_md5.as_ref(),
+        detail: format!(
+            "md5 of the region the guest read: {}; of the same range of the destination image: {}",
+            guest_md5.map_or("none", String::as_str),
+            rec.host_md5.as_deref().unwrap_or("none")
+        ),
+    });
+    checks
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_is_read_by_column_name() {
+        let m = json!({
+            "timeline_columns": ["t_s", "phase", "memory_bytes_per_s", "throttle_pct"],
+            "timeline": [[0.5, "disk", 0, 0], [1.0, "memory", 1000, 40]],
+        });
+        let rows = timeline(&m);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].phase, "memory");
+        assert_eq!(rows[1].memory_bytes_per_s, 1000.0);
+        assert_eq!(rows[1].throttle_pct, 40.0);
+        assert_eq!(rows[1].bulk_bytes_per_s, 0.0);
+    }
+
+    #[test]
+    fn link_use_integrates_the_memory_phase_only() {
+        let row = |t_s: f64, phase: &str, memory: f64| Row {
+            t_s,
+            phase: phase.into(),
+            memory_bytes_per_s: memory,
+            ..Row::default()
+        };
+        // 1 Mbit/s is 125,000 bytes/s; two seconds at the full rate.
+        let rows = [
+            row(0.0, "disk", 0.0),
+            row(1.0, "memory", 125_000.0),
+            row(2.0, "memory", 125_000.0),
+            row(3.0, "switchover", 1e9),
+        ];
+        let (seconds, bytes, share) = link_use(&rows, 1).unwrap();
+        assert_eq!((seconds, bytes), (2.0, 250_000.0));
+        assert!((share - 1.0).abs() < 1e-9);
+        assert_eq!(link_use(&rows[..1], 1), None);
+    }
+
+    #[test]
+    fn the_counter_continues_only_from_the_next_step() {
+        assert!(counter_continued(Some(957), Some(958), false));
+        assert!(counter_continued(Some(957), Some(958), true));
+        assert!(counter_continued(Some(957), Some(959), true));
+        assert!(!counter_continued(Some(957), Some(959), false));
+        assert!(!counter_continued(Some(957), Some(957), false));
+        assert!(!counter_continued(Some(957), None, false));
+        assert!(!counter_continued(Some(u64::MAX), Some(0), true));
+    }
+
+    #[test]
+    fn phases_span_until_the_next_one() {
+        let m = json!({"phases": [
+            {"phase": "disk", "at_s": 0.0}, {"phase": "memory", "at_s": 2.5},
+            {"phase": "done", "at_s": 9.0},
+        ]});
+        let spans = phase_spans(&m);
+        assert_eq!(spans.len(), 3);
+        assert_eq!((spans[0].start_s, spans[0].end_s), (0.0, 2.5));
+        assert_eq!((spans[2].start_s, spans[2].end_s), (9.0, 9.0));
+    }
+}
