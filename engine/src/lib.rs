@@ -8,7 +8,7 @@ mod bench_link;
 pub mod cli;
 pub mod control;
 pub mod ctl;
-pub mod demo;
+mod demo;
 mod link_cmd;
 pub mod migration;
 mod netcmd;

@@ -9,13 +9,13 @@
 //! migration's timeline (`docs/demo.md`).
 //!
 //! 1. Preflight: the guest's files, QEMU, root (the WAN emulator makes network namespaces).
-//! 2. The rig ([`rig`]): the link, both engines, both QEMUs (the destination paused,
+//! 2. The rig (`rig.rs`): the link, both engines, both QEMUs (the destination paused,
 //!    `-incoming defer -S`).
 //! 3. The workload starts on the source; a few seconds of it give the baseline rate.
 //! 4. `migrate`; `status.migration` followed until it ends.
 //! 5. On the destination: heartbeats, then the guest's verdict; the md5 of the region in
 //!    the destination image.
-//! 6. Every child stopped; the report ([`report`]) and the chart ([`svg`]).
+//! 6. Every child stopped; the report (`report.rs`) and the chart (`svg.rs`).
 
 mod children;
 mod console;
@@ -53,7 +53,7 @@ pub const WORKLOAD_S_DEFAULT: u32 = 60;
 /// The guest's own bound (`MIGRATE_SECONDS_MAX` in `scripts/guest/init.sh`).
 pub const WORKLOAD_S_MAX: u32 = 600;
 /// Below this the workload ends before a migration could: the baseline alone takes
-/// [`BASELINE`], and the fastest migration here about 10 s.
+/// `BASELINE` (5 s), and the fastest migration here about 10 s.
 pub const WORKLOAD_S_MIN: u32 = 20;
 /// `--svg`.
 pub const SVG_DEFAULT: &str = "strait-demo.svg";
