@@ -171,6 +171,18 @@ pub fn render(rec: &Recording, report: &Report) -> String {
         y_max: 1.0,
     };
     phase_bands(&mut out, &frame, &spans, bottom);
+    if let Some((at_s, for_s)) = rec.cut {
+        // The cut is timed from the link's start; the chart from `migrate`.
+        let start_s = at_s - rec.migrate_at.duration_since(rec.link_up).as_secs_f64();
+        let (a, b) = (frame.x(start_s), frame.x(start_s + for_s));
+        let _ = writeln!(
+            out,
+            r##"<rect x="{a:.1}" y="{TOP:.1}" width="{:.1}" height="{:.1}" fill="#000" fill-opacity="0.08" stroke="#555" stroke-dasharray="2 2"/>"##,
+            (b - a).max(1.0),
+            bottom - TOP
+        );
+        text(&mut out, a + 3.0, TOP + 12.0, "start", "note", "link cut");
+    }
     for (index, (title, y_max, series)) in panels.iter().enumerate() {
         let frame = Frame {
             top: TOP + index as f64 * (PANEL_HEIGHT + PANEL_GAP),
@@ -599,7 +611,8 @@ mod tests {
         let recording = Recording {
             rtt_ms: 100,
             rate_mbit: 200,
-            cut: None,
+            // 5 s after `migrate`, in the memory phase.
+            cut: Some((15.0, 3.0)),
             link_up,
             first_heartbeat: src[0].arrived,
             migrate_at,
