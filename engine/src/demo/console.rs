@@ -39,6 +39,9 @@ const RESULT_KEYS_MAX: usize = 64;
 /// longer one is noise (a kernel dump) and is cut, which keeps the pending buffer bounded.
 const LINE_BYTES_MAX: usize = 4096;
 
+/// How often [`Console::wait_closed`] looks whether the reader saw the pipe close.
+const CLOSE_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// One read from the console pipe.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -161,7 +164,7 @@ impl Console {
             if Instant::now() >= deadline {
                 return false;
             }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(CLOSE_POLL_INTERVAL);
         }
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();

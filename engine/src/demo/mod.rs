@@ -38,7 +38,7 @@ use crate::cli::DemoArgs;
 use crate::control::ControlError;
 use console::Verdict;
 use report::{Recording, Report};
-use rig::{Rig, DISK_BYTES};
+use rig::{Rig, DISK_BYTES, GUEST_MEMORY_BYTES};
 
 /// `--rtt-ms`: a transatlantic path.
 pub const RTT_MS_DEFAULT: u32 = 100;
@@ -96,6 +96,10 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// One progress line per this.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// The guest's region when it does not report it: `strait.off` defaults to 1 MiB and the
+/// region is 1024 blocks of 4 KiB (`scripts/guest/init.sh`).
+const REGION_OFFSET_DEFAULT: u64 = 1 << 20;
+const REGION_BYTES_DEFAULT: u64 = 4 << 20;
 /// Exit status after a second SIGINT/SIGTERM (128 + SIGINT, as a shell reports it).
 const SECOND_SIGNAL_EXIT: i32 = 130;
 
@@ -261,7 +265,7 @@ impl Plan {
 
     /// The migration's bound: see [`MIGRATION_TIMEOUT_LINK_FACTOR`].
     fn migration_timeout(&self) -> Duration {
-        let bytes = DISK_BYTES + (256u64 << 20);
+        let bytes = DISK_BYTES + GUEST_MEMORY_BYTES;
         let at_link_s = bytes as f64 * 8.0 / (f64::from(self.rate_mbit) * 1e6);
         MIGRATION_TIMEOUT_BASE + Duration::from_secs_f64(at_link_s * MIGRATION_TIMEOUT_LINK_FACTOR)
     }
@@ -636,7 +640,10 @@ fn check_destination_image(rig: &mut Rig, recording: &mut Recording) -> Result<(
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(default)
     };
-    let (offset, length) = (number("offset", 1 << 20), number("length", 4 << 20));
+    let (offset, length) = (
+        number("offset", REGION_OFFSET_DEFAULT),
+        number("length", REGION_BYTES_DEFAULT),
+    );
     if offset
         .checked_add(length)
         .is_none_or(|end| end > DISK_BYTES)

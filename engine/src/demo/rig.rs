@@ -22,9 +22,15 @@ use crate::control::ControlClient;
 /// disk phase (the whole image crosses the WAN first) a few seconds at 200 Mbit/s.
 pub const DISK_BYTES: u64 = 64 << 20;
 
+/// After a QEMU is stopped, its console reader sees the pipe close at once; the bound only
+/// keeps a wedged reader from holding up the demo's exit.
+const CONSOLE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Guest RAM: what the memory phase moves (mostly zero pages, which QEMU sends compactly,
 /// plus the 16 MiB the workload keeps rewriting). 256 MiB is the test guest's size.
 const GUEST_MEMORY_MIB: u32 = 256;
+/// The same in bytes, for the migration's time bound.
+pub const GUEST_MEMORY_BYTES: u64 = (GUEST_MEMORY_MIB as u64) << 20;
 
 /// The destination engine's port inside namespace B (a fresh namespace: nothing else
 /// listens there).
@@ -187,7 +193,7 @@ impl Rig {
     pub fn stop(&mut self) {
         for qemu in [&mut self.src_qemu, &mut self.dst_qemu] {
             qemu.process.stop();
-            qemu.console.wait_closed(Duration::from_secs(5));
+            qemu.console.wait_closed(CONSOLE_CLOSE_TIMEOUT);
         }
         self.src_engine.process.stop();
         self.dst_engine.process.stop();
