@@ -18,7 +18,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strait_net::wanem::{Wanem, WanemConfig};
+use strait_net::wanem::WanemConfig;
 
 /// The guest's workload: boot and a 5 s baseline, the migration (about 12 s here, up to
 /// 25 s on a loaded machine), and some time on the destination; keeps the test near a
@@ -33,11 +33,12 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
 
 /// Every series the chart draws (its `data-series` names).
-const SERIES: [&str; 9] = [
+const SERIES: [&str; 10] = [
     "memory",
     "mirror",
     "bulk",
     "dirty",
+    "disk-cap",
     "throttle",
     "throttle-applied",
     "backlog",
@@ -112,19 +113,10 @@ fn strait_demo_without_a_guest_fails_at_once_and_says_why() {
 
 /// True if network namespaces can be made here (root); see the module doc for CI.
 fn wanem_usable() -> bool {
-    match Wanem::start(WanemConfig::default()) {
-        Ok(wanem) => {
-            wanem.stop();
-            true
-        }
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "\n**********\n*** SKIPPED: strait demo needs network namespaces (root): {e}\n**********\n"
-            );
-            false
-        }
-        Err(e) => panic!("the WAN emulator is required in CI: {e}"),
-    }
+    common::wanem_or_skip(WanemConfig::default()).is_some_and(|wanem| {
+        wanem.stop();
+        true
+    })
 }
 
 #[test]
@@ -179,22 +171,31 @@ fn qemu_strait_demo_migrates_the_guest_across_wanem_and_reports_it() {
             "one_side_runs",
             "counter_continued",
             "blocks_intact",
+            "dma_pages",
             "md5_match"
         ]
     );
 
-    // The counter went on on the destination: the next step, or the one after a cut line.
+    // The counter went on on the destination: the next step, or the one after a heartbeat
+    // line split between the consoles.
     let counter = &report["counter"];
     let last = counter["source_last_i"].as_u64().unwrap();
     let first = counter["destination_first_i"].as_u64().unwrap();
-    let cut = counter["source_line_cut"].as_bool().unwrap();
-    assert!(first == last + 1 || (cut && first == last + 2), "{counter}");
+    let split = counter["split_heartbeat_i"].as_u64();
+    assert!(
+        first == last + 1 || (split == Some(last + 1) && first == last + 2),
+        "{counter}"
+    );
     // Every block the guest wrote is there, and the destination image holds it.
     let guest = &report["guest"];
     assert_eq!(guest["verdict"], "PASS", "{guest}");
     assert_eq!(guest["blocks_bad"], "0", "{guest}");
     assert_eq!(guest["blocks_checked"], "1024", "{guest}");
     assert_eq!(report["host_md5_region"], guest["md5_region"], "{report}");
+    // Pages only the disk backend wrote arrived (the guest's DMA check).
+    assert_eq!(guest["dma_ok"], "1", "{guest}");
+    assert_ne!(guest["dma_refreshes"], "0", "{guest}");
+    assert_eq!(report["host_md5_dma"], guest["md5_dma"], "{report}");
     assert_eq!(report["run_states"]["source"], "postmigrate");
     assert_eq!(report["run_states"]["destination"], "running");
 

@@ -69,6 +69,9 @@ struct State {
     results: BTreeMap<String, String>,
     verdict: Option<Verdict>,
     tail: VecDeque<String>,
+    /// The first line, whatever it is: on a migration destination, the rest of the line
+    /// the source was printing when its vCPUs stopped.
+    first_line: Option<String>,
     /// Bytes after the last newline: a line still being printed, or one a stopped source
     /// QEMU will never finish.
     pending: Vec<u8>,
@@ -133,12 +136,15 @@ impl Console {
         self.lock().results.clone()
     }
 
-    /// True if the console ends in an unfinished line (a source QEMU stopped mid-line:
-    /// the rest of that line, if it was a heartbeat, is printed on the destination).
-    pub fn ends_mid_line(&self) -> bool {
-        !String::from_utf8_lossy(&self.lock().pending)
-            .trim()
-            .is_empty()
+    /// The unfinished line the console ends with (a source QEMU stopped mid-line: the rest
+    /// of that line is printed on the destination); empty if it ends with a newline.
+    pub fn unfinished_line(&self) -> String {
+        String::from_utf8_lossy(&self.lock().pending).into_owned()
+    }
+
+    /// The first complete line (without its line ending).
+    pub fn first_line(&self) -> Option<String> {
+        self.lock().first_line.clone()
     }
 
     /// The last lines, for an error message.
@@ -200,6 +206,9 @@ fn read_console(mut source: impl Read, mut log: File, state: &Mutex<State>) {
 }
 
 fn take_line(s: &mut State, line: &str, arrived: Instant) {
+    if s.first_line.is_none() {
+        s.first_line = Some(line.to_owned());
+    }
     if s.tail.len() >= TAIL_LINES {
         s.tail.pop_front();
     }
@@ -280,7 +289,8 @@ mod tests {
         assert_eq!(console.last_heartbeat().unwrap().i, 1);
         assert_eq!(console.results()["blocks_bad"], "0");
         assert_eq!(console.verdict(), Some(Verdict::Pass));
-        assert!(console.ends_mid_line());
+        assert_eq!(console.unfinished_line(), "STRAIT-HB i=2 u");
+        assert_eq!(console.first_line().as_deref(), Some("boot"));
         assert!(console.tail().ends_with("STRAIT-HB i=2 u"));
         std::fs::remove_dir_all(&dir).unwrap();
     }

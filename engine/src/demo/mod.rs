@@ -100,6 +100,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// region is 1024 blocks of 4 KiB (`scripts/guest/init.sh`).
 const REGION_OFFSET_DEFAULT: u64 = 1 << 20;
 const REGION_BYTES_DEFAULT: u64 = 4 << 20;
+/// The guest's DMA range (`MIGRATE_DMA_BYTES` in `scripts/guest/init.sh`), at `dma_offset`.
+const DMA_BYTES: u64 = 1 << 20;
 /// Exit status after a second SIGINT/SIGTERM (128 + SIGINT, as a shell reports it).
 const SECOND_SIGNAL_EXIT: i32 = 130;
 
@@ -654,6 +656,12 @@ fn check_destination_image(rig: &mut Rig, recording: &mut Recording) -> Result<(
         return Ok(());
     }
     recording.host_md5 = Some(md5_range(&rig.dst_image, offset, length)?);
+    // The DMA range follows the region (when the guest ran the DMA check).
+    let dma_offset = number("dma_offset", 0);
+    let dma_end = dma_offset.checked_add(DMA_BYTES);
+    if dma_offset > 0 && dma_end.is_some_and(|end| end <= DISK_BYTES) {
+        recording.host_md5_dma = Some(md5_range(&rig.dst_image, dma_offset, DMA_BYTES)?);
+    }
     Ok(())
 }
 

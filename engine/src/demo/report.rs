@@ -42,8 +42,11 @@ pub struct Recording {
     pub after_error: Option<String>,
     pub src_heartbeats: Vec<Heartbeat>,
     pub dst_heartbeats: Vec<Heartbeat>,
-    /// The source console ended in a cut line.
-    pub src_cut: bool,
+    /// The heartbeat printed as the source's vCPUs stopped, split between the consoles:
+    /// the source's unfinished last line joined with the destination's first line.
+    pub split_heartbeat: Option<u64>,
+    /// The md5 of the guest's DMA range in the destination image (see `dma_check`).
+    pub host_md5_dma: Option<String>,
 }
 
 impl Recording {
@@ -69,7 +72,8 @@ impl Recording {
             after_error: None,
             src_heartbeats: Vec::new(),
             dst_heartbeats: Vec::new(),
-            src_cut: false,
+            split_heartbeat: None,
+            host_md5_dma: None,
         }
     }
 
@@ -81,7 +85,12 @@ impl Recording {
     pub fn take_heartbeats(&mut self, rig: &Rig) {
         self.src_heartbeats = rig.src_qemu.console.heartbeats();
         self.dst_heartbeats = rig.dst_qemu.console.heartbeats();
-        self.src_cut = rig.src_qemu.console.ends_mid_line();
+        let joined = format!(
+            "{}{}",
+            rig.src_qemu.console.unfinished_line(),
+            rig.dst_qemu.console.first_line().unwrap_or_default()
+        );
+        self.split_heartbeat = super::console::parse_heartbeat(&joined).map(|(i, _)| i);
     }
 
     /// Seconds from `migrate` to `at` (negative before it).
@@ -105,6 +114,8 @@ pub struct Row {
     pub throttle_pct: f64,
     pub applied_throttle_pct: f64,
     pub mirror_backlog_bytes: f64,
+    /// The cap the migration's controller put on the guest's disk write rate (0: none).
+    pub disk_cap_bytes_per_s: f64,
 }
 
 /// The timeline's rows; columns it lacks read as 0.
@@ -140,6 +151,7 @@ pub fn timeline(migration: &Value) -> Vec<Row> {
                 throttle_pct: num("throttle_pct"),
                 applied_throttle_pct: num("applied_throttle_pct"),
                 mirror_backlog_bytes: num("mirror_backlog_bytes"),
+                disk_cap_bytes_per_s: num("disk_cap_bytes_per_s"),
             }
         })
         .collect()
@@ -205,6 +217,8 @@ pub struct Report {
     /// Heartbeats per second before the migration, during it, and in its memory phase.
     pub rates: (Option<f64>, Option<f64>, Option<f64>),
     pub throttle_peak: (f64, f64),
+    /// The lowest cap the controller put on the guest's disk writes, if it capped them.
+    pub disk_cap_min: Option<f64>,
     pub checks: Vec<Check>,
     json: Value,
 }
@@ -226,6 +240,11 @@ impl Report {
         );
         let peak = |f: fn(&Row) -> f64| rows.iter().map(f).fold(0.0, f64::max);
         let throttle_peak = (peak(|r| r.throttle_pct), peak(|r| r.applied_throttle_pct));
+        let disk_cap_min = rows
+            .iter()
+            .map(|r| r.disk_cap_bytes_per_s)
+            .filter(|c| *c > 0.0)
+            .reduce(f64::min);
         let checks = checks(rec);
         let mut report = Report {
             outcome: m["phase"].as_str().unwrap_or("unknown").to_owned(),
@@ -235,6 +254,7 @@ impl Report {
             memory_phase,
             rates,
             throttle_peak,
+            disk_cap_min,
             checks,
             json: Value::Null,
         };
@@ -306,10 +326,11 @@ impl Report {
             "throttle": {
                 "peak_asked_pct": self.throttle_peak.0,
                 "peak_applied_pct": self.throttle_peak.1,
+                "disk_cap_min_bytes_per_s": self.disk_cap_min,
             },
             "counter": {
                 "source_last_i": src_last,
-                "source_line_cut": rec.src_cut,
+                "split_heartbeat_i": rec.split_heartbeat,
                 "destination_first_i": dst_first,
             },
             "guest": {
@@ -321,8 +342,13 @@ impl Report {
                 "blocks_checked": r.get("blocks_checked"),
                 "blocks_bad": r.get("blocks_bad"),
                 "md5_region": r.get("md5_region"),
+                "dma_refreshes": r.get("dma_refreshes"),
+                "dma_ok": r.get("dma_ok"),
+                "dma_from_cache": r.get("dma_from_cache"),
+                "md5_dma": r.get("md5_dma"),
             },
             "host_md5_region": rec.host_md5,
+            "host_md5_dma": rec.host_md5_dma,
             "run_states": rec.run_states.as_ref().map(|(s, d)| json!({"source": s, "destination": d})),
             "checks": self.checks.iter().map(|c| json!({
                 "name": c.name, "passed": c.passed, "detail": c.detail,
@@ -447,8 +473,15 @@ impl Report {
         line(
             "throttle peak",
             format!(
-                "{:.0}% asked, {:.0}% applied by QEMU",
-                self.throttle_peak.0, self.throttle_peak.1
+                "{:.0}% asked, {:.0}% applied by QEMU{}",
+                self.throttle_peak.0,
+                self.throttle_peak.1,
+                self.disk_cap_min
+                    .map(|c| format!(
+                        "; the guest's disk writes capped at {}/s at the lowest",
+                        format_bytes_binary(c as u64)
+                    ))
+                    .unwrap_or_default()
             ),
         );
         out.push_str("checks\n");
@@ -547,15 +580,48 @@ fn link_use(rows: &[Row], rate_mbit: u32) -> Option<(f64, f64, f64)> {
 }
 
 /// The counter went on without a step lost or repeated: the destination's first heartbeat
-/// follows the source's last, or the one after if the source's last line was cut short
-/// (its rest, printed on the destination, is not a whole heartbeat line).
-fn counter_continued(src_last: Option<u64>, dst_first: Option<u64>, src_cut: bool) -> bool {
+/// follows the source's last, or the one after it if the heartbeat between them was split
+/// between the consoles (printed as the vCPUs stopped: its start on the source, its rest on
+/// the destination, neither a whole line alone).
+fn counter_continued(src_last: Option<u64>, dst_first: Option<u64>, split: Option<u64>) -> bool {
     match (src_last, dst_first) {
         (Some(last), Some(first)) => {
-            Some(first) == last.checked_add(1) || (src_cut && Some(first) == last.checked_add(2))
+            Some(first) == last.checked_add(1)
+                || (split.is_some()
+                    && split == last.checked_add(1)
+                    && Some(first) == last.checked_add(2))
         }
         _ => false,
     }
+}
+
+/// The workload's DMA check, if the guest ran it (`scripts/guest/init.sh`, migrate): a
+/// 1 MiB range the guest rewrote with O_DIRECT and read back through its page cache, so
+/// those pages of guest RAM were written only by the disk backend and a migration carries
+/// them only through the backend's dirty log. At the end the guest reads the range from its
+/// cache again: `dma_ok=1` if it holds the last data written; the destination image must
+/// hold it too.
+fn dma_check(rec: &Recording) -> Option<Check> {
+    let r = &rec.guest_results;
+    let refreshes = r.get("dma_refreshes")?;
+    let guest_md5 = r.get("md5_dma").map(String::as_str);
+    let passed = refreshes != "0"
+        && r.get("dma_ok").map(String::as_str) == Some("1")
+        && guest_md5.is_some()
+        && guest_md5 == rec.host_md5_dma.as_deref();
+    Some(Check {
+        name: "dma_pages",
+        passed,
+        detail: format!(
+            "pages only the disk backend wrote (a 1 MiB range refreshed {refreshes} times) hold the \
+             last data in the guest's cache on the destination: dma_ok={} (read from the cache: {}); \
+             its md5 {} in the guest, {} in the destination image",
+            r.get("dma_ok").map_or("?", String::as_str),
+            r.get("dma_from_cache").map_or("?", String::as_str),
+            guest_md5.unwrap_or("none"),
+            rec.host_md5_dma.as_deref().unwrap_or("none")
+        ),
+    })
 }
 
 fn checks(rec: &Recording) -> Vec<Check> {
@@ -578,7 +644,7 @@ fn checks(rec: &Recording) -> Vec<Check> {
         detail: format!("source QEMU {src_state}, destination QEMU {dst_state}"),
     });
     let (src_last, dst_first) = counter_ends(rec);
-    let continued = counter_continued(src_last, dst_first, rec.src_cut);
+    let continued = counter_continued(src_last, dst_first, rec.split_heartbeat);
     let show = |i: Option<u64>| i.map_or("none".into(), |i| i.to_string());
     checks.push(Check {
         name: "counter_continued",
@@ -586,11 +652,9 @@ fn checks(rec: &Recording) -> Vec<Check> {
         detail: format!(
             "the source's last heartbeat i={}{}, the destination's first i={}",
             show(src_last),
-            if rec.src_cut {
-                " (and a line cut short)"
-            } else {
-                ""
-            },
+            rec.split_heartbeat
+                .map(|i| format!(" (i={i} split between the consoles)"))
+                .unwrap_or_default(),
             show(dst_first)
         ),
     });
@@ -611,6 +675,9 @@ fn checks(rec: &Recording) -> Vec<Check> {
             ),
         },
     });
+    if let Some(check) = dma_check(rec) {
+        checks.push(check);
+    }
     let guest_md5 = r.get("md5_region");
     checks.push(Check {
         name: "md5_match",
@@ -666,13 +733,14 @@ mod tests {
 
     #[test]
     fn the_counter_continues_only_from_the_next_step() {
-        assert!(counter_continued(Some(957), Some(958), false));
-        assert!(counter_continued(Some(957), Some(958), true));
-        assert!(counter_continued(Some(957), Some(959), true));
-        assert!(!counter_continued(Some(957), Some(959), false));
-        assert!(!counter_continued(Some(957), Some(957), false));
-        assert!(!counter_continued(Some(957), None, false));
-        assert!(!counter_continued(Some(u64::MAX), Some(0), true));
+        assert!(counter_continued(Some(957), Some(958), None));
+        assert!(counter_continued(Some(957), Some(958), Some(958)));
+        assert!(counter_continued(Some(957), Some(959), Some(958)));
+        assert!(!counter_continued(Some(957), Some(959), None));
+        assert!(!counter_continued(Some(957), Some(959), Some(957)));
+        assert!(!counter_continued(Some(957), Some(957), None));
+        assert!(!counter_continued(Some(957), None, None));
+        assert!(!counter_continued(Some(u64::MAX), Some(0), Some(0)));
     }
 
     #[test]

@@ -273,6 +273,18 @@ fn panels(rec: &Recording, rows: &[Row], x0: f64, x1: f64) -> Vec<Panel<'static>
             |r| r.dirty_bytes_per_s,
             BYTES_PER_MB,
         ),
+        Series {
+            name: "disk-cap",
+            label: "guest write cap",
+            colour: "#e377c2",
+            dashed: true,
+            // Only while there is one (0 means none, not a cap of 0).
+            points: rows
+                .iter()
+                .filter(|r| r.disk_cap_bytes_per_s > 0.0)
+                .map(|r| (r.t_s, r.disk_cap_bytes_per_s / BYTES_PER_MB))
+                .collect(),
+        },
     ];
     let throttle = vec![
         series(
@@ -631,7 +643,8 @@ mod tests {
             after_error: None,
             src_heartbeats: src,
             dst_heartbeats: dst,
-            src_cut: false,
+            split_heartbeat: None,
+            host_md5_dma: None,
         };
         let plan = Plan {
             guest: GuestFiles {
@@ -671,6 +684,7 @@ mod tests {
             "mirror",
             "bulk",
             "dirty",
+            "disk-cap",
             "throttle",
             "throttle-applied",
             "backlog",
