@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::console::{Heartbeat, Verdict};
+use super::console::{parse_heartbeat, Heartbeat, Verdict};
 use super::rig::Rig;
 use super::{passed, Plan};
 use crate::ctl::{format_bytes_binary, format_duration};
@@ -85,12 +85,10 @@ impl Recording {
     pub fn take_heartbeats(&mut self, rig: &Rig) {
         self.src_heartbeats = rig.src_qemu.console.heartbeats();
         self.dst_heartbeats = rig.dst_qemu.console.heartbeats();
-        let joined = format!(
-            "{}{}",
-            rig.src_qemu.console.unfinished_line(),
-            rig.dst_qemu.console.first_line().unwrap_or_default()
+        self.split_heartbeat = split_heartbeat(
+            &rig.src_qemu.console.unfinished_line(),
+            &rig.dst_qemu.console.first_line().unwrap_or_default(),
         );
-        self.split_heartbeat = super::console::parse_heartbeat(&joined).map(|(i, _)| i);
     }
 
     /// Seconds from `migrate` to `at` (negative before it).
@@ -100,6 +98,16 @@ impl Recording {
             None => -self.migrate_at.duration_since(at).as_secs_f64(),
         }
     }
+}
+
+/// The heartbeat split between the consoles, if there is one: the source ends in an
+/// unfinished line, the destination's first line is not a heartbeat by itself, and the two
+/// joined are one.
+fn split_heartbeat(src_unfinished: &str, dst_first_line: &str) -> Option<u64> {
+    if src_unfinished.trim().is_empty() || parse_heartbeat(dst_first_line).is_some() {
+        return None;
+    }
+    parse_heartbeat(&format!("{src_unfinished}{dst_first_line}")).map(|(i, _)| i)
 }
 
 /// One row of `status.migration.timeline`, read by the names in `timeline_columns`.
@@ -729,6 +737,17 @@ mod tests {
         assert_eq!((seconds, bytes), (2.0, 250_000.0));
         assert!((share - 1.0).abs() < 1e-9);
         assert_eq!(link_use(&rows[..1], 1), None);
+    }
+
+    #[test]
+    fn a_heartbeat_split_between_the_consoles_is_found_only_when_split() {
+        assert_eq!(split_heartbeat("STRAIT-HB i=12 u", "p=3.45\r"), Some(12));
+        assert_eq!(split_heartbeat("STRAIT-H", "B i=12 up=3.45"), Some(12));
+        // A source that ended with a whole line, and a destination that starts with one.
+        assert_eq!(split_heartbeat("", "STRAIT-HB i=12 up=3.45"), None);
+        assert_eq!(split_heartbeat("\r", "STRAIT-HB i=12 up=3.45"), None);
+        assert_eq!(split_heartbeat("noise", "STRAIT-HB i=12 up=3.45"), None);
+        assert_eq!(split_heartbeat("STRAIT-HB i=12 u", "garbage"), None);
     }
 
     #[test]
