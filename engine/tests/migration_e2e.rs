@@ -44,6 +44,10 @@ const FIRST_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(90);
 /// workload, then the read-back of 4 MiB.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// How long the destination may take to resume the VM after it answered `Committed` (a
+/// disk sync and a QMP `cont`; the margin is for a loaded machine).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A WAN long enough that the test can freeze the destination between the source's
 /// `Commit` and its arrival (a one-way delay of 200 ms).
 const IN_DOUBT_RTT_MS: u32 = 400;
@@ -275,9 +279,14 @@ fn wait_memory_phase(s: &Setup, bytes: u64) -> Value {
 /// Everything that must hold after a committed migration.
 fn assert_migrated(s: &mut Setup, m: &Value) {
     assert_eq!(m["phase"], json!("done"), "{m}\n{}", s.logs());
-    // Exactly one side runs: the destination.
+    // Exactly one side runs: the destination. It answers `Committed` before it promotes
+    // its disk and resumes the VM, so it may still be paused for a moment.
     assert_eq!(run_state(&s.src_qmp), RunState::PostMigrate);
-    assert_eq!(run_state(&s.dst_qmp), RunState::Running);
+    QemuVmm::connect(&s.dst_qmp)
+        .unwrap()
+        .wait_run_state(&[RunState::Running], RESUME_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the destination does not run: {e}\n{}", s.logs()));
+    assert_eq!(run_state(&s.src_qmp), RunState::PostMigrate);
     let src_status = s.source.call("status", Map::new());
     assert_eq!(src_status["disk"]["fenced"], json!(true), "{src_status}");
     let dst_status = s.destination.call("status", Map::new());
@@ -328,8 +337,15 @@ fn assert_migrated(s: &mut Setup, m: &Value) {
     // split between the consoles (the parser skips a partial line): then the source's last
     // partial line and the destination's first one join into it.
     if after == before + 2 {
-        let src = s.src_qemu.console().replace('\r', "");
-        let dst = s.dst_qemu.console().replace('\r', "");
+        // The guest's serial output only: the harness interleaves QEMU's stderr lines.
+        let serial = |text: String| {
+            text.replace('\r', "")
+                .split('\n')
+                .filter(|l| !l.starts_with("[qemu stderr]"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let (src, dst) = (serial(s.src_qemu.console()), serial(s.dst_qemu.console()));
         let tail = src.rsplit('\n').next().unwrap_or("");
         let joined = format!("{tail}{}", dst.split('\n').next().unwrap_or(""));
         assert!(

@@ -189,7 +189,9 @@ pub struct MigrateStatus {
     /// QEMU's measured downtime (from its `query-migrate` once completed).
     pub vmm_downtime_ms: Option<u64>,
     /// From the VM stopping at `pre-switchover` to the destination's answer to `Commit`:
-    /// the downtime as strait sees it (the destination resumes the VM before it answers).
+    /// the downtime as strait sees it. The destination answers once the commit is recorded,
+    /// then promotes its disk and resumes the VM, which this figure does not include
+    /// (tens of milliseconds: a sync and a QMP `cont`).
     pub switchover_ms: Option<f64>,
     /// Bytes the link delivered per class during the migration.
     pub memory_bytes: u64,
@@ -295,11 +297,80 @@ enum Stop {
 
 type Step<T> = Result<T, Stop>;
 
-/// Ticks over which the link's rate is taken as its peak: acknowledgements arrive in
-/// bursts, so one 0.5 s tick can read half the link's rate or less; the memory stream
-/// keeps the link busy, so the peak of the last 2 s is its capacity, and a link that
-/// really slows shows within 2 s.
-const LINK_PEAK_TICKS: usize = 4;
+/// The window of the link's rate, all classes together, as the controller uses it: long
+/// enough to smooth the bursts in which acknowledgements arrive, short enough that a link
+/// that really slows shows within 2 s. The memory stream keeps the link busy during the
+/// memory phase, so the rate over it is the link's capacity.
+const LINK_WINDOW: Duration = Duration::from_secs(2);
+
+/// The window of the per-class rates for the status and the timeline.
+const CLASS_WINDOW: Duration = Duration::from_secs(1);
+
+/// Shortest span a rate is computed over: below it, one burst of acknowledgements reads as
+/// a link many times faster than it is.
+const RATE_SPAN_MIN: Duration = Duration::from_millis(250);
+
+/// Samples closer than this replace the newest one instead of adding to the window.
+const SAMPLE_SPACING_MIN: Duration = Duration::from_millis(50);
+
+/// Samples a [`Windowed`] keeps at most: with [`SAMPLE_SPACING_MIN`] between them, 64 cover
+/// 3.2 s, more than the longest window, however often the loop wakes.
+const WINDOW_SAMPLES_MAX: usize = 64;
+
+/// Cumulative counters sampled over time, and their rates over a window (not between two
+/// samples: the loop wakes at uneven moments, and a short interval after a burst reads as
+/// a rate far above the truth).
+#[derive(Default)]
+struct Windowed<const N: usize> {
+    samples: std::collections::VecDeque<(Instant, [u64; N])>,
+}
+
+impl<const N: usize> Windowed<N> {
+    fn push(&mut self, at: Instant, values: [u64; N]) {
+        // The newest sample moves forward until it is far enough from the one before it.
+        let len = self.samples.len();
+        let close = len >= 2
+            && self
+                .samples
+                .get(len - 2)
+                .is_some_and(|(t, _)| at.duration_since(*t) < SAMPLE_SPACING_MIN);
+        if close {
+            self.samples.pop_back();
+        }
+        self.samples.push_back((at, values));
+        // Keep one sample at least LINK_WINDOW old as the base of the longest window.
+        while self.samples.len() > WINDOW_SAMPLES_MAX
+            || self
+                .samples
+                .get(1)
+                .is_some_and(|(t, _)| at.duration_since(*t) >= LINK_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Counter `i`'s rate over the last `window` (or what is sampled of it), per second;
+    /// 0 until the samples span [`RATE_SPAN_MIN`].
+    fn rate(&self, i: usize, window: Duration) -> u64 {
+        let Some((now, last)) = self.samples.back() else {
+            return 0;
+        };
+        let base = self
+            .samples
+            .iter()
+            .rev()
+            .find(|(t, _)| now.duration_since(*t) >= window)
+            .or_else(|| self.samples.front());
+        let Some((then, first)) = base else {
+            return 0;
+        };
+        let span = now.duration_since(*then);
+        if span < RATE_SPAN_MIN {
+            return 0;
+        }
+        (last[i].saturating_sub(first[i]) as f64 / span.as_secs_f64()) as u64
+    }
+}
 
 /// Bytes the link delivered per class, across sessions.
 #[derive(Default)]
@@ -307,10 +378,7 @@ struct ClassMeter {
     session: u64,
     last: [u64; 4],
     total: [u64; 4],
-    at: Option<Instant>,
-    rate: [u64; 4],
-    /// All classes' rate over the last ticks, newest last.
-    recent: std::collections::VecDeque<u64>,
+    window: Windowed<4>,
 }
 
 impl ClassMeter {
@@ -324,26 +392,15 @@ impl ClassMeter {
             now[i] = s.acked_bytes;
         }
         if session != self.session {
+            // Per-session counters start again at zero.
             self.session = session;
             self.last = [0; 4];
         }
-        let t = Instant::now();
-        let dt = self.at.map_or(0.0, |a| t.duration_since(a).as_secs_f64());
         for (i, now) in now.iter().enumerate() {
-            let delta = now.saturating_sub(self.last[i]);
-            self.total[i] += delta;
-            if dt > 0.0 {
-                self.rate[i] = (delta as f64 / dt) as u64;
-            }
+            self.total[i] += now.saturating_sub(self.last[i]);
         }
         self.last = now;
-        self.at = Some(t);
-        if dt > 0.0 {
-            if self.recent.len() == LINK_PEAK_TICKS {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(self.rate.iter().sum());
-        }
+        self.window.push(Instant::now(), self.total);
     }
 
     fn index(class: StreamClass) -> usize {
@@ -353,13 +410,14 @@ impl ClassMeter {
             .unwrap_or(0)
     }
 
+    /// One class's rate over the last [`CLASS_WINDOW`].
     fn rate(&self, class: StreamClass) -> u64 {
-        self.rate[Self::index(class)]
+        self.window.rate(Self::index(class), CLASS_WINDOW)
     }
 
-    /// All classes together: the peak of the last [`LINK_PEAK_TICKS`].
+    /// All classes together over the last [`LINK_WINDOW`].
     fn rate_all(&self) -> u64 {
-        self.recent.iter().copied().max().unwrap_or(0)
+        (0..4).map(|i| self.window.rate(i, LINK_WINDOW)).sum()
     }
 
     fn total(&self, class: StreamClass) -> u64 {
@@ -367,27 +425,21 @@ impl ClassMeter {
     }
 }
 
-/// The guest's mirrored write rate, and whether the migration's cap held it, from one
-/// replication status to the next.
+/// The guest's mirrored write rate (over [`CLASS_WINDOW`]), and whether the migration's
+/// cap held it since the last look.
 #[derive(Default)]
 struct DiskMeter {
-    last: Option<(Instant, u64, u64)>,
+    window: Windowed<1>,
+    delayed: u64,
 }
 
 impl DiskMeter {
     fn update(&mut self, r: &SourceStatus) -> (u64, bool) {
-        let now = Instant::now();
-        let (bytes, delayed) = (r.stats.bytes_mirrored, r.pacer.delayed_writes);
-        let out = match self.last {
-            Some((at, b, d)) => {
-                let dt = now.duration_since(at).as_secs_f64().max(1e-3);
-                let rate = (bytes.saturating_sub(b) as f64 / dt) as u64;
-                (rate, r.rate_cap_bytes_per_s > 0 && delayed > d)
-            }
-            None => (0, false),
-        };
-        self.last = Some((now, bytes, delayed));
-        out
+        self.window.push(Instant::now(), [r.stats.bytes_mirrored]);
+        let delayed = r.pacer.delayed_writes;
+        let capped = r.rate_cap_bytes_per_s > 0 && delayed > self.delayed;
+        self.delayed = delayed;
+        (self.window.rate(0, CLASS_WINDOW), capped)
     }
 }
 
@@ -899,5 +951,49 @@ impl Runner {
             .map_err(|e| e.to_string())?;
         info!("rolled back: the VM runs on the source");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windowed_rates_do_not_read_a_burst_as_the_link() {
+        let t0 = Instant::now();
+        let mut w = Windowed::<1>::default();
+        let ms = Duration::from_millis;
+        // 10 MB/s, sampled every 500 ms...
+        for k in 0..8u64 {
+            w.push(t0 + ms(500 * k), [k * 5_000_000]);
+        }
+        assert_eq!(w.rate(0, LINK_WINDOW), 10_000_000);
+        // ...then a burst of acknowledgements 10 ms after the last sample: between two
+        // samples that reads 1 GB/s; over the window it barely moves.
+        w.push(t0 + ms(3510), [35_000_000 + 1_000_000]);
+        let r = w.rate(0, LINK_WINDOW);
+        assert!((10_000_000..=11_000_000).contains(&r), "{r}");
+        // Too short a span says nothing rather than something wrong.
+        let mut fresh = Windowed::<1>::default();
+        fresh.push(t0, [0]);
+        fresh.push(t0 + ms(10), [1_000_000]);
+        assert_eq!(fresh.rate(0, LINK_WINDOW), 0);
+    }
+
+    #[test]
+    fn the_window_keeps_its_base_and_stays_bounded() {
+        let t0 = Instant::now();
+        let mut w = Windowed::<1>::default();
+        for k in 0..1000u64 {
+            w.push(t0 + Duration::from_millis(10 * k), [k]);
+        }
+        assert!(w.samples.len() <= WINDOW_SAMPLES_MAX);
+        // 100 per second over the last second and the last two, however often sampled.
+        assert_eq!(w.rate(0, CLASS_WINDOW), 100);
+        assert_eq!(w.rate(0, LINK_WINDOW), 100);
+        let span = w.samples.back().unwrap().0 - w.samples.front().unwrap().0;
+        assert!(span >= LINK_WINDOW, "{span:?}");
+        assert!(span <= LINK_WINDOW + SAMPLE_SPACING_MIN * 2, "{span:?}");
     }
 }
