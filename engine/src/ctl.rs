@@ -249,18 +249,7 @@ pub fn migration_progress_line(m: &Value) -> String {
         ),
     };
     if let (Some(done), Some(total)) = (done, total) {
-        let shown = done.min(total);
-        let filled = (shown * BAR_WIDTH).checked_div(total).unwrap_or(BAR_WIDTH);
-        let percent = (shown * 100).checked_div(total).unwrap_or(100);
-        let bar: String = (0..BAR_WIDTH)
-            .map(|i| if i < filled { '#' } else { '.' })
-            .collect();
-        let _ = write!(
-            out,
-            " [{bar}] {percent:>3}% {} of {}",
-            format_bytes_binary(done),
-            format_bytes_binary(total)
-        );
+        write_bytes_bar(&mut out, done.min(total), done, total);
     }
     // The details, comma-separated after the bar (or after the phase when there is none).
     let mut details = Vec::new();
@@ -354,11 +343,7 @@ fn verify_outcome(v: &Value) -> Result<(), CtlError> {
 pub fn verify_progress_line(v: &Value) -> String {
     let checked = v.get("chunks_checked").and_then(Value::as_u64).unwrap_or(0);
     let total = v.get("chunks_total").and_then(Value::as_u64).unwrap_or(0);
-    let filled = (checked * BAR_WIDTH).checked_div(total).unwrap_or(0);
-    let percent = (checked * 100).checked_div(total).unwrap_or(0);
-    let bar: String = (0..BAR_WIDTH)
-        .map(|i| if i < filled { '#' } else { '.' })
-        .collect();
+    let (bar, percent) = bar(checked, total, false);
     let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     format!(
         "{:<12} [{bar}] {percent:>3}% {checked} of {total} chunks, {} differ, {} changed while compared\n",
@@ -426,6 +411,36 @@ fn connect(args: &CtlArgs) -> Result<ControlClient, CtlError> {
 /// Characters of the progress bar of `status --watch`.
 const BAR_WIDTH: u64 = 30;
 
+/// The progress bar of `done` out of `total` and its percentage; an empty total reads as
+/// complete when `empty_is_full`, as not started otherwise.
+fn bar(done: u64, total: u64, empty_is_full: bool) -> (String, u64) {
+    let (empty_filled, empty_percent) = if empty_is_full {
+        (BAR_WIDTH, 100)
+    } else {
+        (0, 0)
+    };
+    let filled = (done * BAR_WIDTH)
+        .checked_div(total)
+        .unwrap_or(empty_filled);
+    let percent = (done * 100).checked_div(total).unwrap_or(empty_percent);
+    let bar = (0..BAR_WIDTH)
+        .map(|i| if i < filled { '#' } else { '.' })
+        .collect();
+    (bar, percent)
+}
+
+/// ` [####....]  42% 1.00 MiB of 2.00 MiB`: the bar drawn for `shown`, the text saying
+/// `done` (which may run past `total`, as QEMU's resent pages do).
+fn write_bytes_bar(out: &mut String, shown: u64, done: u64, total: u64) {
+    let (bar, percent) = bar(shown, total, true);
+    let _ = write!(
+        out,
+        " [{bar}] {percent:>3}% {} of {}",
+        format_bytes_binary(done),
+        format_bytes_binary(total)
+    );
+}
+
 /// `status --watch`: one progress line per interval.
 fn watch(args: &CtlArgs, interval_ms: u64, count: Option<u64>) -> Result<(), CtlError> {
     let command = "status";
@@ -476,17 +491,7 @@ pub fn progress_line(r: &Value, rate_bytes_per_s: Option<f64>) -> String {
     let done = r.get("done_bytes").and_then(Value::as_u64);
     let total = r.get("total_bytes").and_then(Value::as_u64);
     if let (Some(done), Some(total)) = (done, total) {
-        let filled = (done * BAR_WIDTH).checked_div(total).unwrap_or(BAR_WIDTH);
-        let percent = (done * 100).checked_div(total).unwrap_or(100);
-        let bar: String = (0..BAR_WIDTH)
-            .map(|i| if i < filled { '#' } else { '.' })
-            .collect();
-        let _ = write!(
-            out,
-            " [{bar}] {percent:>3}% {} of {}",
-            format_bytes_binary(done),
-            format_bytes_binary(total)
-        );
+        write_bytes_bar(&mut out, done, done, total);
     }
     if let Some(rate) = rate_bytes_per_s {
         let _ = write!(out, ", {}/s", format_bytes_binary(rate as u64));
