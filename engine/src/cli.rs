@@ -74,6 +74,42 @@ pub struct DemoArgs {
     /// Also print the report as one JSON object, on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Which system migrates the VM: `strait` (two engines, the control API's `migrate`),
+    /// or `qemu`, the peer it is compared with: what libvirt does for
+    /// `--copy-storage-all` (the destination QEMU exports its disk over NBD, the source
+    /// mirrors to it with `blockdev-mirror`, then QEMU's own `migrate` over TCP), across
+    /// the same emulated WAN.
+    #[arg(long, value_enum, default_value_t = DemoSystem::Strait)]
+    pub system: DemoSystem,
+    /// With `--system qemu`: the mirror's `copy-mode` (`background` copies the guest's
+    /// writes after they complete; `write-blocking` completes a write only once it reached
+    /// the destination too).
+    #[arg(long, value_enum, default_value_t = CopyMode::Background)]
+    pub copy_mode: CopyMode,
+}
+
+/// `strait demo --system`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoSystem {
+    Strait,
+    Qemu,
+}
+
+/// `strait demo --copy-mode`: QEMU's `MirrorCopyMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CopyMode {
+    Background,
+    WriteBlocking,
+}
+
+impl CopyMode {
+    /// The name QMP takes (`blockdev-mirror copy-mode`).
+    pub fn qmp_name(self) -> &'static str {
+        match self {
+            CopyMode::Background => "background",
+            CopyMode::WriteBlocking => "write-blocking",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -16,9 +16,15 @@
 //! 5. On the destination: heartbeats, then the guest's verdict; the md5 of the region in
 //!    the destination image.
 //! 6. Every child stopped; the report (`report.rs`) and the chart (`svg.rs`).
+//!
+//! `--system qemu` runs the peer strait is compared with instead (`peer.rs`): no engine;
+//! QEMU mirrors the disk over NBD and migrates its memory over TCP, as libvirt does for
+//! `--copy-storage-all`, across the same link, with the same guest, workload, report and
+//! checks.
 
 mod children;
 mod console;
+mod peer;
 mod report;
 mod rig;
 mod svg;
@@ -34,11 +40,11 @@ use strait_net::tls::TlsError;
 use strait_net::wanem::WanemError;
 use strait_vmm::{QemuVmm, RunState, Vmm};
 
-use crate::cli::DemoArgs;
+use crate::cli::{CopyMode, DemoArgs, DemoSystem};
 use crate::control::ControlError;
 use console::Verdict;
 use report::{Recording, Report};
-use rig::{Rig, DISK_BYTES, GUEST_MEMORY_BYTES};
+use rig::{Backend, Engines, Rig, DISK_BYTES, GUEST_MEMORY_BYTES};
 
 /// `--rtt-ms`: a transatlantic path.
 pub const RTT_MS_DEFAULT: u32 = 100;
@@ -169,6 +175,14 @@ pub enum DemoError {
     WorkloadTooShort { workload_s: u32 },
     #[error("md5sum failed on {path}: {detail}")]
     Md5 { path: PathBuf, detail: String },
+    #[error("the QMP command `{command}` to the {qemu} failed")]
+    Qmp {
+        qemu: &'static str,
+        command: String,
+        source: strait_vmm::qmp::QmpError,
+    },
+    #[error("QEMU's migration did not complete: {reason}")]
+    QemuMigration { reason: String },
     #[error("interrupted; every engine and QEMU the demo started was stopped")]
     Interrupted,
     #[error("{failed} of the demo's checks failed: {names} (the report above says why; logs in {workdir})")]
@@ -196,9 +210,30 @@ pub struct GuestFiles {
     pub initramfs: PathBuf,
 }
 
+/// Which system migrates the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum System {
+    /// Two engines and the control API's `migrate`.
+    Strait,
+    /// QEMU alone, as libvirt drives it for `--copy-storage-all`, with this mirror mode.
+    Qemu(CopyMode),
+}
+
+impl System {
+    /// The name in the report and the bench's tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Strait => "strait",
+            System::Qemu(CopyMode::Background) => "qemu-background",
+            System::Qemu(CopyMode::WriteBlocking) => "qemu-write-blocking",
+        }
+    }
+}
+
 /// The options, checked.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    pub system: System,
     pub guest: GuestFiles,
     pub rtt_ms: u32,
     pub rate_mbit: u32,
@@ -226,6 +261,15 @@ impl Plan {
                 "--rate-mbit must be above 0 (the link utilization is measured against it)".into(),
             ));
         }
+        if args.system == DemoSystem::Strait && args.copy_mode != CopyMode::Background {
+            return Err(DemoError::InvalidArgs(
+                "--copy-mode is QEMU's mirror mode: it goes with --system qemu".into(),
+            ));
+        }
+        let system = match args.system {
+            DemoSystem::Strait => System::Strait,
+            DemoSystem::Qemu => System::Qemu(args.copy_mode),
+        };
         let cut = args.cut_at_s.map(|at| (at, args.cut_for_s));
         let guest = GuestFiles {
             kernel: args.guest.join(GUEST_KERNEL),
@@ -253,6 +297,7 @@ impl Plan {
             return Err(DemoError::NotRoot);
         }
         Ok(Plan {
+            system,
             guest,
             rtt_ms: args.rtt_ms,
             rate_mbit: args.rate_mbit,
@@ -372,12 +417,23 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let workdir = Workdir::create(plan.workdir.as_deref())?;
     say(&format!(
         "strait demo: live-migrating a running VM (disk and memory) across an emulated WAN \
-         ({} ms RTT, {} Mbit/s); work folder {}",
+         ({} ms RTT, {} Mbit/s) with {}; work folder {}",
         plan.rtt_ms,
         plan.rate_mbit,
+        match plan.system {
+            System::Strait => "strait".to_owned(),
+            System::Qemu(mode) => format!(
+                "QEMU alone (NBD mirror, copy-mode {}, then QEMU's migrate over TCP)",
+                mode.qmp_name()
+            ),
+        },
         workdir.path().display()
     ));
-    let recording = match drive(&plan, workdir.path(), &interrupt) {
+    let driven = match plan.system {
+        System::Strait => drive(&plan, workdir.path(), &interrupt),
+        System::Qemu(mode) => peer::drive(&plan, mode, workdir.path(), &interrupt),
+    };
+    let recording = match driven {
         Ok(recording) => recording,
         Err(e) => {
             // An interrupted demo cleans up; a failed one keeps its logs for a look.
@@ -414,19 +470,32 @@ fn drive(plan: &Plan, dir: &Path, interrupt: &Interrupt) -> Result<Recording, De
     let mut rig = Rig::start(plan, dir, interrupt)?;
     let first_heartbeat = wait_for_workload(&mut rig, interrupt)?;
     watch_source(&mut rig, first_heartbeat + BASELINE, interrupt)?;
+    let wire_before = rig.wire_now();
     let migrate_at = Instant::now();
     let mut args = Map::new();
-    args.insert("to".into(), json!(rig.to));
-    args.insert("vmm".into(), json!(rig.src_vmm));
-    let started = rig.src_engine.call("migrate", args)?;
+    args.insert("to".into(), json!(rig.backend.to));
+    args.insert("vmm".into(), json!(rig.backend.src_vmm));
+    let started = rig.backend.src.call("migrate", args)?;
     say(&format!(
         "migrate  id {} to {}, {:.1} s after the link came up",
         started["id"].as_str().unwrap_or("?"),
-        rig.to,
+        rig.backend.to,
         migrate_at.duration_since(rig.link_up).as_secs_f64()
     ));
     let migration = follow_migration(&mut rig, plan, migrate_at, interrupt)?;
-    let mut recording = Recording::new(plan, &rig, first_heartbeat, migrate_at, migration);
+    let mut recording = Recording::new(plan, rig.link_up, first_heartbeat, migrate_at, migration);
+    recording.wire_during = Some((wire_before, rig.wire_now()));
+    finish(rig, plan, recording, interrupt)
+}
+
+/// After the migration: the run states, the guest on the destination and its verdict,
+/// the image; then every child stopped and the heartbeats taken.
+fn finish<E: Backend>(
+    mut rig: Rig<E>,
+    plan: &Plan,
+    mut recording: Recording,
+    interrupt: &Interrupt,
+) -> Result<Recording, DemoError> {
     if recording.committed() {
         recording.run_states = Some(run_states(&rig));
         match follow_destination(&mut rig, plan, interrupt) {
@@ -438,11 +507,15 @@ fn drive(plan: &Plan, dir: &Path, interrupt: &Interrupt) -> Result<Recording, De
     }
     rig.stop();
     recording.take_heartbeats(&rig);
+    recording.wire = std::mem::take(&mut rig.wire);
     Ok(recording)
 }
 
 /// Waits for the guest's first heartbeat on the source.
-fn wait_for_workload(rig: &mut Rig, interrupt: &Interrupt) -> Result<Instant, DemoError> {
+fn wait_for_workload<E: Backend>(
+    rig: &mut Rig<E>,
+    interrupt: &Interrupt,
+) -> Result<Instant, DemoError> {
     let started = Instant::now();
     loop {
         if let Some(first) = rig.src_qemu.console.first_heartbeat() {
@@ -469,7 +542,7 @@ fn wait_for_workload(rig: &mut Rig, interrupt: &Interrupt) -> Result<Instant, De
 
 /// The guest's heartbeats: the last counter value and how many arrived in the last
 /// second, on both consoles.
-fn guest_line(rig: &Rig) -> String {
+fn guest_line<E: Backend>(rig: &Rig<E>) -> String {
     let since = Instant::now() - PROGRESS_INTERVAL;
     let (src, dst) = (&rig.src_qemu.console, &rig.dst_qemu.console);
     let rate = src.count_since(since) + dst.count_since(since);
@@ -482,7 +555,11 @@ fn guest_line(rig: &Rig) -> String {
 }
 
 /// Prints the guest's progress once a second until `until`.
-fn watch_source(rig: &mut Rig, until: Instant, interrupt: &Interrupt) -> Result<(), DemoError> {
+fn watch_source<E: Backend>(
+    rig: &mut Rig<E>,
+    until: Instant,
+    interrupt: &Interrupt,
+) -> Result<(), DemoError> {
     let mut next_print = Instant::now() + PROGRESS_INTERVAL;
     while Instant::now() < until {
         interrupt.check()?;
@@ -498,7 +575,7 @@ fn watch_source(rig: &mut Rig, until: Instant, interrupt: &Interrupt) -> Result<
 
 /// Follows `status.migration` until it ends; a progress line per second.
 fn follow_migration(
-    rig: &mut Rig,
+    rig: &mut Rig<Engines>,
     plan: &Plan,
     migrate_at: Instant,
     interrupt: &Interrupt,
@@ -508,7 +585,7 @@ fn follow_migration(
     loop {
         interrupt.check()?;
         rig.ensure_running(false)?;
-        let m = rig.src_engine.call("status", Map::new())?["migration"].take();
+        let m = rig.backend.src.call("status", Map::new())?["migration"].take();
         let phase = m["phase"].as_str().unwrap_or("?");
         if ["done", "rolled-back", "failed"].contains(&phase) {
             say(&format!(
@@ -536,7 +613,7 @@ fn follow_migration(
             return Err(DemoError::Timeout {
                 what: format!("the migration to end (it is in phase {phase})"),
                 timeout,
-                log: rig.src_engine.process.log_tail(),
+                log: rig.backend.src.process.log_tail(),
             });
         }
         std::thread::sleep(POLL_INTERVAL);
@@ -546,7 +623,7 @@ fn follow_migration(
 /// The run state of each QEMU, by name (`postmigrate`, `running`...), read on the demo's
 /// own QMP monitors. The destination resumes the VM just after it answered `Committed`
 /// (it promotes its disk and lifts its fence first), so it is given a moment.
-fn run_states(rig: &Rig) -> (String, String) {
+fn run_states<E: Backend>(rig: &Rig<E>) -> (String, String) {
     let name = |state: RunState| {
         serde_json::to_value(state)
             .ok()
@@ -574,7 +651,11 @@ fn run_states(rig: &Rig) -> (String, String) {
 
 /// After the commit: the guest's heartbeats on the destination, a line per second, until
 /// its verdict.
-fn follow_destination(rig: &mut Rig, plan: &Plan, interrupt: &Interrupt) -> Result<(), DemoError> {
+fn follow_destination<E: Backend>(
+    rig: &mut Rig<E>,
+    plan: &Plan,
+    interrupt: &Interrupt,
+) -> Result<(), DemoError> {
     let started = Instant::now();
     let verdict_timeout = Duration::from_secs(u64::from(plan.workload_s)) + VERDICT_MARGIN;
     let mut next_print = Instant::now();
@@ -628,7 +709,10 @@ fn follow_destination(rig: &mut Rig, plan: &Plan, interrupt: &Interrupt) -> Resu
 }
 
 /// The guest's read-back, against the destination image on the host.
-fn check_destination_image(rig: &mut Rig, recording: &mut Recording) -> Result<(), DemoError> {
+fn check_destination_image<E: Backend>(
+    rig: &mut Rig<E>,
+    recording: &mut Recording,
+) -> Result<(), DemoError> {
     let console = &rig.dst_qemu.console;
     recording.verdict = console.verdict();
     recording.guest_results = console.results();

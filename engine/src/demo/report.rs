@@ -10,17 +10,29 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::console::{parse_heartbeat, Heartbeat, Verdict};
-use super::rig::Rig;
-use super::{passed, Plan};
+use super::rig::{Backend, Rig, WireSample};
+use super::{passed, Plan, System};
 use crate::ctl::{format_bytes_binary, format_duration};
 
 /// The phase whose link use the report measures: the one where memory, mirror and bulk
 /// (if any) share the link at full speed.
 const MEMORY_PHASE: &str = "memory";
 
+/// The report's heartbeat counts (for charts that overlay runs): bins of this length, as
+/// the demo's own chart draws them.
+const HEARTBEAT_BIN_S: f64 = 0.25;
+/// ... from this long before `migrate` (the baseline is 5 s) ...
+const HEARTBEAT_BINS_BEFORE_S: f64 = 5.0;
+/// ... to this long after the migration's end (the guest going on on the destination).
+const HEARTBEAT_BINS_AFTER_S: f64 = 10.0;
+/// At most this many bins per console whatever the migration's length (the migration's
+/// own bound is a few minutes): keeps the JSON line small.
+const HEARTBEAT_BINS_MAX: usize = 4000;
+
 /// What the demo saw. Times are host `Instant`s; the migration's own times (`status`) are
 /// seconds since its start, which is `migrate_at` to within the control call's latency.
 pub struct Recording {
+    pub system: System,
     pub rtt_ms: u32,
     pub rate_mbit: u32,
     pub cut: Option<(f64, f64)>,
@@ -47,21 +59,31 @@ pub struct Recording {
     pub split_heartbeat: Option<u64>,
     /// The md5 of the guest's DMA range in the destination image (see `dma_check`).
     pub host_md5_dma: Option<String>,
+    /// The link's counters when `migrate` was sent and when the migration ended.
+    pub wire_during: Option<(WireSample, WireSample)>,
+    /// The link's counters over the whole run.
+    pub wire: Vec<WireSample>,
+    /// Checks only one system has (`--system qemu`: the destination image outside the
+    /// guest's workload ranges equals the source's).
+    pub extra_checks: Vec<Check>,
+    /// What the migrating system itself reported beyond `migration` (QEMU's figures).
+    pub system_detail: Value,
 }
 
 impl Recording {
     pub fn new(
         plan: &Plan,
-        rig: &Rig,
+        link_up: Instant,
         first_heartbeat: Instant,
         migrate_at: Instant,
         migration: Value,
     ) -> Recording {
         Recording {
+            system: plan.system,
             rtt_ms: plan.rtt_ms,
             rate_mbit: plan.rate_mbit,
             cut: plan.cut,
-            link_up: rig.link_up,
+            link_up,
             first_heartbeat,
             migrate_at,
             migration,
@@ -74,6 +96,10 @@ impl Recording {
             dst_heartbeats: Vec::new(),
             split_heartbeat: None,
             host_md5_dma: None,
+            wire_during: None,
+            wire: Vec::new(),
+            extra_checks: Vec::new(),
+            system_detail: Value::Null,
         }
     }
 
@@ -82,7 +108,7 @@ impl Recording {
     }
 
     /// Takes the consoles' heartbeats once the QEMUs are stopped.
-    pub fn take_heartbeats(&mut self, rig: &Rig) {
+    pub fn take_heartbeats<E: Backend>(&mut self, rig: &Rig<E>) {
         self.src_heartbeats = rig.src_qemu.console.heartbeats();
         self.dst_heartbeats = rig.dst_qemu.console.heartbeats();
         self.split_heartbeat = split_heartbeat(
@@ -293,7 +319,9 @@ impl Report {
         let r = &rec.guest_results;
         let (src_last, dst_first) = counter_ends(rec);
         json!({
+            "system": rec.system.name(),
             "outcome": self.outcome,
+            "survived": rec.committed(),
             "passed": self.checks.iter().all(|c| c.passed),
             "error": m["error"],
             "link": {
@@ -320,6 +348,10 @@ impl Report {
                 "switchover_ms": m["switchover_ms"],
             },
             "bytes": m["bytes"],
+            "wire": wire_json(rec),
+            "timeline": {"columns": m["timeline_columns"], "rows": m["timeline"]},
+            "heartbeat_bins": heartbeat_bins(rec, self.phases.last().map_or(0.0, |p| p.end_s)),
+            "system_detail": rec.system_detail,
             "memory_phase": self.memory_phase.map(|(s, b, u)| json!({
                 "duration_s": s, "bytes_delivered": b.round(), "link_utilization": u,
             })),
@@ -432,12 +464,20 @@ impl Report {
             "downtime, QEMU",
             format!("{} (QEMU's own measure)", ms(&j["downtime"]["vmm_ms"])),
         );
-        line(
-            "downtime, strait",
-            format!(
-                "{} (switchover: VM stopped at pre-switchover until the destination committed)",
-                ms(&j["downtime"]["switchover_ms"])
+        let (label, held) = match j["system"].as_str() {
+            Some("strait") => (
+                "downtime, strait",
+                "switchover: VM stopped at pre-switchover until the destination committed",
             ),
+            _ => (
+                "downtime, held",
+                "VM stopped at pre-switchover until the destination QEMU ran: the mirror's \
+                 completion, QEMU's last pages, nbd-server-stop, cont",
+            ),
+        };
+        line(
+            label,
+            format!("{} ({held})", ms(&j["downtime"]["switchover_ms"])),
         );
         let bytes = |k: &str| {
             j["bytes"][k]
@@ -463,6 +503,19 @@ impl Report {
                     format_bytes_binary(b as u64)
                 ),
                 None => "-".into(),
+            },
+        );
+        let wire = &j["wire"];
+        line(
+            "on the wire",
+            match (wire["a_to_b_bytes"].as_u64(), wire["b_to_a_bytes"].as_u64()) {
+                (Some(a), Some(b)) => format!(
+                    "{} source to destination, {} back, during the migration (IP bytes the \
+                     link delivered)",
+                    format_bytes_binary(a),
+                    format_bytes_binary(b)
+                ),
+                _ => "-".into(),
             },
         );
         let rate = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.0}/s"));
@@ -505,6 +558,63 @@ impl Report {
         let _ = write!(out, "chart              {}", svg.display());
         out
     }
+}
+
+/// What the link delivered during the migration, per direction, and its rate over the
+/// whole run (from wanem's counters: IP bytes, so TLS, TCP and NBD framing included).
+fn wire_json(rec: &Recording) -> Value {
+    let (a_to_b, b_to_a) = rec.wire_during.map_or((None, None), |(before, after)| {
+        (
+            Some(after.a_to_b_bytes.saturating_sub(before.a_to_b_bytes)),
+            Some(after.b_to_a_bytes.saturating_sub(before.b_to_a_bytes)),
+        )
+    });
+    let rows: Vec<Value> = rec
+        .wire
+        .windows(2)
+        .filter_map(|pair| {
+            let dt = pair[1].at.checked_duration_since(pair[0].at)?.as_secs_f64();
+            (dt > 0.0).then(|| {
+                let rate = |a: u64, b: u64| (b.saturating_sub(a) as f64 / dt).round();
+                json!([
+                    (rec.since_migrate_s(pair[1].at) * 1e3).round() / 1e3,
+                    rate(pair[0].a_to_b_bytes, pair[1].a_to_b_bytes),
+                    rate(pair[0].b_to_a_bytes, pair[1].b_to_a_bytes),
+                ])
+            })
+        })
+        .collect();
+    json!({
+        "a_to_b_bytes": a_to_b,
+        "b_to_a_bytes": b_to_a,
+        "total_bytes": a_to_b.zip(b_to_a).map(|(a, b)| a + b),
+        "timeline_columns": ["t_s", "a_to_b_bytes_per_s", "b_to_a_bytes_per_s"],
+        "timeline": rows,
+    })
+}
+
+/// Heartbeats per bin on each console, from before `migrate` to after the migration's
+/// end (`end_s`): what a chart that overlays runs draws.
+fn heartbeat_bins(rec: &Recording, end_s: f64) -> Value {
+    let start_s = -HEARTBEAT_BINS_BEFORE_S;
+    let span_s = (end_s + HEARTBEAT_BINS_AFTER_S - start_s).max(HEARTBEAT_BIN_S);
+    let bins = ((span_s / HEARTBEAT_BIN_S).ceil() as usize).min(HEARTBEAT_BINS_MAX);
+    let counts = |heartbeats: &[Heartbeat]| {
+        let mut counts = vec![0u32; bins];
+        for h in heartbeats {
+            let bin = (rec.since_migrate_s(h.arrived) - start_s) / HEARTBEAT_BIN_S;
+            if bin >= 0.0 && (bin as usize) < bins {
+                counts[bin as usize] += 1;
+            }
+        }
+        counts
+    };
+    json!({
+        "bin_s": HEARTBEAT_BIN_S,
+        "start_s": start_s,
+        "source": counts(&rec.src_heartbeats),
+        "destination": counts(&rec.dst_heartbeats),
+    })
 }
 
 /// The source's last heartbeat and the destination's first.
@@ -696,6 +806,7 @@ fn checks(rec: &Recording) -> Vec<Check> {
             rec.host_md5.as_deref().unwrap_or("none")
         ),
     });
+    checks.extend(rec.extra_checks.iter().cloned());
     checks
 }
 

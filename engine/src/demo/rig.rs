@@ -1,7 +1,13 @@
 //! The demo's machinery on one host: the emulated WAN (`strait wanem`'s two network
-//! namespaces), a destination engine in namespace B with its QEMU waiting (`-incoming defer
-//! -S`), and a source engine in namespace A with the QEMU that runs the guest. The same
-//! recipe as `engine/tests/migration_e2e.rs`.
+//! namespaces) and two QEMUs, the destination waiting (`-incoming defer -S`).
+//!
+//! - `--system strait`: a destination engine in namespace B, a source engine in namespace
+//!   A, each serving its image to its QEMU over vhost-user (the QEMUs run in the root
+//!   namespace: only the engines talk across the link). The same recipe as
+//!   `engine/tests/migration_e2e.rs`.
+//! - `--system qemu`: no engine. Each QEMU runs inside its namespace with a plain
+//!   `virtio-blk-pci` disk on its raw image, so QEMU's own NBD and migration streams cross
+//!   the link (`peer.rs` drives them).
 
 use std::fs::File;
 use std::io::Write;
@@ -35,6 +41,17 @@ pub const GUEST_MEMORY_BYTES: u64 = (GUEST_MEMORY_MIB as u64) << 20;
 /// The destination engine's port inside namespace B (a fresh namespace: nothing else
 /// listens there).
 const PORT: u16 = 7400;
+
+/// The block node of the guest's disk in `--system qemu` (`-blockdev node-name=`): what
+/// the destination exports over NBD and the source mirrors from.
+pub const DISK_NODE: &str = "disk0";
+
+/// The link's bytes are sampled this often (wanem's counters, both directions): the
+/// same resolution as the migration's own timeline.
+const WIRE_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// Samples kept: two a second for the longest workload (600 s) plus boot and the
+/// migration's bound, with room; a longer run keeps its first samples.
+const WIRE_SAMPLES_MAX: usize = 4000;
 
 /// An engine creates its sockets within milliseconds; 10 s covers a loaded 2-core host.
 const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,55 +99,110 @@ pub struct QemuProc {
     pub console: Console,
     /// The demo's own QMP monitor (the engine holds the other during the migration).
     pub qmp: PathBuf,
+    /// The other monitor: the engine's (`--system strait`), or the peer driver's.
+    pub driver_qmp: PathBuf,
 }
 
-/// Everything running. Field order is drop order: the QEMUs go before the engines they
-/// are attached to, and the engines before the namespaces they run in.
-pub struct Rig {
-    pub src_qemu: QemuProc,
-    pub dst_qemu: QemuProc,
-    pub src_engine: EngineProc,
-    pub dst_engine: EngineProc,
-    /// Held for its drop: the link and the namespaces last as long as the rig.
-    _wanem: Wanem,
-    /// When the link came up: `--cut-at-s` counts from here.
-    pub link_up: Instant,
+/// The two engines of `--system strait`.
+pub struct Engines {
+    pub src: EngineProc,
+    pub dst: EngineProc,
     /// The destination engine, as `migrate` takes it.
     pub to: String,
     /// The source engine's QMP monitor, as `migrate` takes it.
     pub src_vmm: String,
-    pub dst_image: PathBuf,
 }
 
-impl Rig {
+/// What runs beside the QEMUs: the engines, or nothing (`--system qemu`).
+pub trait Backend {
+    /// Fails if a process of it died.
+    fn ensure_running(&mut self) -> Result<(), DemoError>;
+    /// Stops it (after the QEMUs).
+    fn stop(&mut self);
+}
+
+impl Backend for Engines {
+    fn ensure_running(&mut self) -> Result<(), DemoError> {
+        self.src.process.ensure_running()?;
+        self.dst.process.ensure_running()
+    }
+
+    fn stop(&mut self) {
+        self.src.process.stop();
+        self.dst.process.stop();
+    }
+}
+
+/// `--system qemu`: QEMU moves disk and memory itself.
+pub struct NoEngines;
+
+impl Backend for NoEngines {
+    fn ensure_running(&mut self) -> Result<(), DemoError> {
+        Ok(())
+    }
+
+    fn stop(&mut self) {}
+}
+
+/// The link's counters at one moment: bytes delivered from A to B and from B to A.
+#[derive(Clone, Copy, Debug)]
+pub struct WireSample {
+    pub at: Instant,
+    pub a_to_b_bytes: u64,
+    pub b_to_a_bytes: u64,
+}
+
+/// Everything running. Field order is drop order: the QEMUs go before the engines they
+/// are attached to, and the engines before the namespaces they run in.
+pub struct Rig<E: Backend> {
+    pub src_qemu: QemuProc,
+    pub dst_qemu: QemuProc,
+    pub backend: E,
+    pub wanem: Wanem,
+    /// When the link came up: `--cut-at-s` counts from here.
+    pub link_up: Instant,
+    pub dst_image: PathBuf,
+    pub src_image: PathBuf,
+    /// The link's counters every [`WIRE_SAMPLE_INTERVAL`]. Invariant: in time order, at
+    /// most [`WIRE_SAMPLES_MAX`].
+    pub wire: Vec<WireSample>,
+}
+
+/// The link (from the plan) and the two images; says what it started.
+fn start_link(plan: &Plan, dir: &Path) -> Result<(Wanem, Instant, PathBuf, PathBuf), DemoError> {
+    let wanem = Wanem::start(WanemConfig {
+        rtt_ms: plan.rtt_ms,
+        rate_mbit: plan.rate_mbit,
+        cut_at_s: plan.cut.map(|c| c.0),
+        cut_for_s: plan.cut.map_or(0.0, |c| c.1),
+        seed: 1,
+        ..WanemConfig::default()
+    })?;
+    let link_up = Instant::now();
+    say(&format!(
+        "link     namespaces {} ({}) and {} ({}): {} ms RTT, {} Mbit/s{}",
+        wanem.namespace_a(),
+        wanem.addr_a(),
+        wanem.namespace_b(),
+        wanem.addr_b(),
+        plan.rtt_ms,
+        plan.rate_mbit,
+        plan.cut
+            .map(|(at, for_s)| format!(", cut at {at} s for {for_s} s"))
+            .unwrap_or_default()
+    ));
+    let (src_image, dst_image) = (dir.join("src.img"), dir.join("dst.img"));
+    make_image(&src_image, SOURCE_FILL_BYTE)?;
+    make_image(&dst_image, DESTINATION_FILL_BYTE)?;
+    Ok((wanem, link_up, src_image, dst_image))
+}
+
+impl Rig<Engines> {
     /// Starts the link, the images, the engines and both QEMUs, in that order.
-    pub fn start(plan: &Plan, dir: &Path, interrupt: &Interrupt) -> Result<Rig, DemoError> {
-        let wanem = Wanem::start(WanemConfig {
-            rtt_ms: plan.rtt_ms,
-            rate_mbit: plan.rate_mbit,
-            cut_at_s: plan.cut.map(|c| c.0),
-            cut_for_s: plan.cut.map_or(0.0, |c| c.1),
-            seed: 1,
-            ..WanemConfig::default()
-        })?;
-        let link_up = Instant::now();
-        say(&format!(
-            "link     namespaces {} ({}) and {} ({}): {} ms RTT, {} Mbit/s{}",
-            wanem.namespace_a(),
-            wanem.addr_a(),
-            wanem.namespace_b(),
-            wanem.addr_b(),
-            plan.rtt_ms,
-            plan.rate_mbit,
-            plan.cut
-                .map(|(at, for_s)| format!(", cut at {at} s for {for_s} s"))
-                .unwrap_or_default()
-        ));
+    pub fn start(plan: &Plan, dir: &Path, interrupt: &Interrupt) -> Result<Self, DemoError> {
+        let (wanem, link_up, src_image, dst_image) = start_link(plan, dir)?;
         let certs = dir.join("certs");
         write_certs(&certs, &[wanem.addr_b().to_string()]).map_err(DemoError::Certs)?;
-        let (src_image, dst_image) = (dir.join("src.img"), dir.join("dst.img"));
-        make_image(&src_image, SOURCE_FILL_BYTE)?;
-        make_image(&dst_image, DESTINATION_FILL_BYTE)?;
         let to = format!("{}:{PORT}", wanem.addr_b());
         let exe = std::env::current_exe().map_err(|e| DemoError::io("find", "strait", e))?;
         let exe = exe.to_string_lossy().into_owned();
@@ -153,11 +225,26 @@ impl Rig {
             &dst_image,
             interrupt,
         )?;
-        let dst_qemu = start_qemu(plan, dir, "dst", interrupt)?;
+        let vhost = |side: &str| Disk::VhostUser(dir.join(format!("{side}-vhost.sock")));
+        let dst_qemu = start_qemu(
+            plan,
+            dir,
+            "dst",
+            &vhost("dst"),
+            Command::new(QEMU_BINARY),
+            interrupt,
+        )?;
         let mut command = wanem.command_in_a(&exe);
         command.args(["serve", "--tls-dir"]).arg(&certs);
         let src_engine = start_engine("source engine", command, dir, "src", &src_image, interrupt)?;
-        let src_qemu = start_qemu(plan, dir, "src", interrupt)?;
+        let src_qemu = start_qemu(
+            plan,
+            dir,
+            "src",
+            &vhost("src"),
+            Command::new(QEMU_BINARY),
+            interrupt,
+        )?;
         say(&format!(
             "engines  source in {}, destination in {} listening on {to}; QEMUs (TCG) started, \
              the destination waits with -incoming defer -S",
@@ -167,26 +254,99 @@ impl Rig {
         Ok(Rig {
             src_qemu,
             dst_qemu,
-            src_engine,
-            dst_engine,
-            _wanem: wanem,
+            backend: Engines {
+                src: src_engine,
+                dst: dst_engine,
+                to,
+                src_vmm: format!("qemu:{}", dir.join("src-qmp-engine.sock").display()),
+            },
+            wanem,
             link_up,
-            to,
-            src_vmm: format!("qemu:{}", dir.join("src-qmp-engine.sock").display()),
             dst_image,
+            src_image,
+            wire: Vec::new(),
         })
     }
+}
 
-    /// Fails if an engine or the source QEMU died; the destination QEMU too unless
-    /// `dst_may_exit` (its guest powers off at the end of the workload).
+impl Rig<NoEngines> {
+    /// `--system qemu`: the link, the images, and a QEMU inside each namespace, each with
+    /// its image as a plain virtio-blk disk; the destination waits (`-incoming defer -S`).
+    pub fn start_qemu_peer(
+        plan: &Plan,
+        dir: &Path,
+        interrupt: &Interrupt,
+    ) -> Result<Self, DemoError> {
+        let (wanem, link_up, src_image, dst_image) = start_link(plan, dir)?;
+        let dst_qemu = start_qemu(
+            plan,
+            dir,
+            "dst",
+            &Disk::Raw(dst_image.clone()),
+            wanem.command_in_b(QEMU_BINARY),
+            interrupt,
+        )?;
+        let src_qemu = start_qemu(
+            plan,
+            dir,
+            "src",
+            &Disk::Raw(src_image.clone()),
+            wanem.command_in_a(QEMU_BINARY),
+            interrupt,
+        )?;
+        say(&format!(
+            "qemu     source QEMU (TCG) in {}, destination QEMU in {} waiting with \
+             -incoming defer -S; each has its image as a virtio-blk disk",
+            wanem.namespace_a(),
+            wanem.namespace_b()
+        ));
+        Ok(Rig {
+            src_qemu,
+            dst_qemu,
+            backend: NoEngines,
+            wanem,
+            link_up,
+            dst_image,
+            src_image,
+            wire: Vec::new(),
+        })
+    }
+}
+
+impl<E: Backend> Rig<E> {
+    /// Fails if the backend or the source QEMU died; the destination QEMU too unless
+    /// `dst_may_exit` (its guest powers off at the end of the workload). Takes a sample of
+    /// the link's counters when one is due.
     pub fn ensure_running(&mut self, dst_may_exit: bool) -> Result<(), DemoError> {
-        self.src_engine.process.ensure_running()?;
-        self.dst_engine.process.ensure_running()?;
+        self.sample_wire();
+        self.backend.ensure_running()?;
         self.src_qemu.process.ensure_running()?;
         if !dst_may_exit {
             self.dst_qemu.process.ensure_running()?;
         }
         Ok(())
+    }
+
+    /// Records the link's counters if [`WIRE_SAMPLE_INTERVAL`] passed since the last time.
+    pub fn sample_wire(&mut self) {
+        let now = Instant::now();
+        let due = self
+            .wire
+            .last()
+            .is_none_or(|last| now.duration_since(last.at) >= WIRE_SAMPLE_INTERVAL);
+        if due && self.wire.len() < WIRE_SAMPLES_MAX {
+            self.wire.push(self.wire_now());
+        }
+    }
+
+    /// The link's counters now.
+    pub fn wire_now(&self) -> WireSample {
+        let stats = self.wanem.stats();
+        WireSample {
+            at: Instant::now(),
+            a_to_b_bytes: stats.a_to_b.bytes_forwarded,
+            b_to_a_bytes: stats.b_to_a.bytes_forwarded,
+        }
     }
 
     /// Stops every child (QEMUs first) and waits for their consoles to close.
@@ -195,8 +355,7 @@ impl Rig {
             qemu.process.stop();
             qemu.console.wait_closed(CONSOLE_CLOSE_TIMEOUT);
         }
-        self.src_engine.process.stop();
-        self.dst_engine.process.stop();
+        self.backend.stop();
     }
 }
 
@@ -228,19 +387,30 @@ fn start_engine(
     Ok(EngineProc { process, control })
 }
 
-/// QEMU with the guest's `migrate` workload on `SIDE-vhost.sock`, two QMP monitors (the
-/// engine's and the demo's), the console read by a [`Console`].
+/// The guest's disk, as QEMU gets it.
+pub enum Disk {
+    /// `vhost-user-blk-pci` on an engine's socket (`--system strait`).
+    VhostUser(PathBuf),
+    /// `virtio-blk-pci` on a raw image, block node [`DISK_NODE`] (`--system qemu`).
+    Raw(PathBuf),
+}
+
+/// QEMU (`command`: the binary, maybe inside a namespace) with the guest's `migrate`
+/// workload on `disk`, two QMP monitors (the migration driver's and the demo's), the
+/// console read by a [`Console`].
 fn start_qemu(
     plan: &Plan,
     dir: &Path,
     side: &str,
+    disk: &Disk,
+    mut command: Command,
     interrupt: &Interrupt,
 ) -> Result<QemuProc, DemoError> {
     let engine_qmp = dir.join(format!("{side}-qmp-engine.sock"));
     let qmp = dir.join(format!("{side}-qmp.sock"));
     let args = qemu_args(
         &plan.guest,
-        &dir.join(format!("{side}-vhost.sock")),
+        disk,
         plan.workload_s,
         &[&engine_qmp, &qmp],
         side == "dst",
@@ -251,13 +421,7 @@ fn start_qemu(
         "source QEMU"
     };
     let log = dir.join(format!("{side}-qemu.log"));
-    let mut process = ChildProcess::spawn(
-        what,
-        Command::new(QEMU_BINARY).args(args),
-        &log,
-        true,
-        Stop::Kill,
-    )?;
+    let mut process = ChildProcess::spawn(what, command.args(args), &log, true, Stop::Kill)?;
     let stdout = process.take_stdout().ok_or_else(|| {
         DemoError::io(
             "read the console of",
@@ -273,15 +437,16 @@ fn start_qemu(
         process,
         console,
         qmp,
+        driver_qmp: engine_qmp,
     })
 }
 
 /// QEMU's arguments. A destination gets the same machine (QEMU refuses incoming state that
-/// does not match its devices) plus `-incoming defer -S`: it waits, paused, for the
-/// engine's `migrate-incoming`, and after the commit for `cont`.
+/// does not match its devices) plus `-incoming defer -S`: it waits, paused, for
+/// `migrate-incoming`, and after the migration for `cont`.
 pub fn qemu_args(
     guest: &GuestFiles,
-    vhost: &Path,
+    disk: &Disk,
     workload_s: u32,
     qmp: &[&Path],
     incoming: bool,
@@ -302,18 +467,33 @@ pub fn qemu_args(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    args.extend(["-m".into(), format!("{memory}M")]);
+    match disk {
+        Disk::VhostUser(socket) => args.extend([
+            // vhost-user backends map guest RAM, so it must be a shareable memfd.
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=c0,path={}", socket.display()),
+            "-device".into(),
+            "vhost-user-blk-pci,chardev=c0,num-queues=1".into(),
+        ]),
+        // Plain RAM and QEMU's own block layer, as libvirt sets a VM up. The image is on
+        // whatever file system the work folder is (tmpfs refuses O_DIRECT), so the host's
+        // page cache is used, as with `cache=writeback`.
+        Disk::Raw(image) => args.extend([
+            "-blockdev".into(),
+            format!(
+                "driver=raw,node-name={DISK_NODE},file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "-device".into(),
+            format!("virtio-blk-pci,drive={DISK_NODE},id=vda"),
+        ]),
+    }
     args.extend([
-        "-m".into(),
-        format!("{memory}M"),
-        // vhost-user backends map guest RAM, so it must be a shareable memfd.
-        "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
-        "-numa".into(),
-        "node,memdev=mem".into(),
-        "-chardev".into(),
-        format!("socket,id=c0,path={}", vhost.display()),
-        "-device".into(),
-        "vhost-user-blk-pci,chardev=c0,num-queues=1".into(),
         "-kernel".into(),
         guest.kernel.display().to_string(),
         "-initrd".into(),
@@ -363,13 +543,32 @@ mod tests {
             initramfs: "/g/initramfs.gz".into(),
         };
         let (a, b) = (Path::new("/d/a.sock"), Path::new("/d/b.sock"));
-        let src = qemu_args(&guest, Path::new("/d/v.sock"), 45, &[a, b], false);
-        let dst = qemu_args(&guest, Path::new("/d/v.sock"), 45, &[a, b], true);
+        let disk = Disk::VhostUser("/d/v.sock".into());
+        let src = qemu_args(&guest, &disk, 45, &[a, b], false);
+        let dst = qemu_args(&guest, &disk, 45, &[a, b], true);
         assert_eq!(&dst[..src.len()], &src[..]);
         assert_eq!(&dst[src.len()..], ["-incoming", "defer", "-S"]);
         assert_eq!(src.iter().filter(|a| *a == "-qmp").count(), 2);
         assert!(src
             .iter()
             .any(|a| a.ends_with("strait.test=migrate strait.arg=45")));
+        assert!(src.iter().any(|a| a.starts_with("vhost-user-blk-pci")));
+    }
+
+    #[test]
+    fn the_qemu_peer_has_a_named_virtio_blk_node_on_its_raw_image() {
+        let guest = GuestFiles {
+            kernel: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.gz".into(),
+        };
+        let args = qemu_args(&guest, &Disk::Raw("/d/src.img".into()), 45, &[], true);
+        assert!(args.contains(
+            &"driver=raw,node-name=disk0,file.driver=file,file.filename=/d/src.img".to_owned()
+        ));
+        assert!(args.contains(&"virtio-blk-pci,drive=disk0,id=vda".to_owned()));
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("vhost-user") || a.contains("memfd")));
+        assert!(args.ends_with(&["-incoming".into(), "defer".into(), "-S".into()]));
     }
 }

@@ -159,8 +159,11 @@ pub fn render(rec: &Recording, report: &Report) -> String {
         r#"<rect width="{WIDTH}" height="{height}" fill="white"/>"#
     );
     let title = format!(
-        "strait demo: live migration across {} ms RTT, {} Mbit/s: {}",
-        rec.rtt_ms, rec.rate_mbit, report.outcome
+        "strait demo ({}): live migration across {} ms RTT, {} Mbit/s: {}",
+        rec.system.name(),
+        rec.rtt_ms,
+        rec.rate_mbit,
+        report.outcome
     );
     text(&mut out, LEFT, 22.0, "start", "title", &title);
     let bottom = TOP + panels.len() as f64 * (PANEL_HEIGHT + PANEL_GAP) - PANEL_GAP;
@@ -645,8 +648,14 @@ mod tests {
             dst_heartbeats: dst,
             split_heartbeat: None,
             host_md5_dma: None,
+            wire_during: None,
+            wire: Vec::new(),
+            extra_checks: Vec::new(),
+            system_detail: serde_json::Value::Null,
+            system: crate::demo::System::Strait,
         };
         let plan = Plan {
+            system: crate::demo::System::Strait,
             guest: GuestFiles {
                 kernel: "k".into(),
                 initramfs: "i".into(),
