@@ -54,8 +54,9 @@ done
 command -v jq >/dev/null || { echo "jq is needed (apt-get install jq)" >&2; exit 2; }
 
 cargo build --release -p strait-engine --bin strait -p strait-bench --bin strait-bench-migration >&2
-STRAIT="$PWD/$CARGO_TARGET_DIR/release/strait"
-AGGREGATE="$PWD/$CARGO_TARGET_DIR/release/strait-bench-migration"
+case "$CARGO_TARGET_DIR" in /*) TARGET="$CARGO_TARGET_DIR" ;; *) TARGET="$PWD/$CARGO_TARGET_DIR" ;; esac
+STRAIT="$TARGET/release/strait"
+AGGREGATE="$TARGET/release/strait-bench-migration"
 
 # Short: the demo's Unix sockets live in its work folders.
 WORK=$(mktemp -d /tmp/strait-mig.XXXXXX)
@@ -99,8 +100,8 @@ for round in $(seq "$ROUNDS"); do
           cut_args=(--cut-at-s "$cut_at_s" --cut-for-s "$cut")
         fi
         echo "run $n: round $round, $system, ${rtt} ms, cut ${cut} s${cut_args[*]:+ at $cut_at_s s}" >&2
-        # shellcheck disable=SC2046
         set +e
+        # shellcheck disable=SC2046 # system_args is several words on purpose
         flock "$LOCK" "$STRAIT" demo $(system_args "$system") --guest "$GUEST" \
           --rtt-ms "$rtt" --rate-mbit "$RATE_MBIT" --workload-s "$WORKLOAD_S" \
           "${cut_args[@]}" --svg "$WORK/run-$n.svg" --json > "$WORK/run-$n.out" 2> "$WORK/run-$n.err"

@@ -272,3 +272,113 @@ fn qemu_strait_demo_migrates_the_guest_across_wanem_and_reports_it() {
         );
     }
 }
+
+#[test]
+fn strait_demo_copy_mode_without_the_qemu_system_is_refused_at_once() {
+    let dir = common::test_dir("demo-copymode");
+    let (output, elapsed) = run_demo(
+        &["--copy-mode", "write-blocking", "--guest", "/nonexistent"],
+        dir.path(),
+        PREFLIGHT_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--copy-mode") && stderr.contains("--system qemu"),
+        "{stderr}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+}
+
+/// The QEMU peer's run: a short RTT keeps it near a minute (its memory phase is bound by
+/// the link's rate, not the RTT); the workload covers boot, baseline, a migration of
+/// about 30 s here and the destination.
+const PEER_WORKLOAD_S: &str = "60";
+const PEER_RTT_MS: &str = "20";
+
+#[test]
+fn qemu_strait_demo_system_qemu_migrates_the_guest_with_qemus_own_migration() {
+    if !common::require_qemu() || !wanem_usable() {
+        return;
+    }
+    let guest = common::guest_artifacts();
+    let guest_dir = guest.kernel.parent().unwrap().to_str().unwrap().to_owned();
+    let dir = common::test_dir("demo-peer");
+    let (svg, workdir) = (dir.path().join("chart.svg"), dir.path().join("work"));
+    let args = [
+        "--system",
+        "qemu",
+        "--copy-mode",
+        "background",
+        "--rtt-ms",
+        PEER_RTT_MS,
+        "--guest",
+        &guest_dir,
+        "--workload-s",
+        PEER_WORKLOAD_S,
+        "--svg",
+        svg.to_str().unwrap(),
+        "--workdir",
+        workdir.to_str().unwrap(),
+        "--json",
+    ];
+    let (output, elapsed) = run_demo(&args, dir.path(), DEMO_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("strait demo --system qemu took {elapsed:?}; stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(output.status.success(), "exit status {}", output.status);
+
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["system"], "qemu-background", "{report}");
+    assert_eq!(report["outcome"], "done", "{report}");
+    assert_eq!(report["survived"], true, "{report}");
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|c| assert_eq!(c["passed"], true, "{c}"))
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "committed",
+            "one_side_runs",
+            "counter_continued",
+            "blocks_intact",
+            "dma_pages",
+            "md5_match",
+            "image_copied"
+        ]
+    );
+    let phases: Vec<&str> = report["migration"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["disk", "memory", "switchover", "completing", "done"]
+    );
+    // The guest paused at the switchover: a heartbeat gap, and QEMU's own figure.
+    let downtime = &report["downtime"];
+    let gap_ms = downtime["guest_switchover_ms"].as_f64().unwrap();
+    assert!(gap_ms > 0.0 && gap_ms < 30_000.0, "{downtime}");
+    assert!(downtime["vmm_ms"].as_u64().unwrap() > 0, "{downtime}");
+    assert!(downtime["switchover_ms"].as_f64().unwrap() > 0.0, "{downtime}");
+    // The mirror copied the whole disk, QEMU sent the RAM, and the link carried both.
+    let bytes = &report["bytes"];
+    assert!(bytes["bulk"].as_u64().unwrap() >= 64 << 20, "{bytes}");
+    assert!(bytes["memory"].as_u64().unwrap() > 0, "{bytes}");
+    let wire = report["wire"]["a_to_b_bytes"].as_u64().unwrap();
+    let sent = bytes["bulk"].as_u64().unwrap() + bytes["memory"].as_u64().unwrap();
+    assert!(wire >= sent, "the link delivered {wire} bytes, less than the {sent} sent");
+    assert!(!report["wire"]["timeline"].as_array().unwrap().is_empty());
+    assert!(!report["timeline"]["rows"].as_array().unwrap().is_empty());
+    let total_s = report["migration"]["total_s"].as_f64().unwrap();
+    assert!(total_s > 0.0, "{report}");
+    assert_eq!(report["system_detail"]["query_migrate"]["status"], "completed");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.contains("qemu-background") && chart.contains(">memory</text>"));
+}
