@@ -366,19 +366,28 @@ fn qemu_strait_demo_system_qemu_migrates_the_guest_with_qemus_own_migration() {
     let gap_ms = downtime["guest_switchover_ms"].as_f64().unwrap();
     assert!(gap_ms > 0.0 && gap_ms < 30_000.0, "{downtime}");
     assert!(downtime["vmm_ms"].as_u64().unwrap() > 0, "{downtime}");
-    assert!(downtime["switchover_ms"].as_f64().unwrap() > 0.0, "{downtime}");
+    assert!(
+        downtime["switchover_ms"].as_f64().unwrap() > 0.0,
+        "{downtime}"
+    );
     // The mirror copied the whole disk, QEMU sent the RAM, and the link carried both.
     let bytes = &report["bytes"];
     assert!(bytes["bulk"].as_u64().unwrap() >= 64 << 20, "{bytes}");
     assert!(bytes["memory"].as_u64().unwrap() > 0, "{bytes}");
     let wire = report["wire"]["a_to_b_bytes"].as_u64().unwrap();
     let sent = bytes["bulk"].as_u64().unwrap() + bytes["memory"].as_u64().unwrap();
-    assert!(wire >= sent, "the link delivered {wire} bytes, less than the {sent} sent");
+    assert!(
+        wire >= sent,
+        "the link delivered {wire} bytes, less than the {sent} sent"
+    );
     assert!(!report["wire"]["timeline"].as_array().unwrap().is_empty());
     assert!(!report["timeline"]["rows"].as_array().unwrap().is_empty());
     let total_s = report["migration"]["total_s"].as_f64().unwrap();
     assert!(total_s > 0.0, "{report}");
-    assert_eq!(report["system_detail"]["query_migrate"]["status"], "completed");
+    assert_eq!(
+        report["system_detail"]["query_migrate"]["status"],
+        "completed"
+    );
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.contains("qemu-background") && chart.contains(">memory</text>"));
 }

@@ -43,7 +43,9 @@ fn main() -> anyhow::Result<()> {
         command: args.command,
         runs_file: format!(
             "bench/results/{}",
-            args.runs.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            args.runs
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
         ),
         svg_file: SVG_FILE.into(),
     };

@@ -114,7 +114,12 @@ fn text(out: &mut String, x: f64, y: f64, anchor: &str, weight: &str, content: &
 }
 
 /// One panel: frame, ticks, title, a line per system and its phase marks.
-fn panel(out: &mut String, frame: &Frame, title: &str, lines: &[(String, &str, Vec<(f64, f64)>, &Value)]) {
+fn panel(
+    out: &mut String,
+    frame: &Frame,
+    title: &str,
+    lines: &[(String, &str, Vec<(f64, f64)>, &Value)],
+) {
     let (top, bottom, right) = (frame.top, frame.top + PANEL_HEIGHT, WIDTH - RIGHT);
     text(out, LEFT, top - 26.0, "start", "bold", title);
     let _ = writeln!(
@@ -126,16 +131,36 @@ fn panel(out: &mut String, frame: &Frame, title: &str, lines: &[(String, &str, V
     let mut v = 0.0;
     while v <= frame.y_max * (1.0 + 1e-9) {
         let y = frame.y(v);
-        let _ = writeln!(out, r##"<line x1="{LEFT}" y1="{y:.1}" x2="{right}" y2="{y:.1}" stroke="#eee"/>"##);
-        text(out, LEFT - 6.0, y + 4.0, "end", "normal", &format!("{v:.0}"));
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{right}" y2="{y:.1}" stroke="#eee"/>"##
+        );
+        text(
+            out,
+            LEFT - 6.0,
+            y + 4.0,
+            "end",
+            "normal",
+            &format!("{v:.0}"),
+        );
         v += step;
     }
     let step = nice_step(frame.x1 - frame.x0);
     let mut t = (frame.x0 / step).ceil() * step;
     while t <= frame.x1 {
         let x = frame.x(t);
-        let _ = writeln!(out, r##"<line x1="{x:.1}" y1="{top:.1}" x2="{x:.1}" y2="{bottom:.1}" stroke="#eee"/>"##);
-        text(out, x, bottom + 14.0, "middle", "normal", &format!("{t:.0}"));
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.1}" y1="{top:.1}" x2="{x:.1}" y2="{bottom:.1}" stroke="#eee"/>"##
+        );
+        text(
+            out,
+            x,
+            bottom + 14.0,
+            "middle",
+            "normal",
+            &format!("{t:.0}"),
+        );
         t += step;
     }
     let mut legend_x = LEFT;
@@ -207,7 +232,10 @@ pub fn render(runs: &[Run]) -> Option<String> {
         out,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">"#
     );
-    let _ = writeln!(out, r#"<rect width="{WIDTH}" height="{height}" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<rect width="{WIDTH}" height="{height}" fill="white"/>"#
+    );
     text(
         &mut out,
         LEFT,
@@ -228,13 +256,13 @@ pub fn render(runs: &[Run]) -> Option<String> {
         let wire: Vec<_> = chosen
             .iter()
             .map(|(i, r)| {
-                let label = format!(
-                    "{} (round {}, {:.1} s)",
-                    r.system,
-                    r.round,
-                    r.total_s()
-                );
-                (label, COLOURS[i % COLOURS.len()], wire_points(&r.report), &r.report)
+                let label = format!("{} (round {}, {:.1} s)", r.system, r.round, r.total_s());
+                (
+                    label,
+                    COLOURS[i % COLOURS.len()],
+                    wire_points(&r.report),
+                    &r.report,
+                )
             })
             .collect();
         let beats: Vec<_> = chosen
@@ -246,11 +274,19 @@ pub fn render(runs: &[Run]) -> Option<String> {
                     r.guest_switchover_ms(),
                     r.vmm_ms()
                 );
-                (label, COLOURS[i % COLOURS.len()], heartbeat_points(&r.report), &r.report)
+                (
+                    label,
+                    COLOURS[i % COLOURS.len()],
+                    heartbeat_points(&r.report),
+                    &r.report,
+                )
             })
             .collect();
         for (title, lines) in [
-            (format!("{condition}: link, source to destination (MB/s)"), wire),
+            (
+                format!("{condition}: link, source to destination (MB/s)"),
+                wire,
+            ),
             (format!("{condition}: guest heartbeats per second"), beats),
         ] {
             let y_max = lines

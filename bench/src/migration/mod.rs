@@ -209,7 +209,10 @@ mod tests {
     fn bad_lines_are_named() {
         assert!(matches!(
             parse_runs("{\"bench\": {}}"),
-            Err(RunsError::MissingField { line: 1, field: "round" })
+            Err(RunsError::MissingField {
+                line: 1,
+                field: "round"
+            })
         ));
         assert!(matches!(
             parse_runs("x"),

@@ -38,7 +38,11 @@ fn cut_name(cut_for_s: f64) -> String {
 }
 
 fn survived(runs: &[&Run]) -> String {
-    format!("{}/{}", runs.iter().filter(|r| r.survived).count(), runs.len())
+    format!(
+        "{}/{}",
+        runs.iter().filter(|r| r.survived).count(),
+        runs.len()
+    )
 }
 
 /// Only runs that committed have a downtime and a total time worth a median; the others
@@ -115,7 +119,11 @@ fn failures(out: &mut String, runs: &[Run]) {
 /// `migration.md`: strait's downtime, total time and workload penalty per RTT.
 pub fn migration_md(runs: &[Run], ctx: &Context) -> String {
     let mut out = String::new();
-    header(&mut out, "Live migration: strait's downtime, time and workload penalty", ctx);
+    header(
+        &mut out,
+        "Live migration: strait's downtime, time and workload penalty",
+        ctx,
+    );
     let _ = writeln!(
         out,
         "`strait demo` live-migrates the test guest (256 MiB of RAM under TCG, a 64 MiB \
@@ -167,7 +175,11 @@ pub fn migration_md(runs: &[Run], ctx: &Context) -> String {
         }
         out.push('\n');
     }
-    let strait: Vec<Run> = runs.iter().filter(|r| r.system == "strait").cloned().collect();
+    let strait: Vec<Run> = runs
+        .iter()
+        .filter(|r| r.system == "strait")
+        .cloned()
+        .collect();
     failures(&mut out, &strait);
     let _ = writeln!(
         out,
@@ -181,7 +193,11 @@ pub fn migration_md(runs: &[Run], ctx: &Context) -> String {
 /// `migration-vs-qemu.md`: every system, every condition.
 pub fn versus_md(runs: &[Run], ctx: &Context) -> String {
     let mut out = String::new();
-    header(&mut out, "Live migration: strait and QEMU's own, side by side", ctx);
+    header(
+        &mut out,
+        "Live migration: strait and QEMU's own, side by side",
+        ctx,
+    );
     let _ = writeln!(
         out,
         "The same guest and workload, the same `strait wanem` link, measured in the same \
@@ -296,9 +312,18 @@ mod tests {
         let md = migration_md(&runs, &context());
         assert!(md.contains("| 214 | 3/3 | 900 (900–900) | 700 (700–700) | 12.0 (10.0–20.0) | 20.0 (20.0–20.0) | not met | not met |"), "{md}");
         let vs = versus_md(&runs, &context());
-        assert!(vs.contains("| 214 | strait | 3/3 | 12.0 (10.0–20.0) |"), "{vs}");
-        assert!(vs.contains("| 214 | qemu-background | 1/2 | 30.0 |"), "{vs}");
-        assert!(vs.contains("round 2, qemu-background, 214 ms, no cut: no report (boom)"), "{vs}");
+        assert!(
+            vs.contains("| 214 | strait | 3/3 | 12.0 (10.0–20.0) |"),
+            "{vs}"
+        );
+        assert!(
+            vs.contains("| 214 | qemu-background | 1/2 | 30.0 |"),
+            "{vs}"
+        );
+        assert!(
+            vs.contains("round 2, qemu-background, 214 ms, no cut: no report (boom)"),
+            "{vs}"
+        );
         assert!(vs.contains("bench/migration.sh"));
     }
 }

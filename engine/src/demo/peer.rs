@@ -180,7 +180,6 @@ pub fn drive(
     let error = match outcome {
         Ok(()) => None,
         Err(DemoError::Interrupted) => return Err(DemoError::Interrupted),
-        Err(e @ DemoError::WorkloadTooShort { .. }) => return Err(e),
         Err(e) => {
             let message = error_chain(&e);
             say(&format!(
@@ -461,6 +460,26 @@ impl Driver {
         loop {
             interrupt.check()?;
             rig.sample_wire();
+            if rig.src_qemu.console.verdict().is_some() {
+                // For strait this is the demo's own misconfiguration; QEMU's mirror, though,
+                // may never be ready while the guest writes (it reports ready only once no
+                // block is dirty and no copy is in flight, and over a WAN every copy takes
+                // a round trip while the guest writes every few milliseconds): a migration
+                // that did not complete, reported as such.
+                return Err(DemoError::QemuMigration {
+                    reason: format!(
+                        "the guest's {} s workload ended on the source while QEMU was still \
+                         waiting for {what} (phase {}, {:.0} s after the start; mirror \
+                         {} of {} bytes copied, ready: {})",
+                        plan.workload_s,
+                        self.phase(),
+                        self.since_start_s(),
+                        self.mirror.offset,
+                        self.mirror.len,
+                        self.mirror.ready
+                    ),
+                });
+            }
             self.ensure_qemus(rig)?;
             if Instant::now() >= self.next_sample {
                 self.sample();
@@ -481,11 +500,6 @@ impl Driver {
             }
             if let Some(value) = done(self)?.value() {
                 return Ok(value);
-            }
-            if rig.src_qemu.console.verdict().is_some() {
-                return Err(DemoError::WorkloadTooShort {
-                    workload_s: plan.workload_s,
-                });
             }
             if Instant::now() >= self.next_print {
                 self.print_progress(rig);
