@@ -113,13 +113,12 @@ fn text(out: &mut String, x: f64, y: f64, anchor: &str, weight: &str, content: &
     );
 }
 
+/// A system's line in a panel: its label, colour, points and the report it comes from
+/// (for the phase marks).
+type Line<'a> = (String, &'a str, Vec<(f64, f64)>, &'a Value);
+
 /// One panel: frame, ticks, title, a line per system and its phase marks.
-fn panel(
-    out: &mut String,
-    frame: &Frame,
-    title: &str,
-    lines: &[(String, &str, Vec<(f64, f64)>, &Value)],
-) {
+fn panel(out: &mut String, frame: &Frame, title: &str, lines: &[Line]) {
     let (top, bottom, right) = (frame.top, frame.top + PANEL_HEIGHT, WIDTH - RIGHT);
     text(out, LEFT, top - 26.0, "start", "bold", title);
     let _ = writeln!(

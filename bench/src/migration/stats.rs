@@ -50,6 +50,7 @@ pub fn show(spread: Option<Spread>, decimals: usize) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

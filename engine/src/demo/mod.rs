@@ -179,7 +179,7 @@ pub enum DemoError {
     Qmp {
         qemu: &'static str,
         command: String,
-        source: strait_vmm::qmp::QmpError,
+        source: Box<strait_vmm::qmp::QmpError>,
     },
     #[error("QEMU's migration did not complete: {reason}")]
     QemuMigration { reason: String },

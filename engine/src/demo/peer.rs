@@ -228,7 +228,7 @@ impl Driver {
             QmpClient::connect_with(path, config.clone()).map_err(|source| DemoError::Qmp {
                 qemu: side.name(),
                 command: "(connect)".into(),
-                source,
+                source: Box::new(source),
             })
         };
         let now = Instant::now();
@@ -259,7 +259,7 @@ impl Driver {
             .map_err(|source| DemoError::Qmp {
                 qemu: side.name(),
                 command: command.to_owned(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -531,7 +531,7 @@ impl Driver {
             .map_err(|source| DemoError::Qmp {
                 qemu: Side::Src.name(),
                 command: "(events)".into(),
-                source,
+                source: Box::new(source),
             })?;
         let Some(event) = event else {
             return Ok(());
@@ -675,7 +675,7 @@ impl Driver {
                 .map_err(|source| DemoError::Qmp {
                     qemu: Side::Dst.name(),
                     command: "(events)".into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if let Some(event) = event {
                 if event.name == "MIGRATION" && event.data["status"] == "completed" {
