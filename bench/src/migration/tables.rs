@@ -258,10 +258,11 @@ pub fn versus_md(runs: &[Run], ctx: &Context) -> String {
              phase):\n"
         );
         for r in cut_runs {
-            let memory_start = r.report["migration"]["phases"]
+            let memory = r.report["migration"]["phases"]
                 .as_array()
-                .and_then(|p| p.iter().find(|p| p["phase"] == "memory"))
-                .and_then(|p| p["start_s"].as_f64());
+                .and_then(|p| p.iter().find(|p| p["phase"] == "memory"));
+            let memory_start = memory.and_then(|p| p["start_s"].as_f64());
+            let memory_s = memory.and_then(|p| p["duration_s"].as_f64());
             let _ = writeln!(
                 out,
                 "- round {}, {}, {} ms: cut at {:.1} s{}",
@@ -270,7 +271,16 @@ pub fn versus_md(runs: &[Run], ctx: &Context) -> String {
                 r.rtt_ms,
                 r.cut_start_s(),
                 memory_start
-                    .map(|m| format!(", {:.1} s into the memory phase", r.cut_start_s() - m))
+                    .zip(memory_s)
+                    .map(|(m, d)| format!(
+                        ", {:.1} s into the memory phase ({d:.1} s long){}",
+                        r.cut_start_s() - m,
+                        if r.cut_start_s() < m || r.cut_start_s() > m + d {
+                            ": the cut missed it"
+                        } else {
+                            ""
+                        }
+                    ))
                     .unwrap_or_default()
             );
         }
