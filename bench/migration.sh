@@ -11,8 +11,9 @@
 # (strait against issue 5's targets), migration-vs-qemu.md (all systems: medians, ranges,
 # bytes on the wire, survivors) and migration-timelines.svg. Needs root.
 #
-#   bench/migration.sh                         # 3 rounds x 4 RTTs x 2 x 3 systems: about 80 min
-#   ROUNDS=1 RTTS="100" bench/migration.sh     # a short run: 6 runs, about 8 min
+#   bench/migration.sh                         # 3 rounds x 4 RTTs x 2 cuts x 3 systems = 72 runs of
+#                                              # about 110 s each (the 90 s workload): over 2 h
+#   ROUNDS=1 RTTS="100" bench/migration.sh     # a short run: 6 runs, about 12 min
 #
 # The cut (CUT_FOR_S seconds) is placed per system and RTT from where that system's memory
 # phase fell in the same round's uncut run: link-up to migrate, plus the memory phase's
