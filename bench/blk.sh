@@ -61,6 +61,8 @@ python3 - "$results" "$OUT" <<'PY'
 import json, sys, datetime, subprocess
 rows = [json.loads(l) for l in open(sys.argv[1])]
 out = open(sys.argv[2], "w")
+qsd_version = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                             text=True).stdout.split("\n")[0].split(" ")[2:3] or ["?"]
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                         text=True).stdout.strip()
 first = rows[0]["case"]
@@ -79,7 +81,7 @@ w("Both backends serve the same 1 GiB raw image (tmpfs: `/dev/shm`; disk: ext4 o
   "machine's virtio disk, `/var/tmp`), confined with `taskset` to the same CPU "
   f"({','.join(map(str, be['cpus']))}); the load generator's queue threads run on CPU "
   f"{','.join(map(str, job['load_cpus']))}. strait: `strait serve --cores "
-  f"{','.join(map(str, be['cpus']))}` (O_DIRECT, io_uring). qsd: qemu-storage-daemon 7.2, "
+  f"{','.join(map(str, be['cpus']))}` (O_DIRECT, io_uring). qsd: qemu-storage-daemon {qsd_version[0]}, "
   f"`cache.direct={'on' if be['qsd_direct'] else 'off'},aio={be['qsd_aio']}`"
   f"{', export in an iothread' if be['qsd_iothread'] else ''}. "
   "Figures are medians over the rounds (alternating ABBA), `[min-max]` the spread; "

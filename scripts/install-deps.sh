@@ -2,16 +2,22 @@
 # Installs the host packages the test suite needs (QEMU for the end-to-end tests, the tools
 # scripts/guest/build.sh uses). Returns at once when everything is already there.
 #
-# Order matters: on these machines `qemu-system-x86` (7.2) removes the preinstalled
-# `qemu-utils` 10.x backport, so `qemu-utils` is installed again afterwards to get
-# `qemu-img` 7.2 back. `qemu-storage-daemon` ships in `qemu-system-common`.
+# QEMU comes from bookworm-backports (10.x), not from bookworm (7.2): QEMU before 9.0 loses
+# guest memory writes during a migration under TCG (its dirty-bitmap sync leaves the TCG TLB
+# believing pages are still dirty, so later stores set no dirty bit; fixed upstream in commit
+# 03bfc2188f, QEMU 9.0), and KVM hangs on these machines, so every migration here runs under
+# TCG. qemu-storage-daemon 7.2 also deadlocks on SIGTERM with a vhost-user client connected.
+# `qemu-system-x86`, `qemu-system-common` (qemu-storage-daemon) and `qemu-utils` (qemu-img)
+# are installed together from the same suite so their versions match.
 set -euo pipefail
 
-# command -> Debian package that provides it.
+# The oldest QEMU whose migration under TCG keeps every guest write (see above).
+readonly MIN_QEMU_MAJOR=9
+readonly BACKPORTS=bookworm-backports
+readonly BACKPORTS_LIST=/etc/apt/sources.list.d/strait-bookworm-backports.sources
+
+# command -> Debian package that provides it (QEMU's three are handled apart, below).
 declare -A TOOLS=(
-    [qemu-system-x86_64]=qemu-system-x86
-    [qemu-storage-daemon]=qemu-system-common
-    [qemu-img]=qemu-utils
     [busybox]=busybox-static
     [cpio]=cpio
     [gzip]=gzip
@@ -23,6 +29,8 @@ declare -A TOOLS=(
     # strait wanem and its tests build network namespaces with `ip netns`.
     [ip]=iproute2
 )
+readonly QEMU_TOOLS=(qemu-system-x86_64 qemu-storage-daemon qemu-img)
+readonly QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
 
 # The packages behind the tools that are absent, each once. Only those are installed, so a
 # rerun does not upgrade anything as a side effect.
@@ -33,10 +41,27 @@ missing_packages() {
     done | sort -u
 }
 
+# The major version a QEMU tool reports ("... version 10.0.2 (Debian ...)"), 0 if absent.
+qemu_major() {
+    local out
+    out=$("$1" --version 2>/dev/null | head -n1) || { echo 0; return; }
+    sed -nE 's/.*version ([0-9]+)\..*/\1/p' <<<"$out" | grep . || echo 0
+}
+
+qemu_ok() {
+    local tool
+    for tool in "${QEMU_TOOLS[@]}"; do
+        [ "$(qemu_major "$tool")" -ge "$MIN_QEMU_MAJOR" ] || return 1
+    done
+}
+
 packages=$(missing_packages)
-[ -n "$packages" ] || exit 0
+if [ -z "$packages" ] && qemu_ok; then
+    exit 0
+fi
 [ "$(id -u)" -eq 0 ] || {
-    echo "install-deps.sh: not root; missing packages: $(tr '\n' ' ' <<<"$packages")" >&2
+    echo "install-deps.sh: not root; missing: $(tr '\n' ' ' <<<"$packages")" \
+        "$(qemu_ok || echo "QEMU >= $MIN_QEMU_MAJOR (from $BACKPORTS)")" >&2
     exit 1
 }
 
@@ -48,10 +73,19 @@ apt_install() {
     }
 }
 
-if grep -qx qemu-system-x86 <<<"$packages"; then
-    apt_install qemu-system-x86
+if ! qemu_ok; then
+    if ! grep -rqs "$BACKPORTS" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat >"$BACKPORTS_LIST" <<SOURCES
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: $BACKPORTS
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+        apt-get update -q
+    fi
+    apt_install -t "$BACKPORTS" "${QEMU_PACKAGES[@]}"
 fi
-# Re-evaluated: installing qemu-system-x86 may just have removed qemu-utils (see above).
 packages=$(missing_packages)
 if [ -n "$packages" ]; then
     # shellcheck disable=SC2086 # one package per word
@@ -59,7 +93,8 @@ if [ -n "$packages" ]; then
 fi
 
 still_missing=$(missing_packages)
-if [ -n "$still_missing" ]; then
-    echo "install-deps.sh: still missing after apt: $(tr '\n' ' ' <<<"$still_missing")" >&2
+if [ -n "$still_missing" ] || ! qemu_ok; then
+    echo "install-deps.sh: still missing after apt: $(tr '\n' ' ' <<<"$still_missing")" \
+        "$(qemu_ok || echo "QEMU >= $MIN_QEMU_MAJOR")" >&2
     exit 1
 fi

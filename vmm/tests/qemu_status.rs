@@ -134,7 +134,9 @@ fn qemu_serves_one_qmp_client_at_a_time() {
         },
     )
     .expect("connect after the first left");
-    assert_eq!(second.greeting().version.qemu.major, 7);
+    // scripts/install-deps.sh installs QEMU 9.0 or later (bookworm-backports).
+    let version = second.greeting().version.qemu;
+    assert!(version.major >= 9, "{version:?}");
 }
 
 #[test]

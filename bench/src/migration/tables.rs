@@ -203,7 +203,7 @@ pub fn versus_md(runs: &[Run], ctx: &Context) -> String {
         "The same guest and workload, the same `strait wanem` link, measured in the same \
          sweep, interleaved. *strait*: two engines, the control API's `migrate`. \
          *qemu-background* / *qemu-write-blocking*: what libvirt does for \
-         `--copy-storage-all` with QEMU 7.2 (the destination exports its disk over NBD, the \
+         `--copy-storage-all` (the destination exports its disk over NBD, the \
          source `blockdev-mirror`s to it with that `copy-mode`, then QEMU's `migrate` over \
          TCP with `pause-before-switchover`, `auto-converge` and the same 500 ms \
          `downtime-limit`; the mirror is completed while the source is paused). \

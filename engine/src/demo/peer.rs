@@ -1,5 +1,5 @@
 //! `strait demo --system qemu`: the peer strait is measured against. No engine: QEMU moves
-//! the disk and the memory itself, driven over QMP the way libvirt drives QEMU 7.2 for
+//! the disk and the memory itself, driven over QMP the way libvirt drives QEMU for
 //! `virsh migrate --live --copy-storage-all`, across the same emulated WAN, with the same
 //! guest and workload; the demo's report and checks then apply unchanged.
 //!

@@ -5,8 +5,8 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-/// The longest line accepted from QEMU. The largest reply QEMU 7.2 sends to anything
-/// (`query-qmp-schema`) is 207 KB on one line; the replies this crate asks for are under
+/// The longest line accepted from QEMU. The largest reply QEMU sends to anything
+/// (`query-qmp-schema`) is 207 KB on one line on 7.2, 236 KB on 10.0; the replies this crate asks for are under
 /// 2 KiB. 1 MiB leaves room for both while bounding what a broken peer can make us buffer.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
