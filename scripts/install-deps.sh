@@ -55,13 +55,23 @@ qemu_ok() {
     done
 }
 
+# What to say about QEMU when something is missing: nothing if it is recent enough.
+qemu_wanted() {
+    qemu_ok || echo "QEMU >= $MIN_QEMU_MAJOR (from $BACKPORTS)"
+}
+
+# Whether an apt source already names the backports suite on a line that is not a comment.
+backports_listed() {
+    grep -rqsE "^[^#]*\b$BACKPORTS\b" /etc/apt/sources.list /etc/apt/sources.list.d/
+}
+
 packages=$(missing_packages)
 if [ -z "$packages" ] && qemu_ok; then
     exit 0
 fi
 [ "$(id -u)" -eq 0 ] || {
     echo "install-deps.sh: not root; missing: $(tr '\n' ' ' <<<"$packages")" \
-        "$(qemu_ok || echo "QEMU >= $MIN_QEMU_MAJOR (from $BACKPORTS)")" >&2
+        "$(qemu_wanted)" >&2
     exit 1
 }
 
@@ -74,7 +84,7 @@ apt_install() {
 }
 
 if ! qemu_ok; then
-    if ! grep -rqs "$BACKPORTS" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if ! backports_listed; then
         cat >"$BACKPORTS_LIST" <<SOURCES
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -95,6 +105,6 @@ fi
 still_missing=$(missing_packages)
 if [ -n "$still_missing" ] || ! qemu_ok; then
     echo "install-deps.sh: still missing after apt: $(tr '\n' ' ' <<<"$still_missing")" \
-        "$(qemu_ok || echo "QEMU >= $MIN_QEMU_MAJOR")" >&2
+        "$(qemu_wanted)" >&2
     exit 1
 fi

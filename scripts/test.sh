@@ -6,6 +6,22 @@ cd "$REPO"
 
 step() { echo; echo "=== $*"; }
 
+# CI builds once, from a clean checkout, where incremental compilation's caches only take
+# disk (they were the larger half of the test build). A developer rerunning this who wants
+# them sets CARGO_INCREMENTAL=1.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The build and the tests' images need a few GiB; say so plainly rather than let a linker
+# die of SIGBUS on a full disk (which is how a CI run once failed).
+readonly DISK_FREE_WANTED_GIB=8
+target_dir="${CARGO_TARGET_DIR:-$REPO/target}"
+mkdir -p "$target_dir"
+free_gib=$(df -Pk "$target_dir" | awk 'NR == 2 { print int($4 / 1048576) }')
+if [ "${free_gib:-0}" -lt "$DISK_FREE_WANTED_GIB" ]; then
+    echo "test.sh: warning: only ${free_gib} GiB free under $target_dir;" \
+        "the build and the tests want about ${DISK_FREE_WANTED_GIB} GiB" >&2
+fi
+
 step "host packages"
 bash scripts/install-deps.sh
 step "test guest"
