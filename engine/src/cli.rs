@@ -423,7 +423,8 @@ pub enum CtlCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Roll the running migration back (honoured until the commit is sent).
+    /// Roll the running migration back (at once until `Commit` goes out with
+    /// `migrate-continue`; after that, only if the destination agrees and records it).
     MigrateCancel,
 }
 

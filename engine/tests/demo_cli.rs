@@ -235,7 +235,6 @@ fn qemu_strait_demo_migrates_the_guest_across_wanem_and_reports_it() {
             "memory",
             "switchover",
             "completing",
-            "in-doubt",
             "done"
         ]
     );

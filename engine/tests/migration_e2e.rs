@@ -387,17 +387,19 @@ fn assert_migrated(s: &mut Setup, m: &Value) {
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
+    // A wait for the decision may go in doubt and back (a link that drops): every phase
+    // between the switchover and the end is one of the two.
     assert_eq!(
-        phases,
-        [
-            "disk",
-            "offer",
-            "memory",
-            "switchover",
-            "completing",
-            "in-doubt",
-            "done"
-        ]
+        phases[..5],
+        ["disk", "offer", "memory", "switchover", "completing"],
+        "{m}"
+    );
+    assert_eq!(phases.last(), Some(&"done"), "{m}");
+    assert!(
+        phases[5..phases.len() - 1]
+            .iter()
+            .all(|p| ["completing", "in-doubt"].contains(p)),
+        "{m}"
     );
     assert!(m["bytes"]["memory"].as_u64().unwrap() > 0, "{m}");
 }
@@ -544,11 +546,13 @@ fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
     assert_rolled_back(&mut s, &m);
 }
 
-/// The window where the source cannot know the outcome: `Commit` sent, no answer. The
-/// destination engine is frozen (SIGSTOP) as soon as the source says `in-doubt`, before the
-/// `Commit` can reach it (a 400 ms RTT gives 200 ms for that): the source VM stays paused
-/// and says so, and neither side runs; once the destination thaws, the engines reconcile
-/// and the VM runs there.
+/// The window where the source cannot know the outcome: `Commit` sent (with
+/// `migrate-continue`), no answer. The destination engine is frozen (SIGSTOP) as soon as the
+/// source says `completing`, before the `Commit` can reach it (a 400 ms RTT gives 200 ms
+/// for that): the source VM stays paused and says so, the destination holds the state
+/// without running it, and the source QEMU, whose stream is frozen too, neither completes
+/// nor fails (which would start its guest again): the source guest prints no heartbeat.
+/// Once the destination thaws, it decides, and the VM runs there.
 #[test]
 fn qemu_migration_in_doubt_stays_paused_until_the_destination_answers() {
     let Some(mut s) = setup_with(WORKLOAD_S, IN_DOUBT_RTT_MS, false) else {
@@ -559,12 +563,12 @@ fn qemu_migration_in_doubt_stays_paused_until_the_destination_answers() {
     let started = Instant::now();
     let m = loop {
         let m = s.source.call("status", Map::new())["migration"].clone();
-        if m["phase"] == "in-doubt" {
+        if m["phase"] == "completing" {
             break m;
         }
         assert!(
             !["done", "rolled-back", "failed"].contains(&m["phase"].as_str().unwrap_or("")),
-            "the migration ended before the test saw it in doubt: {m}\n{}",
+            "the migration ended before the test saw it wait for the decision: {m}\n{}",
             s.logs()
         );
         assert!(started.elapsed() < MIGRATION_TIMEOUT, "{m}");
@@ -579,11 +583,25 @@ fn qemu_migration_in_doubt_stays_paused_until_the_destination_answers() {
         started.elapsed()
     );
     let mut checks = 0;
+    let mut source_beats = None;
     while frozen_at.elapsed() < IN_DOUBT_HOLD {
         let now = s.source.call("status", Map::new())["migration"].clone();
-        assert_eq!(now["phase"], json!("in-doubt"), "{now}\n{}", s.logs());
-        assert_eq!(run_state(&s.src_qmp), RunState::PostMigrate);
-        assert_eq!(run_state(&s.dst_qmp), RunState::Paused);
+        assert!(
+            ["completing", "in-doubt"].contains(&now["phase"].as_str().unwrap_or("")),
+            "{now}\n{}",
+            s.logs()
+        );
+        // The source guest does not run: no heartbeat since the freeze. (Its QEMU is not
+        // asked: it holds its big lock while it writes its last pages into a stream the
+        // frozen destination does not drain.)
+        // A line the guest printed just before it stopped may still be on its way
+        // through the console pipe: the count is taken half a second into the freeze.
+        let beats = s.src_qemu.heartbeat_arrivals().len();
+        if frozen_at.elapsed() >= Duration::from_millis(500) {
+            let settled = *source_beats.get_or_insert(beats);
+            assert_eq!(beats, settled, "the source guest ran while in doubt");
+        }
+        assert_ne!(run_state(&s.dst_qmp), RunState::Running);
         checks += 1;
         std::thread::sleep(Duration::from_millis(250));
     }

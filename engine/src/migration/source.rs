@@ -44,24 +44,30 @@ use crate::replication::SourceState;
 /// loaded machine's margin.
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long the switchover may take to drain the mirror and hear that the destination has
-/// every write durable. The backlog is bounded by one second of the link's rate
-/// ([`crate::replication::throttle`]), so this is reached only when the link is down; the
-/// VM is paused meanwhile, so it is also the longest extra downtime a cut can cause
-/// before the migration rolls back.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the source waits for the destination's decision after `Commit` before it
+/// asks to abort instead (and then waits for the answer to that). The destination needs
+/// QEMU's last pages and device state (megabytes: seconds across a slow WAN) and the
+/// mirror's backlog (at most about a second of the link's rate,
+/// [`crate::replication::throttle`]); a minute covers a link that drops for less than its
+/// resume window on the way. The VM is paused meanwhile.
+pub const DECISION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long QEMU may take to send the device state and hear the destination loaded it,
-/// after `migrate-continue`: kilobytes to megabytes, seconds across a slow WAN.
-pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the source looks at the link and its VMM while it waits for the decision
+/// (a message from the destination wakes it at once).
+const DECIDE_POLL: Duration = Duration::from_millis(50);
+
+/// How long the source QEMU may take to end its migration once the destination
+/// committed: the return path's `SHUT` is half a round trip behind the commit; 10 s is a
+/// link that just dropped.
+pub const SOURCE_COMPLETED_WAIT: Duration = Duration::from_secs(10);
 
 /// Between two re-sends of `Commit` while in doubt within one session (a new session
 /// sends it at once).
 pub const COMMIT_RESEND: Duration = Duration::from_secs(5);
 
 /// The downtime QEMU aims for unless told otherwise (its own default is 300 ms; the
-/// product's target is about a second whatever the distance, and strait's drain adds to
-/// QEMU's figure).
+/// product's target is about a second whatever the distance, and the last bytes' trip
+/// across the WAN adds to QEMU's figure).
 pub const DOWNTIME_LIMIT_MS_DEFAULT: u64 = 500;
 
 /// No bandwidth cap from QEMU itself (its default is 128 MiB/s): the link limits, and
@@ -118,8 +124,11 @@ pub enum Phase {
     Offer,
     Memory,
     Switchover,
+    /// `Commit` sent: the destination commits as soon as it holds the whole state and
+    /// every write; the source VM stays paused until it says.
     Completing,
-    /// `Commit` sent, no answer yet: the source VM stays paused.
+    /// No decision yet, and the source cannot get one now: the link is down, or the
+    /// source asked to abort and has no answer. The source VM stays paused.
     InDoubt,
     /// Committed: the VM runs on the destination.
     Done,
@@ -252,6 +261,8 @@ impl Migration {
             sample_every: 1,
             ticks: 0,
             paused_at: None,
+            armed: false,
+            asked_on: None,
         };
         let thread = thread::Builder::new()
             .name("strait-migrate".into())
@@ -458,6 +469,10 @@ struct Runner {
     ticks: u64,
     /// When the VM stopped for the switchover.
     paused_at: Option<Instant>,
+    /// `Commit` went out: only the destination's `Refused` lets the VM run here again.
+    armed: bool,
+    /// The session the last `Commit` or `Abort` went on, and when.
+    asked_on: Option<(u64, Instant)>,
 }
 
 impl Runner {
@@ -583,9 +598,9 @@ impl Runner {
         self.set_phase(Phase::Switchover);
         self.switchover()?;
         self.set_phase(Phase::Completing);
-        self.complete()?;
-        self.set_phase(Phase::InDoubt);
-        self.commit()
+        self.decide()?;
+        self.finish();
+        Ok(())
     }
 
     /// Phase 1: the disk copied once (mirroring then keeps it so).
@@ -751,49 +766,70 @@ impl Runner {
         Ok(())
     }
 
-    /// Phase 4: the VM is stopped: the disk is fenced and demoted, and QEMU is let go
-    /// (`migrate-continue`) at once, so its last pages and device state cross the link
-    /// while the mirror drains; the commit waits for both (phase 5). Nothing is lost by
-    /// not draining first: the destination VM cannot run before the commit, and the
-    /// commit needs the replica complete.
+    /// Phase 4: the VM is stopped: the disk is fenced and demoted, QEMU is let go
+    /// (`migrate-continue`), and `Commit` goes out at once, so its last pages and device
+    /// state cross the link while the mirror drains. From `Commit` on, the destination
+    /// decides: it commits by itself as soon as its VMM loaded the state and its disk
+    /// holds every write, so the guest waits for no further round trip. The source gives
+    /// up its own right to roll back there: it rolls back only on the destination's
+    /// recorded `Refused`.
+    ///
+    /// A source QEMU whose migration fails after it stopped the guest starts the guest
+    /// again by itself; so before QEMU is let go the memory stream is told to hold QEMU's
+    /// socket open whatever happens to the link ([`StreamMonitor::hold_vmm_socket`]), and
+    /// the source QEMU waits at the end of its migration until the outcome is known.
     fn switchover(&mut self) -> Step<()> {
         self.side
             .fence()
             .map_err(|e| Stop::Rollback(format!("fencing the disk: {e}")))?;
         self.side.demote();
         self.cancelled()?;
+        let Some(stream) = self.stream.as_ref() else {
+            return Err(Stop::Rollback("the memory stream never ran".into()));
+        };
+        stream.monitor().hold_vmm_socket();
+        if stream.is_finished() {
+            let why = match self.stream.take().map(StreamHandle::join) {
+                Some(Err(e)) => e.to_string(),
+                _ => "it ended early".into(),
+            };
+            return Err(Stop::Rollback(format!("the memory stream failed: {why}")));
+        }
         self.vmm
             .continue_migration()
-            .map_err(|e| Stop::Rollback(format!("migrate-continue: {e}")))
+            .map_err(|e| Stop::Rollback(format!("migrate-continue: {e}")))?;
+        self.armed = true;
+        self.send_decision_request(None);
+        Ok(())
     }
 
-    /// Waits until every captured write is confirmed durable at the destination.
-    fn drain(&mut self) -> Step<()> {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            let r = self.replication()?;
-            let drained = r.demoted
-                && r.state == SourceState::InSync
-                && r.captured_writes == r.accounted_writes;
-            if drained {
-                info!(
-                    paused_ms = self.paused_ms(),
-                    "the destination has every write"
-                );
-                return Ok(());
+    /// Sends `Commit` (or, once the source wants out, `Abort`) on the current session,
+    /// when the last one went on another session or [`COMMIT_RESEND`] ago.
+    fn send_decision_request(&mut self, abort: Option<&str>) {
+        let Some(port) = self.side.port() else { return };
+        let Some(session) = port.link().map(|(s, _)| s) else {
+            return;
+        };
+        let due = match self.asked_on {
+            Some((on, at)) => session != on || at.elapsed() >= COMMIT_RESEND,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        let id = self.plan.id;
+        let message = match abort {
+            None => MigrationMessage::Commit { id },
+            Some(reason) => MigrationMessage::Abort {
+                id,
+                reason: reason.to_string(),
+            },
+        };
+        match port.send(&message) {
+            Ok(()) => self.asked_on = Some((session, Instant::now())),
+            Err(e) => {
+                warn!(error = %e, "cannot ask the destination to decide; the VM stays paused")
             }
-            if let SourceState::Refused(reason) = r.state {
-                return Err(Stop::Rollback(format!(
-                    "the destination refuses replication: {reason}"
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(Stop::Rollback(format!(
-                    "the mirror did not drain within {DRAIN_TIMEOUT:?} (state {:?})",
-                    r.state
-                )));
-            }
-            thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -802,59 +838,29 @@ impl Runner {
             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3)
     }
 
-    /// Phase 5: QEMU sends the rest; the destination must have loaded it all, and hold
-    /// every write of the disk.
-    fn complete(&mut self) -> Step<()> {
-        let info = self
-            .vmm
-            .wait_migration_status(&[MigrationStatus::Completed], COMPLETE_TIMEOUT)
-            .map_err(|e| Stop::Rollback(format!("the VMM's migration did not complete: {e}")))?;
-        self.tick_status(Some(&info));
-        let deadline = Instant::now() + COMPLETE_TIMEOUT;
-        while self.stream.as_ref().is_some_and(|s| !s.is_finished()) {
-            if Instant::now() >= deadline {
-                return Err(Stop::Rollback(
-                    "the memory stream did not end after the migration completed".into(),
-                ));
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-        match self.stream.take().map(StreamHandle::join) {
-            Some(Ok(report)) => {
-                info!(verdict = ?report.verdict, bytes = report.progress.local_to_peer_bytes, "memory stream done: the destination loaded the state");
-                self.drain()
-            }
-            Some(Err(e)) => Err(Stop::Rollback(format!(
-                "the destination did not confirm it loaded the state: {e}"
-            ))),
-            None => Err(Stop::Rollback("the memory stream never ran".into())),
-        }
-    }
-
-    /// Phase 6: `Commit`, and wait for the destination's decision for as long as it
-    /// takes. The VM stays paused here: it may already run there.
-    fn commit(&mut self) -> Step<()> {
+    /// Phase 5: wait for the destination's decision for as long as it takes. The VM stays
+    /// paused here: it may already run there. `completing` while all looks well;
+    /// `in-doubt` while the link is down, or once the source asked to abort (cancel, or no
+    /// decision within [`DECISION_TIMEOUT`]) and has no answer.
+    fn decide(&mut self) -> Step<()> {
         let id = self.plan.id;
-        let mut sent_on: Option<(u64, Instant)> = None;
+        let deadline = Instant::now() + DECISION_TIMEOUT;
+        let mut abort: Option<String> = None;
         loop {
+            if abort.is_none() {
+                if self.cancel.load(Ordering::Relaxed) {
+                    abort = Some("cancelled".into());
+                } else if Instant::now() >= deadline {
+                    abort = Some(format!("no decision within {DECISION_TIMEOUT:?}"));
+                }
+                if abort.is_some() {
+                    // Ask at once, whatever was sent before.
+                    self.asked_on = None;
+                }
+            }
+            self.send_decision_request(abort.as_deref());
             let port = self.side.port();
             if let Some(port) = &port {
-                let session = port.link().map(|(s, _)| s);
-                let due = match (session, sent_on) {
-                    (Some(s), Some((on, at))) => s != on || at.elapsed() >= COMMIT_RESEND,
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                };
-                if due {
-                    if let Some(s) = session {
-                        match port.send(&MigrationMessage::Commit { id }) {
-                            Ok(()) => sent_on = Some((s, Instant::now())),
-                            Err(e) => {
-                                warn!(error = %e, "cannot send Commit; in doubt, the VM stays paused")
-                            }
-                        }
-                    }
-                }
                 while let Some(m) = port.recv(Duration::ZERO) {
                     match m {
                         MigrationMessage::Committed { id: i } if i == id => {
@@ -869,6 +875,16 @@ impl Runner {
                             return Err(Stop::Rollback(format!(
                                 "the destination refused the commit: {reason}"
                             )));
+                        }
+                        MigrationMessage::Failed { id: i, reason } if i == id => {
+                            // It gave up receiving; only its recorded answer to Abort
+                            // lets this VM run again.
+                            warn!(%reason, "the destination gave up; asking it to record the abort");
+                            if abort.is_none() {
+                                abort = Some(format!("the destination gave up: {reason}"));
+                                self.asked_on = None;
+                                self.send_decision_request(abort.as_deref());
+                            }
                         }
                         other => warn!(?other, "unexpected migration message; ignored"),
                     }
@@ -887,18 +903,53 @@ impl Runner {
                     return Ok(());
                 }
             }
-            self.tick_status(None);
-            if let Some(port) = &port {
-                port.wait_change(sent_on.map_or(0, |(s, _)| s), TICK);
+            let link_up = port.as_ref().is_some_and(|p| p.link().is_some());
+            self.set_phase(if link_up && abort.is_none() {
+                Phase::Completing
             } else {
-                thread::sleep(TICK);
+                Phase::InDoubt
+            });
+            // No QMP here: QEMU holds its big lock while it writes its last pages, so a
+            // query would wait as long as the link does (and a cut link, for ever).
+            self.tick_status(None);
+            let session = self.asked_on.map_or(0, |(s, _)| s);
+            match &port {
+                Some(port) => port.wait_change(session, DECIDE_POLL),
+                None => thread::sleep(DECIDE_POLL),
             }
+        }
+    }
+
+    /// After the commit: the source QEMU hears from the return path that the destination
+    /// loaded the state and ends its migration (`postmigrate`; its guest stays stopped).
+    /// One that cannot hear it (the link went down just after the commit) would, the
+    /// moment its socket closed, count the migration as failed and start its guest
+    /// again, so it is stopped instead.
+    fn finish(&mut self) {
+        match self
+            .vmm
+            .wait_migration_status(&[MigrationStatus::Completed], SOURCE_COMPLETED_WAIT)
+        {
+            Ok(info) => self.tick_status(Some(&info)),
+            Err(e) => {
+                warn!(error = %e, "the source VMM did not end its migration after the commit; stopping it so that it never runs the guest again");
+                if let Err(e) = self.vmm.terminate() {
+                    warn!(error = %e, "cannot stop the source VMM: do not resume it, the VM runs on the destination");
+                }
+            }
+        }
+        if let Some(stream) = self.stream.take() {
+            stream.monitor().release_vmm_socket();
         }
     }
 
     /// Brings the VM back here: the destination will never run it.
     fn rollback(&mut self, why: &str) -> Result<(), String> {
         let id = self.plan.id;
+        if self.armed {
+            // Only the destination's recorded refusal gets here once `Commit` went out.
+            info!(reason = %why, "the destination refused: the VM runs here again");
+        }
         if let Some(stream) = self.stream.take() {
             stream.monitor().abort(why);
         }

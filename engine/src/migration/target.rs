@@ -2,12 +2,15 @@
 //!
 //! On `Offer`, it points its VMM (started with `-incoming defer` and `-S`) at a socket of
 //! its own (`migrate-incoming`), starts the memory stream's [`DestinationEnd`] on the
-//! replication session, and answers `Ready`. On `Commit`, it checks that its VMM loaded
-//! the whole state (the stream saw `SHUT 0` and QEMU says `completed`) and that the replica
-//! is complete (the source was demoted and every write is here), then records the commit
-//! durably ([`MigrationRecord`]), answers `Committed`, promotes the disk, lifts its fence
-//! and resumes the VM. Anything else is refused: recorded first, then answered, and the
-//! VMM that loaded the state is terminated so that state never runs.
+//! replication session, and answers `Ready`. `Commit` (sent by the source as it lets its
+//! QEMU go) hands it the decision: as soon as its VMM loaded the whole state (the stream
+//! passed on `SHUT 0` and QEMU says `completed`) and the replica is complete (the source
+//! was demoted and every write is here), it records the commit durably
+//! ([`MigrationRecord`]), answers `Committed`, promotes the disk, lifts its fence and
+//! resumes the VM, without waiting for another word from the source. A stream that fails,
+//! an `Abort`, or no complete state within [`COMMIT_READY_TIMEOUT`] is a refusal: recorded
+//! first, then answered, and the VMM that loaded the state is terminated so that state
+//! never runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,17 +29,21 @@ use super::wire::{MigrationId, MigrationMessage};
 use super::{connect_vmm, MigrationError};
 use crate::replication::driver::DestDriver;
 
-/// How long a commit waits for the replica to become complete: the source sends `Commit`
-/// once every write is confirmed, but the `Synced { last }` that makes the replica complete
-/// travels on the Mirror class and may arrive just after the `Commit` on Control.
-pub const COMPLETE_WAIT: Duration = Duration::from_secs(10);
-
-/// How long a commit waits for the destination VMM to report the migration completed
-/// after the stream ended: QEMU finishes loading the device state within milliseconds.
-pub const LOADED_WAIT: Duration = Duration::from_secs(10);
+/// How long after `Commit` the destination may take to hold everything the commit needs
+/// before it refuses: the source sends `Commit` as it lets its QEMU go, so the last pages,
+/// the device state and the mirror's backlog are still on their way (seconds across a
+/// slow WAN, more across a link that drops for less than its resume window). As long as
+/// the source's own [`super::source::DECISION_TIMEOUT`]: whichever side gives up first,
+/// the answer is a recorded refusal.
+pub const COMMIT_READY_TIMEOUT: Duration = super::source::DECISION_TIMEOUT;
 
 /// How often the thread looks for a stop request while no message comes.
 const POLL: Duration = Duration::from_millis(200);
+
+/// How often it looks whether a requested commit can be made: every millisecond here is
+/// a millisecond of the guest's downtime, and a look is two atomic loads (the QMP query
+/// is made once, when the stream says the state is loaded).
+const COMMIT_POLL: Duration = Duration::from_millis(1);
 
 /// What the destination reports about migrations.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +129,10 @@ struct Incoming {
     stream: Option<StreamHandle>,
     /// The stream's verdict once it ended: `Ok` when the VMM loaded everything.
     outcome: Option<Result<(), String>>,
+    /// When the source's `Commit` arrived: from then on this side decides.
+    commit_asked: Option<Instant>,
+    /// The VMM said its incoming migration completed.
+    vmm_loaded: bool,
 }
 
 struct Runner {
@@ -136,15 +147,23 @@ impl Runner {
         self.finish_recorded_commit();
         while !stop.load(Ordering::Relaxed) {
             self.watch_stream();
-            let Some(message) = self.parts.port.recv(POLL) else {
+            self.poll_commit();
+            let commit_pending = self
+                .current
+                .as_ref()
+                .is_some_and(|i| i.commit_asked.is_some());
+            let Some(message) =
+                self.parts
+                    .port
+                    .recv(if commit_pending { COMMIT_POLL } else { POLL })
+            else {
                 continue;
             };
             info!(?message, "migration message");
             let reply = match message {
                 MigrationMessage::Offer { id, vmm } => Some(self.offer(id, &vmm)),
                 MigrationMessage::Abort { id, reason } => {
-                    self.refuse(id, &format!("aborted by the source: {reason}"));
-                    None
+                    self.abort(id, &format!("aborted by the source: {reason}"))
                 }
                 MigrationMessage::Commit { id } => self.commit(id),
                 other => {
@@ -189,11 +208,15 @@ impl Runner {
         // off and never send its Abort), and tell the source if it can hear it.
         if let Some(Err(e)) = &incoming.outcome {
             let (id, reason) = (incoming.id, format!("the memory stream failed: {e}"));
+            let asked = incoming.commit_asked.is_some();
             self.refuse(id, &reason);
-            let _ = self
-                .parts
-                .port
-                .send(&MigrationMessage::Failed { id, reason });
+            // A source that sent `Commit` waits for the decision itself.
+            let message = if asked {
+                MigrationMessage::Refused { id, reason }
+            } else {
+                MigrationMessage::Failed { id, reason }
+            };
+            let _ = self.parts.port.send(&message);
         }
     }
 
@@ -266,90 +289,138 @@ impl Runner {
             vmm,
             stream: Some(stream),
             outcome: None,
+            commit_asked: None,
+            vmm_loaded: false,
         })
     }
 
-    /// The answer to `Commit`, unless it was sent already.
+    /// The answer to a decision already made about `id`.
+    fn decided(&self, id: MigrationId) -> Option<MigrationMessage> {
+        match self.record.get(id)? {
+            Decision::Committed => Some(MigrationMessage::Committed { id }),
+            Decision::Refused => Some(MigrationMessage::Refused {
+                id,
+                reason: "this migration was refused here earlier".into(),
+            }),
+        }
+    }
+
+    /// `Commit`: this side decides from now on ([`Runner::poll_commit`]). Answered at once
+    /// only when already decided, or when this destination is not receiving `id`.
     fn commit(&mut self, id: MigrationId) -> Option<MigrationMessage> {
-        match self.record.get(id) {
-            Some(Decision::Committed) => return Some(MigrationMessage::Committed { id }),
-            Some(Decision::Refused) => {
-                return Some(MigrationMessage::Refused {
+        if let Some(answer) = self.decided(id) {
+            return Some(answer);
+        }
+        match self.current.as_mut() {
+            Some(incoming) if incoming.id == id => {
+                if incoming.commit_asked.is_none() {
+                    incoming.commit_asked = Some(Instant::now());
+                }
+                self.poll_commit();
+                None
+            }
+            _ => {
+                let why = "this destination is not receiving that migration (restarted, or never offered)";
+                self.refuse(id, why);
+                Some(MigrationMessage::Refused {
                     id,
-                    reason: "this migration was refused here earlier".into(),
+                    reason: why.into(),
                 })
             }
-            None => {}
         }
-        let why_not = match self.current.take() {
-            Some(mut incoming) if incoming.id == id => match self.ready_to_commit(&mut incoming) {
-                Ok(()) => return self.do_commit(incoming),
-                Err(why) => {
-                    self.current = Some(incoming);
-                    why
-                }
-            },
-            other => {
-                self.current = other;
-                "this destination is not receiving that migration (restarted, or never offered)"
-                    .into()
-            }
-        };
-        self.refuse(id, &why_not);
+    }
+
+    /// `Abort`: refused unless already decided; answered either way, since a source
+    /// that sent `Commit` may be waiting for the answer.
+    fn abort(&mut self, id: MigrationId, why: &str) -> Option<MigrationMessage> {
+        if let Some(answer) = self.decided(id) {
+            return Some(answer);
+        }
+        self.refuse(id, why);
         Some(MigrationMessage::Refused {
             id,
-            reason: why_not,
+            reason: why.to_string(),
         })
     }
 
-    /// Whether everything the commit needs is here: the VMM loaded the whole state and
-    /// the replica is complete. Waits a little for each (see the constants).
-    fn ready_to_commit(&mut self, incoming: &mut Incoming) -> Result<(), String> {
-        let deadline = Instant::now() + LOADED_WAIT;
-        loop {
-            settle(incoming, &self.status);
-            match &incoming.outcome {
-                Some(Ok(())) => break,
-                Some(Err(e)) => return Err(format!("the memory stream failed: {e}")),
-                None if incoming.stream.is_none() => {
-                    return Err("the memory stream never ran".into())
+    /// Commits the requested migration once everything it needs is here: the stream
+    /// passed on the VMM's `SHUT 0`, the VMM says `completed`, and the replica is
+    /// complete. Refuses once that took [`COMMIT_READY_TIMEOUT`].
+    fn poll_commit(&mut self) {
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        let Some(asked) = incoming.commit_asked else {
+            return;
+        };
+        settle(incoming, &self.status);
+        let stream_loaded = match &incoming.outcome {
+            Some(Ok(())) => true,
+            // watch_stream refuses it.
+            Some(Err(_)) => return,
+            None => incoming
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.monitor().loaded()),
+        };
+        if stream_loaded && !incoming.vmm_loaded {
+            match incoming.vmm.migration_info() {
+                Ok(info) if info.status == MigrationStatus::Completed => {
+                    info!("the destination VMM loaded the state");
+                    incoming.vmm_loaded = true;
                 }
-                None => {}
+                Ok(info) if info.status.is_terminal() => {
+                    let (id, why) = (
+                        incoming.id,
+                        format!("the destination VMM's migration ended as {:?}", info.status),
+                    );
+                    self.refuse(id, &why);
+                    let _ = self
+                        .parts
+                        .port
+                        .send(&MigrationMessage::Refused { id, reason: why });
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot ask the destination VMM whether it loaded the state")
+                }
             }
-            if Instant::now() >= deadline {
-                return Err("the memory stream has not ended".into());
-            }
-            thread::sleep(Duration::from_millis(10));
         }
-        let info = incoming
-            .vmm
-            .wait_migration_status(&[MigrationStatus::Completed], LOADED_WAIT)
-            .map_err(|e| format!("the destination VMM did not load the state: {e}"))?;
-        info!(?info.status, "the destination VMM loaded the state");
-        let deadline = Instant::now() + COMPLETE_WAIT;
-        loop {
-            let s = self.parts.replica.status();
-            if s.complete {
-                return Ok(());
+        let complete = self.parts.replica.status().complete;
+        if incoming.vmm_loaded && complete {
+            if let Some(incoming) = self.current.take() {
+                self.do_commit(incoming);
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the replica is not complete (consistent: {}, the source's last write not confirmed)",
-                    s.consistent_at.is_some()
-                ));
-            }
-            thread::sleep(Duration::from_millis(10));
+            return;
+        }
+        if asked.elapsed() >= COMMIT_READY_TIMEOUT {
+            let id = incoming.id;
+            let why = format!(
+                "not everything arrived within {COMMIT_READY_TIMEOUT:?} of the commit request (state loaded: {}, replica complete: {complete})",
+                incoming.vmm_loaded
+            );
+            self.refuse(id, &why);
+            let _ = self
+                .parts
+                .port
+                .send(&MigrationMessage::Refused { id, reason: why });
         }
     }
 
     /// Commits `incoming`; sends `Committed` itself (before the promote ends the session).
-    fn do_commit(&mut self, incoming: Incoming) -> Option<MigrationMessage> {
+    fn do_commit(&mut self, incoming: Incoming) {
         let id = incoming.id;
         // The commit point.
         if let Err(e) = self.record.decide(id, Decision::Committed) {
             let reason = format!("cannot record the commit: {e}");
+            self.current = Some(incoming);
             self.refuse(id, &reason);
-            return Some(MigrationMessage::Refused { id, reason });
+            let _ = self
+                .parts
+                .port
+                .send(&MigrationMessage::Refused { id, reason });
+            return;
         }
         info!(id, "migration committed");
         // Answer first: the promote ends the replication session (the source is told it
@@ -377,7 +448,6 @@ impl Runner {
             warn!(id, problem = %d, "committed, but the VM does not run yet");
         }
         self.set_status(id, "committed", detail);
-        None
     }
 
     /// An engine that stopped between the commit point (the record) and the promote

@@ -144,6 +144,12 @@ pub(super) struct MonitorInner {
     /// A handle on the VMM socket while the relay owns it, so `abort` can shut it and
     /// unblock the relay's threads at once.
     local: Mutex<Option<UnixStream>>,
+    /// Set by [`StreamMonitor::hold_vmm_socket`]: a failure leaves the VMM's socket open.
+    holding: AtomicBool,
+    /// The VMM's socket kept open after the relay ended, while holding.
+    held: Mutex<Option<UnixStream>>,
+    /// The return path carried the destination's `SHUT 0`, and this end passed it on.
+    loaded: AtomicBool,
     /// Local-to-peer, peer-to-local.
     rates: Mutex<[RateMeter; 2]>,
 }
@@ -214,6 +220,35 @@ impl StreamMonitor {
         if let Some(sock) = lock(&self.inner.local).as_ref() {
             let _ = sock.shutdown(std::net::Shutdown::Both);
         }
+        self.release_vmm_socket();
+    }
+
+    /// From now on a failure of the stream does not end the VMM's migration: the relay
+    /// stops, but the VMM's socket stays open (held here) until
+    /// [`StreamMonitor::release_vmm_socket`] or [`StreamMonitor::abort`].
+    ///
+    /// Why: a source QEMU whose migration fails after it stopped the guest starts the
+    /// guest again by itself. Once the destination may commit on its own (after
+    /// `migrate-continue`), that would make two running copies; held, the source QEMU
+    /// waits at the end of its migration until the outcome is known.
+    pub fn hold_vmm_socket(&self) {
+        self.inner.holding.store(true, Ordering::Release);
+    }
+
+    /// Ends a hold: the VMM's socket, if the relay left it open, is closed now (a VMM
+    /// still migrating sees its migration fail).
+    pub fn release_vmm_socket(&self) {
+        self.inner.holding.store(false, Ordering::Release);
+        if let Some(sock) = lock(&self.inner.held).take() {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether the destination VMM confirmed it loaded everything (its return path
+    /// carried `SHUT 0`) and this end passed that on: on the destination, as soon as the
+    /// confirmation is on the link, before the stream's last `End` comes back.
+    pub fn loaded(&self) -> bool {
+        self.inner.loaded.load(Ordering::Acquire)
     }
 
     /// The reason given to [`StreamMonitor::abort`], once it was called.
@@ -252,8 +287,20 @@ impl MonitorInner {
         *local = Some(sock);
     }
 
+    /// Takes back the handle on the VMM socket; while holding, keeps it open instead.
     pub(super) fn detach_local(&self) {
-        lock(&self.local).take();
+        let sock = lock(&self.local).take();
+        if self.is_holding() {
+            *lock(&self.held) = sock;
+        }
+    }
+
+    pub(super) fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
     }
 
     /// Adds bytes moved one way and samples that way's rate.

@@ -206,7 +206,9 @@ impl<'a> Relay<'a> {
             }
         }
         self.failed.store(true, Ordering::Release);
-        let _ = self.control.shutdown(Shutdown::Both);
+        if !self.monitor.is_holding() {
+            let _ = self.control.shutdown(Shutdown::Both);
+        }
         Stop::Stopped
     }
 
@@ -315,6 +317,12 @@ impl<'a> Relay<'a> {
             self.wait_for_room()?;
             self.send(std::mem::take(&mut payload))?;
             self.monitor.count(true, n as u64);
+            if observer
+                .as_ref()
+                .is_some_and(|o| o.verdict() == Verdict::Loaded)
+            {
+                self.monitor.set_loaded();
+            }
         }
         self.send(
             Message::End {
@@ -391,11 +399,16 @@ impl<'a> Relay<'a> {
                 what: "Start in the middle of a stream",
             })),
             Message::Data { bytes, .. } => {
+                let mut loaded = false;
                 if let Some(o) = observer {
                     o.observe(bytes);
+                    loaded = o.verdict() == Verdict::Loaded;
                 }
                 self.write_local(sock, bytes)?;
                 self.monitor.count(false, bytes.len() as u64);
+                if loaded {
+                    self.monitor.set_loaded();
+                }
                 Ok(false)
             }
             Message::End { .. } => Ok(true),
