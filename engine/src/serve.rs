@@ -754,6 +754,15 @@ impl EngineHandler {
             "expected_downtime_ms": s.expected_downtime_ms,
             "vmm_downtime_ms": s.vmm_downtime_ms,
             "switchover_ms": s.switchover_ms,
+            "at_stop": s.at_stop.map(|a| json!({
+                "memory_queued_bytes": a.memory_queued_bytes,
+                "memory_in_flight_bytes": a.memory_in_flight_bytes,
+                "mirror_backlog_bytes": a.mirror_backlog_bytes,
+                "link_bytes_per_s": a.link_bytes_per_s,
+                "srtt_ms": a.srtt_ms,
+                "vmm_bytes": a.vmm_bytes,
+                "vmm_bytes_after": a.vmm_bytes_after,
+            })),
             "error": s.error,
             "timeline": s.timeline.iter().map(|x| json!([
                 (x.t_s * 1000.0).round() / 1000.0, x.phase.name(), x.memory_bytes_per_s,

@@ -346,6 +346,7 @@ impl Report {
                 "guest_switchover_ms": self.switchover_gap.map(|g| (g.seconds * 1e3).round()),
                 "vmm_ms": m["vmm_downtime_ms"],
                 "switchover_ms": m["switchover_ms"],
+                "at_stop": m["at_stop"],
             },
             "bytes": m["bytes"],
             "wire": wire_json(rec),
@@ -479,6 +480,9 @@ impl Report {
             label,
             format!("{} ({held})", ms(&j["downtime"]["switchover_ms"])),
         );
+        if let Some(text) = at_stop_line(&j["downtime"]["at_stop"]) {
+            line("at the stop", text);
+        }
         let bytes = |k: &str| {
             j["bytes"][k]
                 .as_u64()
@@ -810,6 +814,29 @@ fn checks(rec: &Recording) -> Vec<Check> {
     checks
 }
 
+/// What stood between the source VMM and the destination as the VM stopped, in bytes and
+/// in milliseconds of the link's rate: `None` when the engine did not report it.
+fn at_stop_line(a: &Value) -> Option<String> {
+    let queued = a["memory_queued_bytes"].as_u64()?;
+    let rate = a["link_bytes_per_s"].as_u64().filter(|r| *r > 0)?;
+    let drain_ms = |b: u64| b as f64 * 1e3 / rate as f64;
+    let mut text = format!(
+        "memory queued on the link {} ({:.0} ms at {}/s), mirror backlog {}",
+        format_bytes_binary(queued),
+        drain_ms(queued),
+        format_bytes_binary(rate),
+        format_bytes_binary(a["mirror_backlog_bytes"].as_u64().unwrap_or(0)),
+    );
+    if let Some(after) = a["vmm_bytes_after"].as_u64() {
+        text += &format!(
+            "; QEMU sent {} after it ({:.0} ms)",
+            format_bytes_binary(after),
+            drain_ms(after)
+        );
+    }
+    Some(text)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -827,6 +854,26 @@ mod tests {
         assert_eq!(rows[1].memory_bytes_per_s, 1000.0);
         assert_eq!(rows[1].throttle_pct, 40.0);
         assert_eq!(rows[1].bulk_bytes_per_s, 0.0);
+    }
+
+    #[test]
+    fn the_queue_at_the_stop_is_shown_in_milliseconds_of_the_link() {
+        let a = json!({
+            "memory_queued_bytes": 25 * 1024 * 1024, "memory_in_flight_bytes": 0,
+            "mirror_backlog_bytes": 4096, "link_bytes_per_s": 25 * 1024 * 1024,
+            "vmm_bytes": 1, "vmm_bytes_after": 5 * 1024 * 1024,
+        });
+        assert_eq!(
+            at_stop_line(&a).unwrap(),
+            "memory queued on the link 25.00 MiB (1000 ms at 25.00 MiB/s), mirror backlog \
+             4.00 KiB; QEMU sent 5.00 MiB after it (200 ms)"
+        );
+        // Not reported (QEMU's own migration), or no rate measured: no line.
+        assert_eq!(at_stop_line(&Value::Null), None);
+        assert_eq!(
+            at_stop_line(&json!({"memory_queued_bytes": 1, "link_bytes_per_s": 0})),
+            None
+        );
     }
 
     #[test]

@@ -181,6 +181,30 @@ pub struct Sample {
     pub disk_cap_bytes_per_s: u64,
 }
 
+/// What was still between the source VMM and the destination when the VM stopped for the
+/// switchover, and what the VMM sent after it: the parts of the downtime that belong to
+/// the link. The queue drains at the link's rate before the last pages can arrive, so
+/// `memory_queued_bytes / link_bytes_per_s` is downtime that QEMU's own estimate (its
+/// remaining pages over its send rate) does not see.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AtStop {
+    /// Memory-class bytes the link held: queued, or sent and not yet acked by the peer.
+    pub memory_queued_bytes: u64,
+    /// Of those, the bytes sent on a connection and not yet acked.
+    pub memory_in_flight_bytes: u64,
+    /// Captured guest writes not yet confirmed durable at the destination.
+    pub mirror_backlog_bytes: u64,
+    /// Bytes per second the link delivered, all classes together, just before the stop.
+    pub link_bytes_per_s: u64,
+    /// The session's smoothed round-trip time, once measured.
+    pub srtt_ms: Option<f64>,
+    /// Bytes the VMM had handed to the memory stream by the stop.
+    pub vmm_bytes: u64,
+    /// Bytes the VMM handed over after the stop (its last pages and the device state),
+    /// once it completed.
+    pub vmm_bytes_after: Option<u64>,
+}
+
 /// A migration's status, for `status` and the progress bar.
 #[derive(Debug, Clone)]
 pub struct MigrateStatus {
@@ -202,6 +226,8 @@ pub struct MigrateStatus {
     /// then promotes its disk and resumes the VM, which this figure does not include
     /// (tens of milliseconds: a sync and a QMP `cont`).
     pub switchover_ms: Option<f64>,
+    /// Where the bytes were when the VM stopped.
+    pub at_stop: Option<AtStop>,
     /// Bytes the link delivered per class during the migration.
     pub memory_bytes: u64,
     pub mirror_bytes: u64,
@@ -241,6 +267,7 @@ impl Migration {
             expected_downtime_ms: None,
             vmm_downtime_ms: None,
             switchover_ms: None,
+            at_stop: None,
             memory_bytes: 0,
             mirror_bytes: 0,
             bulk_bytes: 0,
@@ -729,6 +756,7 @@ impl Runner {
             match info.status {
                 MigrationStatus::PreSwitchover => {
                     self.paused_at = Some(Instant::now());
+                    self.record_stop();
                     return Ok(());
                 }
                 s if s.is_terminal() => {
@@ -750,6 +778,40 @@ impl Runner {
             }
             let marker = self.vmm.activity_marker().unwrap_or(0);
             let _ = self.vmm.wait_for_activity(marker, TICK);
+        }
+    }
+
+    /// Records [`AtStop`] as the VM stops, and logs it.
+    fn record_stop(&mut self) {
+        let mut at = AtStop {
+            mirror_backlog_bytes: self
+                .side
+                .replication()
+                .map_or(0, |r| r.mirror_backlog_bytes),
+            link_bytes_per_s: self.meter.rate_all(),
+            vmm_bytes: self
+                .stream
+                .as_ref()
+                .map_or(0, |s| s.monitor().progress().local_to_peer_bytes),
+            ..AtStop::default()
+        };
+        if let Some((_, link)) = self.side.port().and_then(|p| p.link()) {
+            let stats = link.stats();
+            let memory = &stats.send[ClassMeter::index(StreamClass::Memory)];
+            at.memory_queued_bytes = memory.backlog_bytes;
+            at.memory_in_flight_bytes = memory.sent_bytes.saturating_sub(memory.acked_bytes);
+            at.srtt_ms = stats.srtt_ns.map(|ns| ns as f64 / 1e6);
+        }
+        info!(?at, "the VM stopped for the switchover");
+        lock(&self.status).at_stop = Some(at);
+    }
+
+    /// Completes [`AtStop`] with what the VMM sent after the stop.
+    fn record_after_stop(&mut self, vmm_bytes_total: u64) {
+        let mut s = lock(&self.status);
+        if let Some(at) = s.at_stop.as_mut() {
+            at.vmm_bytes_after = Some(vmm_bytes_total.saturating_sub(at.vmm_bytes));
+            info!(at = ?*at, "what the switchover carried");
         }
     }
 
@@ -939,6 +1001,7 @@ impl Runner {
             }
         }
         if let Some(stream) = self.stream.take() {
+            self.record_after_stop(stream.monitor().progress().local_to_peer_bytes);
             stream.monitor().release_vmm_socket();
         }
     }
