@@ -214,6 +214,10 @@ pub struct MigrationParameters {
     /// percent (QEMU: 1..=100).
     #[serde(default, rename(deserialize = "throttle-trigger-threshold"))]
     pub throttle_trigger_threshold_pct: Option<u8>,
+    /// The rate the VMM assumes for its last pages when it decides to switch over
+    /// (QEMU 8.2 and later; 0: its own measure of the stream), in bytes per second.
+    #[serde(default, rename(deserialize = "avail-switchover-bandwidth"))]
+    pub avail_switchover_bandwidth_bytes_per_s: Option<u64>,
 }
 
 /// Where a migration stream goes to or comes from. Both QEMU and Cloud Hypervisor take

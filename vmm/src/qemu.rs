@@ -227,6 +227,7 @@ fn parameters_json(params: &MigrationParameters) -> Map<String, Value> {
         cpu_throttle_increment_pct,
         max_cpu_throttle_pct,
         throttle_trigger_threshold_pct,
+        avail_switchover_bandwidth_bytes_per_s,
     } = *params;
     let mut arguments = Map::new();
     let mut set = |name: &str, value: Option<u64>| {
@@ -248,6 +249,10 @@ fn parameters_json(params: &MigrationParameters) -> Map<String, Value> {
     set(
         "throttle-trigger-threshold",
         throttle_trigger_threshold_pct.map(u64::from),
+    );
+    set(
+        "avail-switchover-bandwidth",
+        avail_switchover_bandwidth_bytes_per_s,
     );
     arguments
 }
@@ -345,11 +350,13 @@ mod tests {
         let args = parameters_json(&MigrationParameters {
             downtime_limit_ms: Some(500),
             max_cpu_throttle_pct: Some(40),
+            avail_switchover_bandwidth_bytes_per_s: Some(25_000_000),
             ..Default::default()
         });
         assert_eq!(
             Value::Object(args),
-            json!({"downtime-limit": 500, "max-cpu-throttle": 40})
+            json!({"downtime-limit": 500, "max-cpu-throttle": 40,
+                   "avail-switchover-bandwidth": 25_000_000})
         );
     }
 }

@@ -102,6 +102,22 @@ fn qemu_cpu_throttle_follows_set_cpu_throttle() {
             ..MigrationParameters::default()
         })
         .expect("parameters");
+    // The rate strait tells QEMU to assume for its last pages (QEMU 8.2 and later): taken
+    // and read back. A low one also keeps this migration from switching over while the
+    // throttle is watched.
+    let switchover_bytes_per_s = 1_000_000;
+    source
+        .set_migration_parameters(&MigrationParameters {
+            avail_switchover_bandwidth_bytes_per_s: Some(switchover_bytes_per_s),
+            ..MigrationParameters::default()
+        })
+        .expect("avail-switchover-bandwidth");
+    let read_back = source.migration_parameters().expect("query parameters");
+    assert_eq!(
+        read_back.avail_switchover_bandwidth_bytes_per_s,
+        Some(switchover_bytes_per_s)
+    );
+    assert_eq!(read_back.downtime_limit_ms, Some(DOWNTIME_LIMIT_MS));
     source.set_cpu_throttle(30).expect("throttle 30%");
     wait_guest_dirtying(&source);
     source.start_migration(&uri).expect("migrate");

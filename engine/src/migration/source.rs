@@ -410,6 +410,46 @@ impl<const N: usize> Windowed<N> {
     }
 }
 
+/// The rate QEMU is told to expect for its last pages (`avail-switchover-bandwidth`):
+/// the link's measured rate, all classes together (at the switchover the guest is
+/// stopped, so its disk writes no longer share the link).
+///
+/// QEMU's own measure is how fast it wrote into its socket over the last 100 ms; strait's
+/// buffers (a bandwidth-delay product and more, across the WAN) take bursts faster than the
+/// WAN drains them, so QEMU's measure ran high and it stopped the VM with more left to send
+/// than its `downtime-limit` allows (measured at 214 ms: 15–24 MB sent after the stop, 0.6–1 s
+/// at the link's rate, with 500 ms asked).
+#[derive(Debug, Default)]
+struct SwitchoverRate {
+    /// The rate last told, 0 before the first.
+    told: u64,
+    /// The VMM refused the parameter: do not ask again.
+    unsupported: bool,
+}
+
+impl SwitchoverRate {
+    /// A change smaller than this share of the rate last told, in percent, is not worth a
+    /// QMP command (the measure itself moves by about that much from tick to tick).
+    const CHANGE_PCT: u64 = 10;
+
+    /// The rate to tell the VMM now, if it is measured and moved enough.
+    fn update(&mut self, measured_bytes_per_s: u64) -> Option<u64> {
+        if self.unsupported || measured_bytes_per_s == 0 {
+            return None;
+        }
+        let moved = self.told.abs_diff(measured_bytes_per_s);
+        if self.told != 0 && moved * 100 < self.told * Self::CHANGE_PCT {
+            return None;
+        }
+        self.told = measured_bytes_per_s;
+        Some(measured_bytes_per_s)
+    }
+
+    fn give_up(&mut self) {
+        self.unsupported = true;
+    }
+}
+
 /// Bytes the link delivered per class, across sessions.
 #[derive(Default)]
 struct ClassMeter {
@@ -726,6 +766,7 @@ impl Runner {
             .start_migration(&MigrationUri::Unix(socket))
             .map_err(vmm_err("starting the VMM's migration"))?;
         let mut throttle_asked = 1u8;
+        let mut switchover_rate = SwitchoverRate::default();
         let mut disk = DiskMeter::default();
         loop {
             self.cancelled()?;
@@ -752,6 +793,17 @@ impl Runner {
                 throttle_asked = want;
             }
             self.side.set_disk_rate_cap(decided.disk_cap_bytes_per_s);
+            if let Some(rate) = switchover_rate.update(self.meter.rate_all()) {
+                let told = self.vmm.set_migration_parameters(&MigrationParameters {
+                    avail_switchover_bandwidth_bytes_per_s: Some(rate),
+                    ..MigrationParameters::default()
+                });
+                if let Err(e) = told {
+                    // QEMU before 8.2: it keeps its own measure.
+                    warn!(error = %e, "cannot tell the VMM the link's rate; it decides the switchover from its own measure");
+                    switchover_rate.give_up();
+                }
+            }
             self.tick_status(Some(&info));
             match info.status {
                 MigrationStatus::PreSwitchover => {
@@ -1072,6 +1124,21 @@ impl Runner {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_switchover_rate_is_told_when_it_moved_and_never_after_a_refusal() {
+        let mut r = SwitchoverRate::default();
+        // Nothing measured: nothing to tell.
+        assert_eq!(r.update(0), None);
+        assert_eq!(r.update(20_000_000), Some(20_000_000));
+        // Within 10 %: not worth a command.
+        assert_eq!(r.update(21_900_000), None);
+        assert_eq!(r.update(18_100_000), None);
+        assert_eq!(r.update(22_000_000), Some(22_000_000));
+        assert_eq!(r.update(0), None);
+        r.give_up();
+        assert_eq!(r.update(5_000_000), None);
+    }
 
     #[test]
     fn windowed_rates_do_not_read_a_burst_as_the_link() {
