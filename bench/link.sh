@@ -14,6 +14,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+command -v jq >/dev/null || bash scripts/install-deps.sh
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 S="${SECONDS_PER_RUN:-10}"

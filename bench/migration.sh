@@ -52,7 +52,7 @@ for system in $SYSTEMS; do
   esac
 done
 [ -f "$GUEST/vmlinuz" ] || { echo "no guest at $GUEST (scripts/guest/build.sh builds it; GUEST=DIR)" >&2; exit 2; }
-command -v jq >/dev/null || { echo "jq is needed (apt-get install jq)" >&2; exit 2; }
+bash scripts/install-deps.sh
 
 cargo build --release -p strait-engine --bin strait -p strait-bench --bin strait-bench-migration >&2
 case "$CARGO_TARGET_DIR" in /*) TARGET="$CARGO_TARGET_DIR" ;; *) TARGET="$PWD/$CARGO_TARGET_DIR" ;; esac

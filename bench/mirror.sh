@@ -12,6 +12,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+command -v jq >/dev/null || bash scripts/install-deps.sh
 : "${CARGO_TARGET_DIR:=target}"
 export CARGO_TARGET_DIR
 S_RUN="${SECONDS_PER_RUN:-5}"

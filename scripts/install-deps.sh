@@ -28,6 +28,8 @@ declare -A TOOLS=(
     [mkfs.ext4]=e2fsprogs
     # strait wanem and its tests build network namespaces with `ip netns`.
     [ip]=iproute2
+    # The bench/ scripts read the JSON strait prints and write their results with it.
+    [jq]=jq
 )
 readonly QEMU_TOOLS=(qemu-system-x86_64 qemu-storage-daemon qemu-img)
 readonly QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils)
