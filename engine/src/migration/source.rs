@@ -184,8 +184,9 @@ pub struct Sample {
 /// What was still between the source VMM and the destination when the VM stopped for the
 /// switchover, and what the VMM sent after it: the parts of the downtime that belong to
 /// the link. The queue drains at the link's rate before the last pages can arrive, so
-/// `memory_queued_bytes / link_bytes_per_s` is downtime that QEMU's own estimate (its
-/// remaining pages over its send rate) does not see.
+/// `memory_queued_bytes / link_bytes_per_s` bounds the downtime that QEMU's own estimate
+/// (its remaining pages over its send rate) does not see: a bound, not the figure, since
+/// the class's bytes count until the destination acks them in order, after the network.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct AtStop {
     /// Memory-class bytes the link held: queued, or sent and not yet acked by the peer.
