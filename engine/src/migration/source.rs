@@ -560,8 +560,12 @@ impl Runner {
                 }
             }
         };
-        // The VM either runs on the destination or here again: no more sharing.
+        // The VM either runs on the destination or here again: no more sharing, and the
+        // link may fill its pipes for bulk work again.
         self.side.set_disk_rate_cap(0);
+        if let Some((_, link)) = self.side.port().and_then(|p| p.link()) {
+            link.set_latency_bound(false);
+        }
         self.set_phase(phase);
         self.tick_status(None);
         lock(&self.status).error = error;
@@ -772,6 +776,12 @@ impl Runner {
         loop {
             self.cancelled()?;
             self.destination_failed(&port)?;
+            // The last pages wait behind whatever the sockets and the bottleneck hold when
+            // the VM stops: keep that to about a bandwidth-delay product from now on
+            // (asked every tick: a resumed session is a new link).
+            if let Some((_, link)) = port.link() {
+                link.set_latency_bound(true);
+            }
             let info = self
                 .vmm
                 .migration_info()

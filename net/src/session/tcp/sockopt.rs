@@ -6,6 +6,7 @@ use std::net::TcpStream;
 
 use tracing::debug;
 
+use super::wire_bound::WireInfo;
 use super::{CONN_WIRE_BYTES_MAX, NOTSENT_LOWAT_BYTES};
 
 /// Where Linux keeps the send-buffer autotuning bounds: "min default max" in bytes.
@@ -45,16 +46,19 @@ pub(super) fn size_send_buffer(sock: &TcpStream) {
     }
 }
 
-/// Bytes the socket has on the network or waiting to be sent: segments in flight (sent,
-/// neither acknowledged, selectively acknowledged nor marked lost, plus retransmissions)
-/// times the MSS, plus the bytes not yet sent. `None` if `TCP_INFO` fails.
-pub(super) fn wire_bytes(sock: &TcpStream) -> Option<u64> {
+/// What `TCP_INFO` says about the connection: the bytes it has on the network or waiting
+/// to be sent (segments in flight, that is sent and neither acknowledged, selectively
+/// acknowledged nor marked lost, plus retransmissions, times the MSS, plus the bytes not
+/// yet sent), its delivery rate and its lowest RTT. `None` if `TCP_INFO` fails.
+pub(super) fn wire_info(sock: &TcpStream) -> Option<WireInfo> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the fd is a live socket owned by `sock`; `info` is writable for `len` bytes
-    // and the kernel writes at most `len` bytes and updates it.
+    // and the kernel writes at most `len` bytes and updates it. A kernel whose struct is
+    // shorter leaves the later fields (delivery rate, minimum RTT) zero, which the bound
+    // reads as "not measured".
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
@@ -70,7 +74,11 @@ pub(super) fn wire_bytes(sock: &TcpStream) -> Option<u64> {
     let segs = u64::from(info.tcpi_unacked)
         .saturating_sub(u64::from(info.tcpi_sacked) + u64::from(info.tcpi_lost))
         + u64::from(info.tcpi_retrans);
-    Some(segs * u64::from(info.tcpi_snd_mss) + u64::from(info.tcpi_notsent_bytes))
+    Some(WireInfo {
+        bytes: segs * u64::from(info.tcpi_snd_mss) + u64::from(info.tcpi_notsent_bytes),
+        delivery_rate_bytes_per_s: info.tcpi_delivery_rate,
+        min_rtt_us: info.tcpi_min_rtt,
+    })
 }
 
 /// Sets an integer socket option; values above `c_int::MAX` are clamped to it.

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Two builds of strait against each other on the demo's migration, interleaved, at one
+# RTT: how a change moves the downtime and what it costs (total time, workload penalty).
+# Each revision is built in its own worktree and target directory; every run is one
+# `strait demo --json` under `flock /tmp/strait-heavy.lock`, so no other QEMU shares the
+# cores. The order alternates (A B, B A, ...) so a drift in the machine's load hits both.
+#
+#   A=c72c232 B=HEAD bench/downtime-ab.sh                  # 3 runs each, 214 ms, 200 Mbit/s
+#   A=main B=my-branch N=5 RTT_MS=100 bench/downtime-ab.sh
+#
+# Writes bench/results/downtime-ab-<A>-<B>.jsonl (every report, tagged "variant") and
+# bench/results/downtime-ab-<A>-<B>.md (medians and ranges, with this command). Needs root.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+A="${A:?A=REV (the baseline)}"
+B="${B:?B=REV (the change)}"
+N="${N:-3}"
+RTT_MS="${RTT_MS:-214}"
+RATE_MBIT="${RATE_MBIT:-200}"
+WORKLOAD_S="${WORKLOAD_S:-90}"
+GUEST="${GUEST:-.cache/guest}"
+AB_DIR="${AB_DIR:-/tmp/strait-ab}"
+LOCK=/tmp/strait-heavy.lock
+OUT=bench/results
+
+for v in N RTT_MS RATE_MBIT WORKLOAD_S; do
+  case "${!v}" in '' | *[!0-9]*) echo "$v must be a number, not '${!v}'" >&2; exit 2 ;; esac
+done
+[ -f "$GUEST/vmlinuz" ] || { echo "no guest at $GUEST (scripts/guest/build.sh builds it; GUEST=DIR)" >&2; exit 2; }
+command -v jq >/dev/null || bash scripts/install-deps.sh
+
+# Builds revision $1 in its own worktree; prints the binary's path.
+build() {
+  local rev sha dir
+  rev="$1"
+  sha="$(git rev-parse --short=12 "$rev^{commit}")"
+  dir="$AB_DIR/$sha"
+  if [ ! -d "$dir/src" ]; then
+    rm -rf "$dir/src"
+    git worktree add -f --detach "$dir/src" "$sha" >&2
+  fi
+  (cd "$dir/src" && CARGO_TARGET_DIR="$dir/target" cargo build --release -q -p strait-engine --bin strait >&2)
+  echo "$dir/target/release/strait"
+}
+
+label() { git rev-parse --short=7 "$1^{commit}"; }
+LA="$(label "$A")"
+LB="$(label "$B")"
+BIN_A="$(build "$A")"
+BIN_B="$(build "$B")"
+NAME="downtime-ab-$LA-$LB"
+RUNS="$OUT/$NAME.jsonl"
+: > "$RUNS"
+COMMAND="A=$LA B=$LB N=$N RTT_MS=$RTT_MS RATE_MBIT=$RATE_MBIT WORKLOAD_S=$WORKLOAD_S bench/downtime-ab.sh"
+
+run() {
+  local variant="$1" bin="$2" raw
+  raw="$(mktemp)"
+  echo "== $variant: $bin demo --rtt-ms $RTT_MS --rate-mbit $RATE_MBIT" >&2
+  if flock "$LOCK" "$bin" demo --guest "$GUEST" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" \
+    --workload-s "$WORKLOAD_S" --json > "$raw"; then :; fi
+  # The report is the last line; a run that printed none is recorded as such.
+  if tail -n1 "$raw" | jq -e . >/dev/null 2>&1; then
+    tail -n1 "$raw" | jq -c --arg v "$variant" '. + {variant: $v}' >> "$RUNS"
+  else
+    jq -nc --arg v "$variant" '{variant: $v, outcome: "no report", passed: false}' >> "$RUNS"
+  fi
+  rm -f "$raw"
+  tail -n1 "$RUNS" | jq -r '"   \(.variant): \(.outcome) passed \(.passed) switchover \(.downtime.switchover_ms // "-") ms, guest \(.downtime.guest_switchover_ms // "-") ms, after the stop \(.downtime.at_stop.vmm_bytes_after // "-") B"' >&2
+}
+
+for i in $(seq "$N"); do
+  if [ $((i % 2)) -eq 1 ]; then run "$LA" "$BIN_A"; run "$LB" "$BIN_B"
+  else run "$LB" "$BIN_B"; run "$LA" "$BIN_A"; fi
+done
+
+# Median and range of one figure over the runs of one variant that passed.
+{
+  echo "# Downtime A/B: $LA (A) against $LB (B)"
+  echo
+  echo "$(date -u +%Y-%m-%d), $RTT_MS ms RTT, $RATE_MBIT Mbit/s, $N runs each, interleaved. Reproduce:"
+  echo
+  echo "    $COMMAND"
+  echo
+  echo "Medians over the runs that passed, range in brackets."
+  echo
+  jq -rs --arg a "$LA" --arg b "$LB" '
+    def stat(f): [.[] | f | select(. != null)] | sort
+      | if length == 0 then "-" else
+          "\((if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end) | . * 10 | round / 10) (\(.[0] | . * 10 | round / 10)–\(.[-1] | . * 10 | round / 10))"
+        end;
+    def rows($v): [.[] | select(.variant == $v)] as $all | [$all[] | select(.passed == true)] as $ok
+      | "| \($v) | \($ok | length)/\($all | length) | \($ok | stat(.downtime.switchover_ms))"
+        + " | \($ok | stat(.downtime.guest_switchover_ms))"
+        + " | \($ok | stat(.downtime.at_stop.vmm_bytes_after / 1e6))"
+        + " | \($ok | stat(.downtime.at_stop.memory_in_flight_bytes / 1e6))"
+        + " | \($ok | stat(.downtime.at_stop.srtt_ms))"
+        + " | \($ok | stat(.migration.total_s))"
+        + " | \($ok | stat(.workload.slowdown_pct)) |";
+    "| build | passed | switchover ms | guest gap ms | MB after the stop | MB in flight at the stop | srtt at the stop ms | total s | penalty % |",
+    "|---|---|---|---|---|---|---|---|---|",
+    rows($a), rows($b)' "$RUNS"
+  echo
+  echo "Every report: [$NAME.jsonl]($NAME.jsonl)."
+} > "$OUT/$NAME.md"
+cat "$OUT/$NAME.md"
