@@ -413,7 +413,9 @@ pub enum CtlCommand {
         /// machine; in production the destination engine knows its own, `serve --vmm`).
         #[arg(long, value_name = "qemu:QMP_SOCKET")]
         dst_vmm: Option<String>,
-        /// The downtime QEMU aims for, in milliseconds.
+        /// The guest's downtime to aim for, in milliseconds: QEMU's `downtime-limit` is
+        /// what the link leaves of it (the queue ahead of QEMU's last pages, their trip
+        /// across the WAN, the destination's resume), at least 100 ms.
         #[arg(long, default_value_t = strait_engine_defaults::DOWNTIME_MS)]
         downtime_ms: u64,
         /// Milliseconds between progress lines.

@@ -762,6 +762,7 @@ impl EngineHandler {
                 "srtt_ms": a.srtt_ms,
                 "vmm_bytes": a.vmm_bytes,
                 "vmm_bytes_after": a.vmm_bytes_after,
+                "vmm_downtime_limit_ms": a.vmm_downtime_limit_ms,
             })),
             "error": s.error,
             "timeline": s.timeline.iter().map(|x| json!([

@@ -834,6 +834,9 @@ fn at_stop_line(a: &Value) -> Option<String> {
             drain_ms(after)
         );
     }
+    if let Some(limit) = a["vmm_downtime_limit_ms"].as_u64().filter(|l| *l > 0) {
+        text += &format!(", aiming for {limit} ms");
+    }
     Some(text)
 }
 
@@ -861,12 +864,12 @@ mod tests {
         let a = json!({
             "memory_queued_bytes": 25 * 1024 * 1024, "memory_in_flight_bytes": 0,
             "mirror_backlog_bytes": 4096, "link_bytes_per_s": 25 * 1024 * 1024,
-            "vmm_bytes": 1, "vmm_bytes_after": 5 * 1024 * 1024,
+            "vmm_bytes": 1, "vmm_bytes_after": 5 * 1024 * 1024, "vmm_downtime_limit_ms": 180,
         });
         assert_eq!(
             at_stop_line(&a).unwrap(),
             "memory queued on the link 25.00 MiB (1000 ms at 25.00 MiB/s), mirror backlog \
-             4.00 KiB; QEMU sent 5.00 MiB after it (200 ms)"
+             4.00 KiB; QEMU sent 5.00 MiB after it (200 ms), aiming for 180 ms"
         );
         // Not reported (QEMU's own migration), or no rate measured: no line.
         assert_eq!(at_stop_line(&Value::Null), None);

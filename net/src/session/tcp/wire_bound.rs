@@ -149,7 +149,10 @@ mod tests {
         assert_eq!(b.update(1_500 * MS, &info(1_000, 200)), full);
         // Two windows of the lower rate: it is the rate now.
         let low = b.update(2_600 * MS, &info(2_000_000, 200));
-        assert_eq!(low, (400_000 * WIRE_GAIN_PERCENT / 100).max(WIRE_FLOOR_BYTES));
+        assert_eq!(
+            low,
+            (400_000 * WIRE_GAIN_PERCENT / 100).max(WIRE_FLOOR_BYTES)
+        );
     }
 
     #[test]
