@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two builds of strait against each other on the demo's migration, interleaved, at one
 # RTT: how a change moves the downtime and what it costs (total time, workload penalty).
-# Each revision is built in its own worktree and target directory; every run is one
+# Each revision is built in its own worktree under AB_DIR (default /tmp/strait-ab; remove
+# it and run `git worktree prune` to clean up); every run is one
 # `strait demo --json` under `flock /tmp/strait-heavy.lock`, so no other QEMU shares the
 # cores. The order alternates (A B, B A, ...) so a drift in the machine's load hits both.
 #
@@ -30,18 +31,20 @@ done
 [ -f "$GUEST/vmlinuz" ] || { echo "no guest at $GUEST (scripts/guest/build.sh builds it; GUEST=DIR)" >&2; exit 2; }
 command -v jq >/dev/null || bash scripts/install-deps.sh
 
-# Builds revision $1 in its own worktree; prints the binary's path.
+# Builds revision $1 in its own worktree; prints the path of its binary. The revisions
+# share one target directory (the dependencies build once), and each binary is copied
+# out, since the next build replaces it.
 build() {
   local rev sha dir
   rev="$1"
   sha="$(git rev-parse --short=12 "$rev^{commit}")"
   dir="$AB_DIR/$sha"
-  if [ ! -d "$dir/src" ]; then
-    rm -rf "$dir/src"
-    git worktree add -f --detach "$dir/src" "$sha" >&2
+  if [ ! -x "$dir/strait" ]; then
+    [ -d "$dir/src" ] || git worktree add -f --detach "$dir/src" "$sha" >&2
+    (cd "$dir/src" && CARGO_TARGET_DIR="$AB_DIR/target" cargo build --release -q -p strait-engine --bin strait >&2)
+    cp "$AB_DIR/target/release/strait" "$dir/strait"
   fi
-  (cd "$dir/src" && CARGO_TARGET_DIR="$dir/target" cargo build --release -q -p strait-engine --bin strait >&2)
-  echo "$dir/target/release/strait"
+  echo "$dir/strait"
 }
 
 label() { git rev-parse --short=7 "$1^{commit}"; }
