@@ -482,6 +482,18 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
     eprintln!("migrate: {}", s.migrate());
     let m = s.follow(MIGRATION_TIMEOUT);
     assert_migrated(&mut s, &m);
+    // QEMU aimed for its share of the 500 ms target, not all of it: at least the one-way
+    // trip (50 ms) and the destination's part came off, and never below the floor.
+    let limit = m["at_stop"]["vmm_downtime_limit_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no downtime-limit at the stop: {m}"));
+    let target = strait_engine::migration::source::DOWNTIME_LIMIT_MS_DEFAULT;
+    let most =
+        target - u64::from(RTT_MS) / 2 - strait_engine::migration::source::SWITCHOVER_FIXED_MS;
+    assert!(
+        (strait_engine::migration::source::VMM_DOWNTIME_LIMIT_MS_MIN..=most).contains(&limit),
+        "QEMU's downtime-limit at the stop was {limit} ms, expected 100..={most}: {m}"
+    );
 }
 
 /// A cut shorter than the session's resume window in the memory phase: the session
