@@ -60,7 +60,7 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Most bytes one connection's socket may hold on the network or unsent, as `TCP_INFO`
 /// shows them, before its writer takes no new data (with [`Link::set_latency_bound`] on,
-/// a connection keeps less: its measured bandwidth-delay product and a half, see
+/// a connection keeps less: its measured bandwidth-delay product and a quarter, see
 /// [`wire_bound`]). Four connections × 10 MiB = 40 MiB: 1.5 times the 27 MiB bandwidth-delay product of 1 Gbit/s × 214 ms, so the pipe stays full through
 /// BBR's probing cycles, yet below that BDP plus a router queue of one BDP (54 MiB). Without
 /// it, four BBR flows starting together overshoot into the queue and lose thousands of
@@ -447,7 +447,7 @@ impl Link {
         result
     }
 
-    /// Holds every connection to its measured bandwidth-delay product and a half (see
+    /// Holds every connection to its measured bandwidth-delay product and a quarter (see
     /// [`wire_bound`]) instead of [`CONN_WIRE_BYTES_MAX`], while `on`.
     ///
     /// For a phase whose last bytes someone waits for, such as a migration's memory
