@@ -96,13 +96,14 @@ done
     def rows($v): [.[] | select(.variant == $v)] as $all | [$all[] | select(.passed == true)] as $ok
       | "| \($v) | \($ok | length)/\($all | length) | \($ok | stat(.downtime.switchover_ms))"
         + " | \($ok | stat(.downtime.guest_switchover_ms))"
+        + " | \($ok | stat(.downtime.guest_stopped_ms))"
         + " | \($ok | stat(.downtime.at_stop.vmm_bytes_after / 1e6))"
         + " | \($ok | stat(.downtime.at_stop.memory_in_flight_bytes / 1e6))"
         + " | \($ok | stat(.downtime.at_stop.srtt_ms))"
         + " | \($ok | stat(.migration.total_s))"
         + " | \($ok | stat(.workload.slowdown_pct)) |";
-    "| build | passed | switchover ms | guest gap ms | MB after the stop | MB in flight at the stop | srtt at the stop ms | total s | penalty % |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| build | passed | switchover ms | guest gap ms | stood still ms | MB after the stop | MB in flight at the stop | srtt at the stop ms | total s | penalty % |",
+    "|---|---|---|---|---|---|---|---|---|---|",
     rows($a), rows($b)' "$RUNS"
   echo
   echo "Every report: [$NAME.jsonl]($NAME.jsonl)."

@@ -67,6 +67,12 @@ impl Run {
         self.number("/downtime/guest_switchover_ms")
     }
 
+    /// Of that silence, the time the VM stood still: the silence less how far the guest's
+    /// own clock moved between the two heartbeats (it stands still with the vCPUs).
+    pub fn guest_stopped_ms(&self) -> f64 {
+        self.number("/downtime/guest_stopped_ms")
+    }
+
     /// The longest silence between heartbeats over the whole run.
     pub fn guest_longest_ms(&self) -> f64 {
         self.number("/downtime/guest_ms")
@@ -177,7 +183,7 @@ mod tests {
             "outcome": "done", "survived": true, "passed": true,
             "migration": {"total_s": total, "started_after_link_up_s": 10.0},
             "link": {"cut_at_s": 14.0},
-            "downtime": {"guest_switchover_ms": 900.0, "guest_ms": 1000.0, "vmm_ms": 700},
+            "downtime": {"guest_switchover_ms": 900.0, "guest_stopped_ms": 450.0, "guest_ms": 1000.0, "vmm_ms": 700},
             "workload": {"slowdown_pct": 20.0},
             "wire": {"total_bytes": 1_000_000},
         })

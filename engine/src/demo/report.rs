@@ -222,10 +222,23 @@ pub fn phase_spans(migration: &Value) -> Vec<PhaseSpan> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gap {
     pub seconds: f64,
+    /// How far the guest's own clock (`/proc/uptime`) moved between the two heartbeats.
+    /// The guest's clock stands still while its vCPUs are stopped (QEMU stops the virtual
+    /// clock with them and migrates it), so `seconds - guest_s` is the time the VM did
+    /// not run: the silence less the guest's own slowness (a throttled or busy guest).
+    pub guest_s: f64,
     /// Seconds since the migration's start when the silence began.
     pub start_s: f64,
     pub before_i: u64,
     pub after_i: u64,
+}
+
+impl Gap {
+    /// The time the VM did not run during the silence: the silence less the guest's own
+    /// time between the heartbeats (none if its clock went back).
+    pub fn stopped_s(&self) -> f64 {
+        (self.seconds - self.guest_s.max(0.0)).max(0.0)
+    }
 }
 
 /// One check of the guest's continuity.
@@ -344,6 +357,7 @@ impl Report {
                 "guest_gap_after_i": self.gap.map(|g| g.after_i),
                 "guest_gap_at_s": self.gap.map(|g| g.start_s),
                 "guest_switchover_ms": self.switchover_gap.map(|g| (g.seconds * 1e3).round()),
+                "guest_stopped_ms": self.switchover_gap.map(|g| (g.stopped_s() * 1e3).round()),
                 "vmm_ms": m["vmm_downtime_ms"],
                 "switchover_ms": m["switchover_ms"],
                 "at_stop": m["at_stop"],
@@ -440,6 +454,17 @@ impl Report {
             ),
             None => "-".into(),
         });
+        if let Some(g) = self.switchover_gap {
+            line(
+                "",
+                format!(
+                    "the VM stood still {:.0} ms of it: the guest's clock moved {:.0} ms \
+                     between those heartbeats",
+                    g.stopped_s() * 1e3,
+                    g.guest_s * 1e3
+                ),
+            );
+        }
         if let Some(g) = self.gap {
             let same = self
                 .switchover_gap
@@ -644,6 +669,7 @@ fn largest_gap(rec: &Recording) -> Option<Gap> {
                 .arrived
                 .duration_since(pair[0].arrived)
                 .as_secs_f64(),
+            guest_s: pair[1].uptime_s - pair[0].uptime_s,
             start_s: rec.since_migrate_s(pair[0].arrived),
             before_i: pair[0].i,
             after_i: pair[1].i,
@@ -659,6 +685,7 @@ fn switchover_gap(rec: &Recording) -> Option<Gap> {
             .arrived
             .saturating_duration_since(last.arrived)
             .as_secs_f64(),
+        guest_s: first.uptime_s - last.uptime_s,
         start_s: rec.since_migrate_s(last.arrived),
         before_i: last.i,
         after_i: first.i,
@@ -857,6 +884,24 @@ mod tests {
         assert_eq!(rows[1].memory_bytes_per_s, 1000.0);
         assert_eq!(rows[1].throttle_pct, 40.0);
         assert_eq!(rows[1].bulk_bytes_per_s, 0.0);
+    }
+
+    #[test]
+    fn the_vm_stood_still_for_the_silence_less_the_guests_own_time() {
+        let gap = |seconds, guest_s| Gap {
+            seconds,
+            guest_s,
+            start_s: 0.0,
+            before_i: 1,
+            after_i: 2,
+        };
+        // 645 ms of silence, 190 ms of it on the guest's clock (a throttled guest before
+        // the stop): the VM stood still 455 ms.
+        assert!((gap(0.645, 0.190).stopped_s() - 0.455).abs() < 1e-9);
+        // A guest clock that went back counts as none: the whole silence.
+        assert_eq!(gap(0.5, -0.1).stopped_s(), 0.5);
+        // A clock that moved more than the host's (coarse uptime): never below zero.
+        assert_eq!(gap(0.02, 0.03).stopped_s(), 0.0);
     }
 
     #[test]
