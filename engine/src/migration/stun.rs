@@ -25,6 +25,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::replication::throttle::RATE_MIN_BYTES_PER_S;
+
 /// How often the controller looks: QEMU recomputes its rates every 100 ms and applies a
 /// throttle at most once a second, so 500 ms sees every change without busy polling.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -45,6 +47,16 @@ pub const STEP_DOWN_PCT: u8 = 10;
 
 /// How long a throttle stays before it may fall: QEMU's trigger delay (about 2 s).
 pub const HOLD: Duration = Duration::from_secs(2);
+
+/// The lowest cap put on the guest's disk writes: the replication pacer's own slowest
+/// pace ([`RATE_MIN_BYTES_PER_S`], 8 MiB/s, a 64 KiB write every 8 ms). Below it the cap
+/// would stall the guest rather than slow it: during a link cut the link delivers nothing,
+/// its budget is 0, and a cap of the budget held each disk write up to the pacer's limit
+/// of a second (measured: a guest's heartbeat loop, which writes a block per step, silent
+/// for 1.7 s at 0 ms RTT with a 3 s cut, the cap at 1 B/s and the throttle at 95%). What the link cannot take meanwhile goes to the
+/// replication's dirty bitmap and is copied later: nothing is lost, and the vCPU throttle
+/// still holds memory.
+pub const DISK_CAP_MIN_BYTES_PER_S: u64 = RATE_MIN_BYTES_PER_S;
 
 /// While the cap holds the guest's writes, their true demand is unknown (at least the
 /// cap): it is taken as this much more, so the disk's share grows again as soon as memory
@@ -131,8 +143,8 @@ impl StunController {
         if next != current {
             self.changed_at = Some(now);
         }
-        let disk_cap = if disk > disk_share {
-            disk_share.max(1)
+        let disk_cap = if disk > disk_share.max(DISK_CAP_MIN_BYTES_PER_S) {
+            disk_share.max(DISK_CAP_MIN_BYTES_PER_S)
         } else {
             0
         };
@@ -324,6 +336,43 @@ mod tests {
             },
         );
         assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (0, 0));
+    }
+
+    #[test]
+    fn a_link_that_delivers_nothing_slows_the_disk_but_never_stalls_it() {
+        let t = Instant::now();
+        // A cut: nothing delivered, the guest wants 2 MB/s of memory and 1 MB/s of disk.
+        let cut = Demand {
+            dirty_bytes_per_s: 2 * MB,
+            disk_bytes_per_s: MB,
+            link_bytes_per_s: 0,
+            ..Demand::default()
+        };
+        let s = StunController::new().tick(t, cut);
+        // Memory is held by the throttle at its ceiling; a disk below the floor is not
+        // capped at all.
+        assert_eq!((s.throttle_pct, s.disk_cap_bytes_per_s), (MAX_PCT, 0));
+        // A disk that wants more than the floor is held at the floor, not at the budget
+        // (0): its writes beyond what the link takes go to the dirty bitmap.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                disk_bytes_per_s: 40 * MB,
+                ..cut
+            },
+        );
+        assert_eq!(s.disk_cap_bytes_per_s, DISK_CAP_MIN_BYTES_PER_S);
+        // A slow link whose half is below the floor: the floor too.
+        let s = StunController::new().tick(
+            t,
+            Demand {
+                dirty_bytes_per_s: 40 * MB,
+                disk_bytes_per_s: 40 * MB,
+                link_bytes_per_s: 10 * MB,
+                ..Demand::default()
+            },
+        );
+        assert_eq!(s.disk_cap_bytes_per_s, DISK_CAP_MIN_BYTES_PER_S);
     }
 
     #[test]
