@@ -55,6 +55,8 @@ done
 bash scripts/install-deps.sh
 
 cargo build --release -p strait-engine --bin strait -p strait-bench --bin strait-bench-migration >&2
+# The commit the binaries were built from (the sweep takes an hour; HEAD may move meanwhile).
+COMMIT="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results' || echo -dirty)"
 case "$CARGO_TARGET_DIR" in /*) TARGET="$CARGO_TARGET_DIR" ;; *) TARGET="$PWD/$CARGO_TARGET_DIR" ;; esac
 STRAIT="$TARGET/release/strait"
 AGGREGATE="$TARGET/release/strait-bench-migration"
@@ -128,4 +130,4 @@ mv "$RUNS.new" "$RUNS"
 
 machine="$(uname -sr), $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p' | head -n 1)), $(free -g | awk '/^Mem:/ {print $2}') GiB, QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')"
 "$AGGREGATE" --runs "$RUNS" --out-dir "$OUT" --command "$COMMAND" \
-  --date "$(date -u +%F)" --commit "$(git rev-parse --short HEAD)" --machine "$machine"
+  --date "$(date -u +%F)" --commit "$COMMIT" --machine "$machine"
