@@ -67,7 +67,7 @@ pub const COMMIT_RESEND: Duration = Duration::from_secs(5);
 
 /// The guest's downtime a migration aims for unless told otherwise: issue 5's target at
 /// 214 ms RTT (XvMotion reports about a second). QEMU gets what is left of it once the
-/// link's part is taken off ([`DowntimeBudget`]).
+/// link's part is taken off (`DowntimeBudget`).
 pub const DOWNTIME_LIMIT_MS_DEFAULT: u64 = 500;
 
 /// The part of the switchover that is neither QEMU's last pages nor the link: the

@@ -61,8 +61,9 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// Most bytes one connection's socket may hold on the network or unsent, as `TCP_INFO`
 /// shows them, before its writer takes no new data (with [`Link::set_latency_bound`] on,
 /// a connection keeps less: its measured bandwidth-delay product and a quarter, see
-/// [`wire_bound`]). Four connections × 10 MiB = 40 MiB: 1.5 times the 27 MiB bandwidth-delay product of 1 Gbit/s × 214 ms, so the pipe stays full through
-/// BBR's probing cycles, yet below that BDP plus a router queue of one BDP (54 MiB). Without
+/// `tcp/wire_bound.rs`). Four connections × 10 MiB = 40 MiB: 1.5 times the 27 MiB
+/// bandwidth-delay product of 1 Gbit/s × 214 ms, so the pipe stays full through BBR's
+/// probing cycles, yet below that BDP plus a router queue of one BDP (54 MiB). Without
 /// it, four BBR flows starting together overshoot into the queue and lose thousands of
 /// packets (measured: 95 000 queue drops in 10 s at 214 ms, goodput 0.88 instead of 0.92).
 /// Unlike [`super::CONN_INFLIGHT_BYTES_MAX`] it does not count data the peer's TCP holds behind a
@@ -448,7 +449,7 @@ impl Link {
     }
 
     /// Holds every connection to its measured bandwidth-delay product and a quarter (see
-    /// [`wire_bound`]) instead of [`CONN_WIRE_BYTES_MAX`], while `on`.
+    /// `tcp/wire_bound.rs`) instead of [`CONN_WIRE_BYTES_MAX`], while `on`.
     ///
     /// For a phase whose last bytes someone waits for, such as a migration's memory
     /// stream: bytes queued in the sockets and the bottleneck go ahead of them. The
