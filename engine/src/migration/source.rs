@@ -874,10 +874,12 @@ impl Runner {
             self.destination_failed(&port)?;
             // The last pages wait behind whatever the sockets and the bottleneck hold when
             // the VM stops: keep that to about a bandwidth-delay product from now on
-            // (asked every tick: a resumed session is a new link).
-            if let Some((_, link)) = port.link() {
+            // (asked every tick: a resumed session is a new link). The same look gives the
+            // session's RTT for the downtime budget.
+            let srtt_ns = port.link().and_then(|(_, link)| {
                 link.set_latency_bound(true);
-            }
+                link.stats().srtt_ns
+            });
             let info = self
                 .vmm
                 .migration_info()
@@ -911,7 +913,6 @@ impl Runner {
                     switchover_rate.give_up();
                 }
             }
-            let srtt_ns = port.link().and_then(|(_, link)| link.stats().srtt_ns);
             if let Some(limit_ms) = self.budget.update(srtt_ns) {
                 info!(
                     limit_ms,
