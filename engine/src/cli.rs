@@ -86,6 +86,12 @@ pub struct DemoArgs {
     /// the destination too).
     #[arg(long, value_enum, default_value_t = CopyMode::Background)]
     pub copy_mode: CopyMode,
+    /// Let the guests' vCPUs share the cores with everything else. By default (with two
+    /// cores or more) each QEMU's vCPU thread gets the last core to itself and the engines,
+    /// the WAN emulator and the rest of QEMU the others, as on two hosts where the
+    /// migration's work does not run on the guest's core.
+    #[arg(long)]
+    pub share_cores: bool,
 }
 
 /// `strait demo --system`.

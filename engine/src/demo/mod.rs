@@ -25,6 +25,7 @@
 mod children;
 mod console;
 mod peer;
+mod pin;
 mod report;
 mod rig;
 mod svg;
@@ -43,6 +44,7 @@ use strait_vmm::{QemuVmm, RunState, Vmm};
 use crate::cli::{CopyMode, DemoArgs, DemoSystem};
 use crate::control::ControlError;
 use console::Verdict;
+use pin::CpuSplit;
 use report::{Recording, Report};
 use rig::{Backend, Engines, Rig, DISK_BYTES, GUEST_MEMORY_BYTES};
 
@@ -183,6 +185,12 @@ pub enum DemoError {
     },
     #[error("QEMU's migration did not complete: {reason}")]
     QemuMigration { reason: String },
+    #[error("cannot {what} (--share-cores runs without moving any thread)")]
+    Pin {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interrupted; every engine and QEMU the demo started was stopped")]
     Interrupted,
     #[error("{failed} of the demo's checks failed: {names} (the report above says why; logs in {workdir})")]
@@ -244,6 +252,8 @@ pub struct Plan {
     pub workdir: Option<PathBuf>,
     pub keep: bool,
     pub json: bool,
+    /// The cores, unless `--share-cores` or a one-core machine (`pin.rs`).
+    pub cpu_split: Option<CpuSplit>,
 }
 
 impl Plan {
@@ -296,7 +306,13 @@ impl Plan {
         if unsafe { libc::geteuid() } != 0 {
             return Err(DemoError::NotRoot);
         }
+        let cpu_split = if args.share_cores {
+            None
+        } else {
+            CpuSplit::detect()?
+        };
         Ok(Plan {
+            cpu_split,
             system,
             guest,
             rtt_ms: args.rtt_ms,
@@ -429,6 +445,14 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         },
         workdir.path().display()
     ));
+    if let Some(split) = &plan.cpu_split {
+        split.pin_self()?;
+        say(&format!(
+            "cores    the guests' vCPUs on core {}, the engines, the WAN emulator and the \
+             rest of QEMU on {:?} (--share-cores: all together)",
+            split.guest, split.host
+        ));
+    }
     let driven = match plan.system {
         System::Strait => drive(&plan, workdir.path(), &interrupt),
         System::Qemu(mode) => peer::drive(&plan, mode, workdir.path(), &interrupt),

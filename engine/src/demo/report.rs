@@ -343,6 +343,7 @@ impl Report {
                 "cut_at_s": rec.cut.map(|c| c.0),
                 "cut_for_s": rec.cut.map(|c| c.1),
             },
+            "cores": plan.cpu_split.as_ref().map(|c| json!({"guest": c.guest, "host": c.host})),
             "migration": {
                 "id": m["id"],
                 "started_after_link_up_s": rec.migrate_at.duration_since(rec.link_up).as_secs_f64(),

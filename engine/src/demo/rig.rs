@@ -433,6 +433,9 @@ fn start_qemu(
     for socket in [&engine_qmp, &qmp] {
         process.wait_socket(socket, QMP_SOCKET_TIMEOUT, interrupt)?;
     }
+    if let Some(split) = &plan.cpu_split {
+        split.pin_vcpus(what, &qmp)?;
+    }
     Ok(QemuProc {
         process,
         console,

@@ -655,6 +655,7 @@ mod tests {
             system: crate::demo::System::Strait,
         };
         let plan = Plan {
+            cpu_split: None,
             system: crate::demo::System::Strait,
             guest: GuestFiles {
                 kernel: "k".into(),
