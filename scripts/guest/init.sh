@@ -81,10 +81,11 @@ MIGRATE_MEM_NICE=19
 # The DMA check of the migrate scenario: the 1 MiB after the region gets new random data
 # (O_DIRECT) and is read back through the page cache, so the backend writes guest pages
 # that no vCPU writes again; then the loop sleeps this long. It runs beside the counter
-# loop, not in it: a refresh takes about 0.9 s of guest time under TCG (urandom, two md5s,
-# eight forks), and inline, every 100 steps, it silenced the heartbeats that long, which a
-# downtime measured by the heartbeats' gap took for downtime whenever a stop fell in it
-# (in the sweep at 760bd8e, every longest silence of a run was one).
+# loop, not in it, so its CPU (urandom, two md5s, eight forks) only slows the heartbeats.
+# Inline, every 100 steps, with readahead off, a refresh silenced them for about a second,
+# which a downtime measured by the heartbeats' gap took for downtime whenever a stop fell
+# in it (in the sweep at 760bd8e, every longest silence of a run was one); see the
+# readahead in scenario_migrate for the larger part of that second.
 MIGRATE_DMA_PAUSE_S=1
 MIGRATE_DMA_NICE=19
 MIGRATE_DMA_BYTES=$MIB
