@@ -14,6 +14,8 @@
 #   bench/migration.sh                         # 3 rounds x 4 RTTs x 2 cuts x 3 systems = 72 runs of
 #                                              # about 110 s each (the 90 s workload): over 2 h
 #   ROUNDS=1 RTTS="100" bench/migration.sh     # a short run: 6 runs, about 12 min
+#   OUT=bench/results/migration-1000mbit RATE_MBIT=1000 bench/migration.sh
+#                                              # the same files in another folder
 #
 # The cut (CUT_FOR_S seconds) is placed per system and RTT from where that system's memory
 # phase fell in the same round's uncut run: link-up to migrate, plus the memory phase's
@@ -38,9 +40,11 @@ GUEST="${GUEST:-.cache/guest}"
 FALLBACK_CUT_AT_S_STRAIT="${FALLBACK_CUT_AT_S_STRAIT:-18}"
 FALLBACK_CUT_AT_S_QEMU="${FALLBACK_CUT_AT_S_QEMU:-28}"
 LOCK=/tmp/strait-heavy.lock
-OUT=bench/results
+OUT="${OUT:-bench/results}"
+OUT_ARG=""
+[ "$OUT" = bench/results ] || OUT_ARG="OUT=$OUT "
 RUNS="$OUT/migration-runs.jsonl"
-COMMAND="ROUNDS=$ROUNDS RTTS=\"$RTTS\" SYSTEMS=\"$SYSTEMS\" CUT_FOR_S=$CUT_FOR_S RATE_MBIT=$RATE_MBIT WORKLOAD_S=$WORKLOAD_S bench/migration.sh"
+COMMAND="${OUT_ARG}ROUNDS=$ROUNDS RTTS=\"$RTTS\" SYSTEMS=\"$SYSTEMS\" CUT_FOR_S=$CUT_FOR_S RATE_MBIT=$RATE_MBIT WORKLOAD_S=$WORKLOAD_S bench/migration.sh"
 
 case "$ROUNDS" in '' | *[!0-9]*) echo "ROUNDS must be a number, not '$ROUNDS'" >&2; exit 2 ;; esac
 for rtt in $RTTS; do
@@ -64,6 +68,7 @@ AGGREGATE="$TARGET/release/strait-bench-migration"
 # Short: the demo's Unix sockets live in its work folders.
 WORK=$(mktemp -d /tmp/strait-mig.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
 : > "$RUNS.new"
 
 system_args() {
