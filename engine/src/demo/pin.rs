@@ -58,17 +58,15 @@ impl CpuSplit {
         })
     }
 
-    /// Moves the vCPU threads of the QEMU behind `qmp` to the guest core; returns their
-    /// thread ids.
-    pub fn pin_vcpus(&self, qemu: &'static str, qmp: &Path) -> Result<Vec<i32>, DemoError> {
-        let threads = vcpu_threads(qemu, qmp)?;
-        for &tid in &threads {
+    /// Moves the vCPU threads of the QEMU behind `qmp` to the guest core.
+    pub fn pin_vcpus(&self, qemu: &'static str, qmp: &Path) -> Result<(), DemoError> {
+        for tid in vcpu_threads(qemu, qmp)? {
             set_affinity(tid, &[self.guest]).map_err(|e| DemoError::Pin {
                 what: format!("move the {qemu}'s vCPU thread {tid} to core {}", self.guest),
                 source: e,
             })?;
         }
-        Ok(threads)
+        Ok(())
     }
 }
 
