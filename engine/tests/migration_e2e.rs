@@ -337,17 +337,15 @@ fn assert_migrated(s: &mut Setup, m: &Value) {
     // split between the consoles (the parser skips a partial line): then the source's last
     // partial line and the destination's first one join into it.
     if after == before + 2 {
-        // The guest's serial output only: the harness interleaves QEMU's stderr lines.
-        let serial = |text: String| {
-            text.replace('\r', "")
-                .split('\n')
-                .filter(|l| !l.starts_with("[qemu stderr]"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let (src, dst) = (serial(s.src_qemu.console()), serial(s.dst_qemu.console()));
-        let tail = src.rsplit('\n').next().unwrap_or("");
-        let joined = format!("{tail}{}", dst.split('\n').next().unwrap_or(""));
+        // The source's unfinished last line, and the destination's first serial line (the
+        // harness interleaves QEMU's stderr lines).
+        let tail = s.src_qemu.unfinished_line().replace('\r', "");
+        let dst = s.dst_qemu.console().replace('\r', "");
+        let head = dst
+            .split('\n')
+            .find(|l| !l.starts_with("[qemu stderr]"))
+            .unwrap_or("");
+        let joined = format!("{tail}{head}");
         assert!(
             joined.contains(&format!("STRAIT-HB i={} up=", before + 1)),
             "heartbeat {} is missing: source ends {tail:?}, destination starts {:?}",

@@ -2,7 +2,7 @@
 //! the serial console.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -35,6 +35,11 @@ const KERNEL_CMDLINE_BASE: &str = "console=ttyS0 quiet panic=-1";
 /// Set this variable to see the guest's console live on stderr (with `--nocapture`).
 const ECHO_ENV: &str = "STRAIT_GUEST_ECHO";
 const RESULT_MARKER: &str = "STRAIT-RESULT ";
+/// One read from a QEMU output pipe.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// The longest line kept whole: the guest's lines are under 200 bytes, so a longer one is
+/// noise (a kernel dump); cutting it keeps the unfinished-line buffer bounded.
+const LINE_BYTES_MAX: usize = 4096;
 const VERDICT_MARKER: &str = "STRAIT-VERDICT ";
 
 /// The scenarios of `scripts/guest/init.sh`; see there for what each does and prints.
@@ -384,6 +389,8 @@ pub struct Qemu {
     transcript: Arc<Mutex<String>>,
     /// Invariant: every complete `STRAIT-HB` console line received so far, in order.
     heartbeats: Arc<Mutex<Vec<HeartbeatArrival>>>,
+    /// Invariant: the console's bytes after its last newline, at most [`LINE_BYTES_MAX`].
+    unfinished: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
     results: BTreeMap<String, String>,
     started: Instant,
@@ -408,6 +415,7 @@ impl Qemu {
         })?;
         let transcript = Arc::new(Mutex::new(String::new()));
         let heartbeats = Arc::new(Mutex::new(Vec::new()));
+        let unfinished = Arc::new(Mutex::new(Vec::new()));
         let (sender, events) = mpsc::channel();
         let echo = std::env::var_os(ECHO_ENV).is_some();
         let mut readers = Vec::new();
@@ -416,6 +424,7 @@ impl Qemu {
                 prefix: "",
                 transcript: Arc::clone(&transcript),
                 heartbeats: Some(Arc::clone(&heartbeats)),
+                unfinished: Arc::clone(&unfinished),
                 sender: Some(sender),
                 echo,
             };
@@ -426,6 +435,7 @@ impl Qemu {
                 prefix: "[qemu stderr] ",
                 transcript: Arc::clone(&transcript),
                 heartbeats: None,
+                unfinished: Arc::new(Mutex::new(Vec::new())),
                 sender: None,
                 echo,
             };
@@ -436,6 +446,7 @@ impl Qemu {
             events,
             transcript,
             heartbeats,
+            unfinished,
             readers,
             results: BTreeMap::new(),
             started,
@@ -452,6 +463,14 @@ impl Qemu {
             .lock()
             .map(|t| t.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// The line the console ends with, not finished yet: on a migration source that stopped
+    /// mid-line, the start of a line whose rest the destination prints. Empty when the
+    /// console ends with a newline.
+    pub fn unfinished_line(&self) -> String {
+        let unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&unfinished).into_owned()
     }
 
     /// The heartbeats of [`Scenario::Migrate`] so far, with the host time each line arrived,
@@ -589,6 +608,8 @@ struct LineSink {
     transcript: Arc<Mutex<String>>,
     /// Heartbeat lines, with their arrival time (the console only).
     heartbeats: Option<Arc<Mutex<Vec<HeartbeatArrival>>>>,
+    /// The bytes read after the last newline.
+    unfinished: Arc<Mutex<Vec<u8>>>,
     /// Every line, for [`Qemu::wait_verdict`] (the console only); told when the output ends.
     sender: Option<Sender<ConsoleEvent>>,
     /// Also print each line on stderr.
@@ -596,46 +617,69 @@ struct LineSink {
 }
 
 /// Copies `source` line by line into `sink` until end of file. The console is bytes, not
-/// necessarily UTF-8, and ends lines with "\r\n".
-fn read_lines(source: impl Read, sink: &LineSink) {
-    let mut reader = BufReader::new(source);
-    let mut buf = Vec::new();
+/// necessarily UTF-8, and ends lines with "\r\n". Reads whatever the pipe holds rather than
+/// waiting for a newline, so the bytes after the last newline (a source QEMU that stopped
+/// mid-line never finishes that line) are visible in `sink.unfinished` at once, not only when
+/// QEMU exits.
+fn read_lines(mut source: impl Read, sink: &LineSink) {
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
+        let n = match source.read(&mut chunk) {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        // The downtime measurement: taken as soon as the line is in.
+            Ok(n) => n,
+        };
+        // The downtime measurement: taken as soon as the bytes are in.
         let arrived = Instant::now();
-        let line = String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_owned();
-        if sink.echo {
-            eprintln!("[guest] {}{line}", sink.prefix);
-        }
+        let mut lines = Vec::new();
         {
-            let mut transcript = sink.transcript.lock().unwrap_or_else(|p| p.into_inner());
-            transcript.push_str(sink.prefix);
-            transcript.push_str(&line);
-            transcript.push('\n');
-        }
-        // A line without its newline is the end of a QEMU that stopped mid-line (a migration
-        // source): its heartbeat, if any, is incomplete.
-        let complete = buf.ends_with(b"\n");
-        if let (Some(heartbeats), true) = (&sink.heartbeats, complete) {
-            if let Some(heartbeat) = parse_heartbeat(&line) {
-                let mut heartbeats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-                heartbeats.push(HeartbeatArrival { heartbeat, arrived });
+            let mut pending = sink.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            for &byte in &chunk[..n] {
+                if byte == b'\n' {
+                    lines.push(std::mem::take(&mut *pending));
+                } else if pending.len() < LINE_BYTES_MAX {
+                    pending.push(byte);
+                }
             }
         }
-        if let Some(sender) = &sink.sender {
-            // The receiver is gone once the test stopped listening; keep draining the pipe
-            // into the transcript so QEMU never blocks writing to a full pipe.
-            let _ = sender.send(ConsoleEvent::Line(line));
+        for line in lines {
+            take_line(&line, arrived, true, sink);
         }
+    }
+    // End of file: a line without its newline is the end of a QEMU that stopped mid-line
+    // (a migration source): it goes in the transcript, but its heartbeat, if any, is
+    // incomplete.
+    let rest = std::mem::take(&mut *sink.unfinished.lock().unwrap_or_else(|p| p.into_inner()));
+    if !rest.is_empty() {
+        take_line(&rest, Instant::now(), false, sink);
     }
     if let Some(sender) = &sink.sender {
         let _ = sender.send(ConsoleEvent::Closed);
+    }
+}
+
+/// Puts one line (without its newline) that arrived at `arrived` into `sink`.
+fn take_line(bytes: &[u8], arrived: Instant, complete: bool, sink: &LineSink) {
+    let line = String::from_utf8_lossy(bytes)
+        .trim_end_matches(['\r', '\n'])
+        .to_owned();
+    if sink.echo {
+        eprintln!("[guest] {}{line}", sink.prefix);
+    }
+    {
+        let mut transcript = sink.transcript.lock().unwrap_or_else(|p| p.into_inner());
+        transcript.push_str(sink.prefix);
+        transcript.push_str(&line);
+        transcript.push('\n');
+    }
+    if let (Some(heartbeats), true) = (&sink.heartbeats, complete) {
+        if let Some(heartbeat) = parse_heartbeat(&line) {
+            let mut heartbeats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+            heartbeats.push(HeartbeatArrival { heartbeat, arrived });
+        }
+    }
+    if let Some(sender) = &sink.sender {
+        // The receiver is gone once the test stopped listening; keep draining the pipe
+        // into the transcript so QEMU never blocks writing to a full pipe.
+        let _ = sender.send(ConsoleEvent::Line(line));
     }
 }
