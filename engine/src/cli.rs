@@ -424,6 +424,11 @@ pub enum CtlCommand {
         /// across the WAN, the destination's resume), at least 100 ms.
         #[arg(long, default_value_t = strait_engine_defaults::DOWNTIME_MS)]
         downtime_ms: u64,
+        /// Roll the migration back if the VM has not stopped for the switchover this many
+        /// seconds into the memory phase (1 to 86400; the VM goes on here). Without it the
+        /// vCPU throttle alone makes QEMU converge, however long that takes.
+        #[arg(long, value_name = "SECONDS")]
+        converge_timeout_s: Option<u64>,
         /// Milliseconds between progress lines.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,

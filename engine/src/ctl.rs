@@ -75,6 +75,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             vmm,
             dst_vmm,
             downtime_ms,
+            converge_timeout_s,
             interval_ms,
             no_wait,
         } => {
@@ -87,6 +88,9 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
                 a.insert("dst_vmm".into(), Value::String(d.clone()));
             }
             a.insert("downtime_ms".into(), Value::from(*downtime_ms));
+            if let Some(s) = converge_timeout_s {
+                a.insert("converge_timeout_s".into(), Value::from(*s));
+            }
             return migrate(&args, a, (!no_wait).then_some(*interval_ms));
         }
         CtlCommand::MigrateCancel => ("migrate-cancel", serde_json::Map::new()),

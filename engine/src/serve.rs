@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -469,12 +469,10 @@ impl Handler for EngineHandler {
             Some(Value::String(v)) => Ok(Some(v.clone())),
             Some(_) => Err(invalid(&format!("`{key}` must be a string"))),
         };
-        if let Some(k) = args
-            .keys()
-            .find(|k| !["vmm", "to", "dst_vmm", "downtime_ms"].contains(&k.as_str()))
-        {
+        if let Some(k) = args.keys().find(|k| !MIGRATE_ARGS.contains(&k.as_str())) {
             return Err(invalid(&format!(
-                "`migrate` takes `vmm`, `to`, `dst_vmm` and `downtime_ms`, not `{k}`"
+                "`migrate` takes `vmm`, `to`, `dst_vmm`, `downtime_ms` and \
+                 `converge_timeout_s`, not `{k}`"
             )));
         }
         let vmm = string("vmm")?
@@ -493,6 +491,20 @@ impl Handler for EngineHandler {
                         "`downtime_ms` must be a whole number from {DOWNTIME_MS_MIN} to {DOWNTIME_MS_MAX}"
                     ))
                 })?,
+        };
+        let converge_timeout = match args.get("converge_timeout_s") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|s| (CONVERGE_TIMEOUT_S_MIN..=CONVERGE_TIMEOUT_S_MAX).contains(s))
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| {
+                        invalid(&format!(
+                            "`converge_timeout_s` must be a whole number from \
+                             {CONVERGE_TIMEOUT_S_MIN} to {CONVERGE_TIMEOUT_S_MAX}"
+                        ))
+                    })?,
+            ),
         };
         let to = string("to")?;
         if self.replica.is_some() {
@@ -551,6 +563,7 @@ impl Handler for EngineHandler {
             dst_vmm,
             run_dir: self.run_dir.clone(),
             downtime_limit_ms,
+            converge_timeout,
         };
         let id = plan.id;
         let started = Migration::start(plan, side).map_err(|e| refused(e.to_string()))?;
@@ -643,6 +656,14 @@ impl Handler for EngineHandler {
 /// across a WAN; above a minute it is no longer a live migration.
 const DOWNTIME_MS_MIN: u64 = 50;
 const DOWNTIME_MS_MAX: u64 = 60_000;
+
+/// The arguments `migrate` takes.
+const MIGRATE_ARGS: [&str; 5] = ["vmm", "to", "dst_vmm", "downtime_ms", "converge_timeout_s"];
+
+/// `converge_timeout_s` of `migrate`: the controller reads QEMU every 0.5 s, so a second is
+/// the shortest limit it can keep; a day is longer than anyone watches a guest throttled.
+const CONVERGE_TIMEOUT_S_MIN: u64 = 1;
+const CONVERGE_TIMEOUT_S_MAX: u64 = 86_400;
 
 /// A random migration id (from the kernel's generator; a clock if that fails, which only
 /// weakens the id's uniqueness, not safety: the destination records decisions per id).

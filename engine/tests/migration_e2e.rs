@@ -54,6 +54,9 @@ const IN_DOUBT_RTT_MS: u32 = 400;
 /// How long the destination stays frozen while the source is in doubt.
 const IN_DOUBT_HOLD: Duration = Duration::from_secs(4);
 
+/// A memory phase this short cannot converge: 256 MiB at 200 Mbit/s take over 10 s.
+const CONVERGE_TIMEOUT_S: u64 = 2;
+
 /// A link cut the session survives: shorter than its resume window (30 s).
 const SHORT_CUT: Duration = Duration::from_secs(4);
 /// A link cut past the resume window: the session fails.
@@ -200,7 +203,11 @@ impl Setup {
     }
 
     fn migrate(&mut self) -> Value {
-        let mut args = Map::new();
+        self.migrate_with(Map::new())
+    }
+
+    /// `migrate` with `args` besides the ones every test gives.
+    fn migrate_with(&mut self, mut args: Map<String, Value>) -> Value {
         args.insert("to".into(), json!(self.to));
         args.insert("vmm".into(), json!(self.engine_qmp("src")));
         if self.forward_vmm {
@@ -553,6 +560,44 @@ fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
     s.dst_qemu.kill();
     let m = s.follow(MIGRATION_TIMEOUT);
     eprintln!("rolled back: {}", m["error"]);
+    assert_rolled_back(&mut s, &m);
+}
+
+/// The memory phase outlasts `converge_timeout_s`: the migration rolls back, saying what
+/// QEMU had left, and the VM goes on on the source, as after any rollback.
+#[test]
+fn qemu_migration_rolls_back_when_memory_does_not_converge_in_time() {
+    let Some(mut s) = setup(WORKLOAD_S) else {
+        return;
+    };
+    s.wait_workload();
+    let mut args = Map::new();
+    args.insert("converge_timeout_s".into(), json!(CONVERGE_TIMEOUT_S));
+    s.migrate_with(args);
+    let m = s.follow(MIGRATION_TIMEOUT);
+    eprintln!("rolled back: {}", m["error"]);
+    let error = m["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("did not converge within {CONVERGE_TIMEOUT_S} s"))
+            && error.contains("MiB left"),
+        "{m}"
+    );
+    // The limit ran in the memory phase, and no longer than a few controller ticks past it.
+    let at = |name: &str| {
+        m["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["phase"] == name)
+            .and_then(|p| p["at_s"].as_f64())
+            .unwrap_or_else(|| panic!("no {name} phase: {m}"))
+    };
+    let memory_s = at("rolled-back") - at("memory");
+    let limit_s = CONVERGE_TIMEOUT_S as f64;
+    assert!(
+        (limit_s..limit_s + 10.0).contains(&memory_s),
+        "memory phase {memory_s} s: {m}"
+    );
     assert_rolled_back(&mut s, &m);
 }
 

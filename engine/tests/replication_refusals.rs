@@ -1,7 +1,8 @@
 //! Replication refuses what it must, between real `strait serve` processes on loopback
 //! with mutual TLS: a destination disk smaller than the source's, and a second source
 //! (another disk) once a destination holds a replica. Each refusal is reported by the
-//! source with its reason, and the destination's image is left as it was.
+//! source with its reason, and the destination's image is left as it was. And `migrate`
+//! refuses bad arguments before it starts anything.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Engine, Fill};
 use serde_json::{json, Map, Value};
-use strait_engine::control::ControlClient;
+use strait_engine::control::{ControlClient, ControlError};
 use strait_net::tls::write_certs;
 
 const MIB: u64 = 1 << 20;
@@ -257,4 +258,69 @@ fn a_restarted_destination_is_recognised_and_a_replaced_one_recopied() {
         .map(|v| v.to_string());
     // Promoting again is harmless (idempotent).
     assert!(err.is_ok(), "{err:?}");
+}
+
+/// `migrate` checks its arguments before it starts anything: each bad one is refused as
+/// `invalid_args`, naming the argument, and neither a migration nor a replication starts.
+#[test]
+fn migrate_refuses_bad_arguments_before_it_starts() {
+    let dir = common::test_dir("strait-refuse-migrate-args");
+    let certs = certs(dir.path());
+    let src = dir.path().join("src.img");
+    common::make_image(&src, 8 * MIB, Fill::Seeded(1)).unwrap();
+    let source = source(dir.path(), "source", &src, &certs);
+    // Never reached: the arguments are refused first.
+    let vmm = format!("qemu:{}", dir.path().join("no-qmp.sock").display());
+    let to = "127.0.0.1:9";
+    let cases = [
+        (
+            json!({"vmm": vmm, "to": to, "converge_timeout_s": 0}),
+            "`converge_timeout_s`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "converge_timeout_s": 86_401}),
+            "`converge_timeout_s`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "converge_timeout_s": "30"}),
+            "`converge_timeout_s`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "converge_timeout_s": 2.5}),
+            "`converge_timeout_s`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "converge_timeout_s": -1}),
+            "`converge_timeout_s`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "downtime_ms": 49}),
+            "`downtime_ms`",
+        ),
+        (
+            json!({"vmm": vmm, "to": to, "timeout": 30}),
+            "not `timeout`",
+        ),
+        (json!({"vmm": "kvm:/x", "to": to}), "qemu:"),
+        (json!({"to": to, "converge_timeout_s": 30}), "`vmm`"),
+    ];
+    for (args, needle) in cases {
+        let Value::Object(map) = args.clone() else {
+            unreachable!("the cases are objects")
+        };
+        let err = ControlClient::connect(&source.control)
+            .unwrap()
+            .call_with_args("migrate", map)
+            .unwrap_err();
+        match err {
+            ControlError::Remote { code, message } => {
+                assert_eq!(code, "invalid_args", "{args}: {message}");
+                assert!(message.contains(needle), "{args}: {message}");
+            }
+            other => panic!("{args}: expected an error answer, got {other}"),
+        }
+    }
+    let status = source.call("status", Map::new());
+    assert_eq!(status["migration"], Value::Null, "{status}");
+    assert_eq!(status["replication"], Value::Null, "{status}");
 }

@@ -128,6 +128,10 @@ pub struct MigratePlan {
     /// Where the source socket is created.
     pub run_dir: PathBuf,
     pub downtime_limit_ms: u64,
+    /// The longest the memory phase may run before the VM stops for the switchover; past
+    /// it the migration rolls back and the VM goes on here (`None`: no limit, the throttle
+    /// alone makes QEMU converge).
+    pub converge_timeout: Option<Duration>,
 }
 
 /// Where a migration stands.
@@ -602,6 +606,25 @@ impl DiskMeter {
     }
 }
 
+/// Why a migration whose memory phase ran out of `limit` rolls back, with what QEMU had
+/// left: the figures a user weighs before trying again with a longer limit, a larger
+/// `downtime_ms` or a quieter guest.
+fn not_converged(limit: Duration, info: &MigrationInfo, throttle_asked: u8) -> String {
+    let (remaining, dirty) = info
+        .ram
+        .as_ref()
+        .map_or((0, 0), |r| (r.remaining_bytes, r.dirty_bytes_per_s()));
+    format!(
+        "the memory phase did not converge within {} s: QEMU had {} MiB left, the guest \
+         dirtied {} MiB/s, the vCPU throttle was {}% (asked {}%)",
+        limit.as_secs(),
+        remaining >> 20,
+        dirty >> 20,
+        info.cpu_throttle_pct.unwrap_or(0),
+        throttle_asked,
+    )
+}
+
 struct Runner {
     plan: MigratePlan,
     side: Arc<dyn SourceSide>,
@@ -866,6 +889,7 @@ impl Runner {
         self.vmm
             .start_migration(&MigrationUri::Unix(socket))
             .map_err(vmm_err("starting the VMM's migration"))?;
+        let memory_started = Instant::now();
         let mut throttle_asked = 1u8;
         let mut switchover_rate = SwitchoverRate::default();
         let mut disk = DiskMeter::default();
@@ -943,6 +967,13 @@ impl Runner {
                     )))
                 }
                 _ => {}
+            }
+            if let Some(limit) = self
+                .plan
+                .converge_timeout
+                .filter(|limit| memory_started.elapsed() >= *limit)
+            {
+                return Err(Stop::Rollback(not_converged(limit, &info, throttle_asked)));
             }
             if self.stream.as_ref().is_some_and(StreamHandle::is_finished) {
                 let why = match self.stream.take().map(StreamHandle::join) {
