@@ -431,6 +431,7 @@ impl Runner {
             warn!(error = %e, "cannot tell the source the commit; it asks again");
         }
         let mut problems = Vec::new();
+        let committed_at = Instant::now();
         // The replica is complete, so this is the ordinary (unforced) promote.
         if let Err(e) = self.parts.replica.promote(false) {
             problems.push(format!("promoting the disk: {e}"));
@@ -438,11 +439,20 @@ impl Runner {
         if let Some(backend) = &self.parts.backend {
             backend.unfence();
         }
+        let promoted_at = Instant::now();
         if problems.is_empty() {
             if let Err(e) = incoming.vmm.resume() {
                 problems.push(format!("resuming the VM: {e}"));
             }
         }
+        // Both are part of the guest's downtime; `cont` includes the VMM starting its
+        // devices (a vhost-user device's whole setup, message by message).
+        info!(
+            id,
+            promote_ms = promoted_at.duration_since(committed_at).as_secs_f64() * 1e3,
+            resume_ms = promoted_at.elapsed().as_secs_f64() * 1e3,
+            "promoted and resumed"
+        );
         let detail = (!problems.is_empty()).then(|| problems.join("; "));
         if let Some(d) = &detail {
             warn!(id, problem = %d, "committed, but the VM does not run yet");
