@@ -7,7 +7,7 @@
 # resolution). Needs root, QEMU and the test guest (scripts/guest/build.sh); about a minute:
 #
 #   flock /tmp/strait-heavy.lock python3 bench/resume-first-step.py
-import json, os, re, socket, subprocess, sys, threading, time
+import json, os, re, socket, subprocess, threading, time
 G=os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.cache', 'guest')
 W='/tmp/strait-resume-first-step'; os.makedirs(W, exist_ok=True)
 img=f'{W}/disk.img'

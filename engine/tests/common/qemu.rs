@@ -625,6 +625,8 @@ fn read_lines(mut source: impl Read, sink: &LineSink) {
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
         let n = match source.read(&mut chunk) {
+            // A signal, as `read_until` retried it before.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
