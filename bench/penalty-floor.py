@@ -15,9 +15,11 @@
 # (scripts/guest/build.sh); about a minute per round:
 #
 #   flock /tmp/strait-heavy.lock python3 bench/penalty-floor.py   # ROUNDS=3 WINDOW_S=10 RATE_MBIT=200
-import json, os, re, socket, statistics, subprocess, threading, time
+import json, os, statistics, subprocess, sys, time
 
-G = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.cache', 'guest')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from guestrig import QMP, heartbeats, start_qemu  # noqa: E402
+
 W = '/tmp/strait-penalty-floor'
 ROUNDS = int(os.environ.get('ROUNDS', '3'))
 WINDOW_S = float(os.environ.get('WINDOW_S', '10'))
@@ -26,6 +28,8 @@ RATE_MBIT = int(os.environ.get('RATE_MBIT', '200'))
 WORKLOAD_S = int(ROUNDS * (4 * WINDOW_S + 15) + 60)
 # How often the migration's status is read while it runs.
 POLL_S = 0.05
+# QEMU's states between `active` and `completed` (the guest is stopped in them).
+COMPLETING = ('device', 'pre-switchover', 'wait-unplug')
 UNCAPPED_BYTES_PER_S = 1 << 40
 
 os.makedirs(W, exist_ok=True)
@@ -39,52 +43,11 @@ os.sched_setaffinity(0, host_cpus)  # every QEMU thread starts here; the vCPU mo
 
 
 def qemu(name, incoming=None):
-    a = ['qemu-system-x86_64', '-accel', 'tcg', '-machine', 'pc', '-nodefaults',
-         '-no-user-config', '-smp', '1', '-m', '256M',
-         '-blockdev', f'driver=raw,node-name=d0,file.driver=file,file.filename={img}',
-         '-device', 'virtio-blk-pci,drive=d0,id=vda',
-         '-kernel', f'{G}/vmlinuz', '-initrd', f'{G}/initramfs.gz',
-         '-append', f'console=ttyS0 quiet panic=-1 strait.test=migrate strait.arg={WORKLOAD_S}',
-         '-display', 'none', '-serial', 'stdio', '-monitor', 'none', '-no-reboot',
-         '-qmp', f'unix:{W}/{name}.qmp,server=on,wait=off']
-    if incoming:
-        a += ['-incoming', incoming]
-    p = subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    lines = []
-
-    def rd():
-        for line in p.stdout:
-            lines.append((time.monotonic(), line.decode(errors='replace').strip()))
-    threading.Thread(target=rd, daemon=True).start()
-    return p, lines
-
-
-class QMP:
-    def __init__(s, path):
-        for _ in range(100):
-            try:
-                s.s = socket.socket(socket.AF_UNIX)
-                s.s.connect(path)
-                break
-            except OSError:
-                time.sleep(0.1)
-        s.f = s.s.makefile('rw')
-        s.f.readline()
-        s.cmd('qmp_capabilities')
-
-    def cmd(s, c, **a):
-        s.f.write(json.dumps({'execute': c, 'arguments': a}) + '\n')
-        s.f.flush()
-        while True:
-            r = json.loads(s.f.readline())
-            if 'return' in r:
-                return r['return']
-            if 'error' in r:
-                raise RuntimeError(f'{c}: {r["error"]}')
+    return start_qemu(W, name, img, WORKLOAD_S, incoming)
 
 
 def beats(lines, t0, t1):
-    return sum(1 for t, l in lines if t0 <= t < t1 and re.match(r'STRAIT-HB i=\d+ up=', l))
+    return sum(1 for t, _, _ in heartbeats(lines) if t0 <= t < t1)
 
 
 def pin_vcpu(q):
@@ -136,6 +99,13 @@ def migrating(q, lines, bytes_per_s, k):
             raise SystemExit('migrate_cancel did not end the migration within 10 s')
         dst.kill()
         return rate, last_active - t0, sent, q, lines
+    # Past `active` QEMU stops the guest and sends the rest (`device`, then `completed`).
+    for _ in range(200):
+        if status not in COMPLETING:
+            break
+        time.sleep(POLL_S)
+        info = q.cmd('query-migrate')
+        status = info.get('status')
     if status != 'completed':
         raise SystemExit(f'the migration ended {status}: {info}')
     while qd.cmd('query-status')['status'] != 'running':
