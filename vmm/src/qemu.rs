@@ -49,6 +49,12 @@ struct StatusInfo {
     status: RunState,
 }
 
+#[derive(Deserialize)]
+struct CpuInfo {
+    #[serde(rename = "thread-id")]
+    thread_id: i64,
+}
+
 impl QemuVmm {
     /// Connects to QEMU's QMP socket at `path` with the default timeouts.
     pub fn connect(path: &Path) -> Result<QemuVmm, VmmError> {
@@ -65,6 +71,18 @@ impl QemuVmm {
     /// The QMP connection, for commands the trait does not cover.
     pub fn qmp(&self) -> &QmpClient {
         &self.qmp
+    }
+
+    /// The host thread ids of the guest's vCPUs (`query-cpus-fast`), for placing or
+    /// slowing them from outside QEMU ([`crate::VcpuQuota`]). Ids QEMU reports as 0 or
+    /// negative (no thread of their own) are left out.
+    pub fn vcpu_threads(&self) -> Result<Vec<i32>, VmmError> {
+        let cpus: Vec<CpuInfo> = self.qmp.execute("query-cpus-fast", None)?;
+        Ok(cpus
+            .into_iter()
+            .filter_map(|cpu| i32::try_from(cpu.thread_id).ok())
+            .filter(|&tid| tid > 0)
+            .collect())
     }
 
     fn command(&self, command: &str, arguments: Option<Value>) -> Result<(), VmmError> {

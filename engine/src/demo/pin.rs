@@ -14,8 +14,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-use strait_vmm::QemuVmm;
+use strait_vmm::{QemuVmm, VmmError};
 
 use super::DemoError;
 
@@ -73,24 +72,21 @@ impl CpuSplit {
 /// The thread ids of a QEMU's vCPUs (`query-cpus-fast`).
 fn vcpu_threads(qemu: &'static str, qmp: &Path) -> Result<Vec<i32>, DemoError> {
     let command = "query-cpus-fast";
-    let qmp_error = |source| DemoError::Qmp {
-        qemu,
-        command: command.into(),
-        source: Box::new(source),
-    };
     let vmm = QemuVmm::connect(qmp).map_err(|e| DemoError::Pin {
         what: format!("connect to the {qemu}'s QMP socket {}", qmp.display()),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let cpus: Value = vmm.qmp().execute(command, None).map_err(qmp_error)?;
-    let threads: Vec<i32> = cpus
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|cpu| cpu["thread-id"].as_i64())
-        .filter_map(|tid| i32::try_from(tid).ok())
-        .filter(|&tid| tid > 0)
-        .collect();
+    let threads = vmm.vcpu_threads().map_err(|e| match e {
+        VmmError::Qmp(source) => DemoError::Qmp {
+            qemu,
+            command: command.into(),
+            source: Box::new(source),
+        },
+        other => DemoError::Pin {
+            what: format!("ask the {qemu} for its vCPU threads"),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })?;
     if threads.is_empty() {
         return Err(DemoError::Pin {
             what: format!("find the {qemu}'s vCPU threads: `{command}` named none"),

@@ -1,0 +1,336 @@
+//! Slowing a guest's vCPU threads from outside the VMM: a CFS bandwidth quota on a cgroup
+//! of the kernel's v1 `cpu` controller that holds only those threads.
+//!
+//! QEMU's own throttle (auto-converge) applies a new value only at its next trigger, 1–8 s
+//! after it is asked in the migration sweep (`docs/vmm.md`, "The throttle"). A quota acts
+//! within the kernel's next period: measured with `bench/stun-cgroup-probe.py`, the first
+//! 0.25 s after a change already ran at the new rate, and QMP stayed responsive
+//! (`bench/results/stun-cgroup.md`). This module is that actuator; the migration does not
+//! use it yet.
+//!
+//! The v1 `cpu` controller places single threads (its `tasks` file takes thread ids); in
+//! cgroup v2 that needs a threaded subtree, which is not handled here. The threads go back
+//! to the cgroup each was in, and the cgroup is removed, on [`VcpuQuota::release`] or on
+//! drop: a guest must never stay slowed after the migration that slowed it has ended,
+//! whatever the way it ended.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The CFS period while the throttle leaves at least [`QUOTA_MIN_US`] per period: 10 ms,
+/// the slice QEMU's own throttle runs a vCPU for between its sleeps, so a guest sees the
+/// same granularity either way.
+pub const PERIOD_US: u64 = 10_000;
+
+/// The smallest quota the kernel accepts (1 ms, `min_cfs_quota_period`). Deeper throttles
+/// lengthen the period instead of shrinking the quota below it.
+pub const QUOTA_MIN_US: u64 = 1_000;
+
+/// The longest period used: at 99%, 1 ms of run time per 100 ms. QEMU's throttle at 99%
+/// sleeps 990 ms per 10 ms slice; a shorter period keeps the guest's timers ticking.
+pub const PERIOD_MAX_US: u64 = 100_000;
+
+/// The deepest throttle: the guest keeps 1% of a core per vCPU.
+pub const THROTTLE_MAX_PCT: u8 = 99;
+
+/// Where the kernel lists mounts, to find the v1 `cpu` hierarchy.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// Distinguishes the cgroups of several quotas in one process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Why the quota could not be set up, changed or undone.
+#[derive(Debug, thiserror::Error)]
+pub enum StunError {
+    /// No v1 `cpu` controller is mounted (cgroup v2 only, or no cgroups at all).
+    #[error("no cgroup v1 `cpu` hierarchy is mounted (in {MOUNTINFO}); a vCPU quota needs one")]
+    NoCpuHierarchy,
+    /// Nothing to slow.
+    #[error("no vCPU thread ids were given")]
+    NoThreads,
+    /// A thread's own `cpu` cgroup could not be found.
+    #[error("thread {tid} has no `cpu` cgroup in /proc/{tid}/cgroup")]
+    NoThreadCgroup {
+        /// The thread id.
+        tid: i32,
+    },
+    /// A file operation on the cgroup filesystem failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The kernel's error.
+        source: io::Error,
+    },
+}
+
+/// vCPU threads in a cgroup of their own with a CFS quota: [`VcpuQuota::set_throttle`]
+/// slows them at once.
+#[derive(Debug)]
+pub struct VcpuQuota {
+    /// The cgroup made for the threads.
+    dir: PathBuf,
+    /// Each thread and the `tasks` file of the cgroup it came from.
+    threads: Vec<(i32, PathBuf)>,
+    throttle_pct: u8,
+    released: bool,
+}
+
+impl VcpuQuota {
+    /// Moves `threads` (thread ids, such as QEMU's `query-cpus-fast` reports) into a new
+    /// cgroup under the v1 `cpu` hierarchy, not slowed yet.
+    pub fn attach(threads: &[i32]) -> Result<VcpuQuota, StunError> {
+        if threads.is_empty() {
+            return Err(StunError::NoThreads);
+        }
+        let mountinfo = read(Path::new(MOUNTINFO))?;
+        let root = cpu_hierarchy(&mountinfo).ok_or(StunError::NoCpuHierarchy)?;
+        let mut origins = Vec::with_capacity(threads.len());
+        for &tid in threads {
+            let cgroups = read(Path::new(&format!("/proc/{tid}/cgroup")))?;
+            let cgroup = thread_cpu_cgroup(&cgroups).ok_or(StunError::NoThreadCgroup { tid })?;
+            origins.push((tid, root.join(cgroup.trim_start_matches('/')).join("tasks")));
+        }
+        let dir = root.join(format!(
+            "strait-stun-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&dir).map_err(|source| StunError::Io {
+            op: "create the cgroup",
+            path: dir.clone(),
+            source,
+        })?;
+        // From here on, drop undoes whatever was done.
+        let mut quota = VcpuQuota {
+            dir,
+            threads: Vec::new(),
+            throttle_pct: 0,
+            released: false,
+        };
+        quota.write("cpu.cfs_period_us", &PERIOD_US.to_string())?;
+        quota.write("cpu.cfs_quota_us", "-1")?;
+        for (tid, origin) in origins {
+            quota.write("tasks", &tid.to_string())?;
+            quota.threads.push((tid, origin));
+        }
+        Ok(quota)
+    }
+
+    /// Slows the threads by `pct` percent (0: not at all; at most 99, `THROTTLE_MAX_PCT`):
+    /// together they may run `(100 − pct)`% of one core each.
+    pub fn set_throttle(&mut self, pct: u8) -> Result<(), StunError> {
+        let pct = pct.min(THROTTLE_MAX_PCT);
+        match quota_for(pct, self.threads.len() as u64) {
+            None => self.write("cpu.cfs_quota_us", "-1")?,
+            Some((period_us, quota_us)) => {
+                // Lift the quota first: a period change is checked against the quota in
+                // place, and an unlimited quota fits any period.
+                self.write("cpu.cfs_quota_us", "-1")?;
+                self.write("cpu.cfs_period_us", &period_us.to_string())?;
+                self.write("cpu.cfs_quota_us", &quota_us.to_string())?;
+            }
+        }
+        self.throttle_pct = pct;
+        Ok(())
+    }
+
+    /// The throttle in force, in percent.
+    pub fn throttle_pct(&self) -> u8 {
+        self.throttle_pct
+    }
+
+    /// The cgroup made for the threads.
+    pub fn cgroup(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Lifts the quota, moves every thread back to the cgroup it came from, and removes
+    /// the cgroup. A thread that has exited meanwhile is skipped.
+    pub fn release(mut self) -> Result<(), StunError> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Result<(), StunError> {
+        if self.released {
+            return Ok(());
+        }
+        self.released = true;
+        let mut first_error = self.write("cpu.cfs_quota_us", "-1").err();
+        for (tid, origin) in &self.threads {
+            let moved = fs::write(origin, tid.to_string());
+            match moved {
+                Ok(()) => {}
+                // The thread is gone (its VMM exited): nothing to move.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(source) => {
+                    first_error.get_or_insert(StunError::Io {
+                        op: "move a vCPU thread back to",
+                        path: origin.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if let Err(source) = fs::remove_dir(&self.dir) {
+            first_error.get_or_insert(StunError::Io {
+                op: "remove the cgroup",
+                path: self.dir.clone(),
+                source,
+            });
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<(), StunError> {
+        let path = self.dir.join(file);
+        fs::write(&path, value).map_err(|source| StunError::Io {
+            op: "write",
+            path,
+            source,
+        })
+    }
+}
+
+impl Drop for VcpuQuota {
+    fn drop(&mut self) {
+        if let Err(e) = self.undo() {
+            tracing::warn!(error = %e, "could not undo the vCPU quota");
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, StunError> {
+    fs::read_to_string(path).map_err(|source| StunError::Io {
+        op: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The CFS period and quota (µs) that let `threads` threads run `(100 − pct)`% of a core
+/// each; `None` for no limit.
+fn quota_for(pct: u8, threads: u64) -> Option<(u64, u64)> {
+    if pct == 0 {
+        return None;
+    }
+    let share = u64::from(100 - pct.min(THROTTLE_MAX_PCT));
+    // The period at which one thread's share is at least the kernel's minimum quota.
+    let period = (QUOTA_MIN_US * 100)
+        .div_ceil(share)
+        .clamp(PERIOD_US, PERIOD_MAX_US);
+    let quota = (period * share / 100 * threads.max(1)).max(QUOTA_MIN_US);
+    Some((period, quota))
+}
+
+/// The mount point of the v1 hierarchy whose controllers include `cpu`, from
+/// `/proc/self/mountinfo` ("36 25 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup
+/// cgroup rw,cpu").
+fn cpu_hierarchy(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let mut fs = fs.split_whitespace();
+        if fs.next()? != "cgroup" {
+            return None;
+        }
+        let options = fs.nth(1)?;
+        if !options.split(',').any(|o| o == "cpu") {
+            return None;
+        }
+        // Only a mount of the hierarchy's root holds every cgroup a thread can be in.
+        let mut fields = mount.split_whitespace();
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        (root == "/").then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// A thread's cgroup in the v1 `cpu` hierarchy, from `/proc/TID/cgroup` ("4:cpu,cpuacct:/a").
+fn thread_cpu_cgroup(cgroups: &str) -> Option<&str> {
+    cgroups.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers.split(',').any(|c| c == "cpu").then_some(path)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_gives_each_thread_its_share() {
+        assert_eq!(quota_for(0, 1), None);
+        assert_eq!(quota_for(50, 1), Some((10_000, 5_000)));
+        assert_eq!(quota_for(50, 4), Some((10_000, 20_000)));
+        assert_eq!(quota_for(80, 1), Some((10_000, 2_000)));
+        // Below 10% the period grows so the quota stays at the kernel's 1 ms minimum.
+        assert_eq!(quota_for(95, 1), Some((20_000, 1_000)));
+        assert_eq!(quota_for(99, 1), Some((100_000, 1_000)));
+        assert_eq!(quota_for(100, 1), quota_for(99, 1));
+        assert_eq!(quota_for(255, 2), Some((100_000, 2_000)));
+        for pct in 1..=99 {
+            let (period, quota) = quota_for(pct, 1).expect("a quota");
+            assert!((PERIOD_US..=PERIOD_MAX_US).contains(&period), "{pct}%");
+            assert!(quota >= QUOTA_MIN_US, "{pct}%");
+            // The share given is within a percent of the share asked.
+            let given = quota as f64 / period as f64 * 100.0;
+            assert!(
+                (given - f64::from(100 - pct)).abs() < 1.0,
+                "{pct}%: {given}"
+            );
+        }
+    }
+
+    #[test]
+    fn finds_the_cpu_hierarchy_and_nothing_else() {
+        let mountinfo = "\
+25 1 0:23 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+26 25 0:24 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n\
+27 25 0:25 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n\
+28 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            cpu_hierarchy(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu"))
+        );
+        let joint = "30 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        assert_eq!(
+            cpu_hierarchy(joint),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        // cgroup v2 only, a cpuset-only v1 mount, a bind mount of a sub-cgroup, garbage.
+        for other in [
+            "31 25 0:28 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            "27 25 0:25 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n",
+            "32 25 0:26 /a/b /mnt/cpu rw - cgroup cgroup rw,cpu\n",
+            "",
+            "no separator here\n",
+            " - cgroup\n",
+        ] {
+            assert_eq!(cpu_hierarchy(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn finds_a_threads_cpu_cgroup() {
+        let cgroups = "9:name=systemd:/\n4:memory:/x\n1:cpu:/\n0::/\n";
+        assert_eq!(thread_cpu_cgroup(cgroups), Some("/"));
+        let joint = "3:cpu,cpuacct:/machine/qemu-1\n2:cpuset:/\n";
+        assert_eq!(thread_cpu_cgroup(joint), Some("/machine/qemu-1"));
+        // cpuacct alone is not cpu; v2's line has no controllers.
+        assert_eq!(thread_cpu_cgroup("2:cpuacct:/a\n0::/b\n"), None);
+        assert_eq!(thread_cpu_cgroup(""), None);
+        assert_eq!(thread_cpu_cgroup("garbage"), None);
+    }
+
+    #[test]
+    fn attach_refuses_no_threads() {
+        assert!(matches!(VcpuQuota::attach(&[]), Err(StunError::NoThreads)));
+    }
+}
