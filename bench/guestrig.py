@@ -11,6 +11,27 @@ QMP_CONNECT_TRIES, QMP_CONNECT_PAUSE_S = 100, 0.1
 
 HEARTBEAT = re.compile(r'STRAIT-HB i=(\d+) up=([\d.]+)$')
 
+# The guest's disk: the size the demo gives it.
+IMAGE_SIZE = '64M'
+
+
+def scratch_image(workdir):
+    """Makes `workdir` and a raw image for the guest's disk in it; returns the image path."""
+    os.makedirs(workdir, exist_ok=True)
+    image = f'{workdir}/disk.img'
+    subprocess.run(['truncate', '-s', IMAGE_SIZE, image], check=True)
+    return image
+
+
+def guest_core():
+    """Moves this process, and so every QEMU it starts, onto all its cores but the last,
+    and returns the last one for the guest's vCPU thread, as `strait demo` pins it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit('needs two cores: the vCPU gets one of its own')
+    os.sched_setaffinity(0, cpus[:-1])
+    return cpus[-1]
+
 
 def start_qemu(workdir, name, image, workload_s, incoming=None):
     """Starts QEMU `name` (its QMP socket is WORKDIR/NAME.qmp) on `image` with the guest's

@@ -15,10 +15,10 @@
 # (scripts/guest/build.sh); about a minute per round:
 #
 #   flock /tmp/strait-heavy.lock python3 bench/penalty-floor.py   # ROUNDS=3 WINDOW_S=10 RATE_MBIT=200
-import json, os, statistics, subprocess, sys, time
+import json, os, statistics, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from guestrig import QMP, heartbeats, start_qemu  # noqa: E402
+from guestrig import QMP, guest_core, heartbeats, scratch_image, start_qemu  # noqa: E402
 
 W = '/tmp/strait-penalty-floor'
 ROUNDS = int(os.environ.get('ROUNDS', '3'))
@@ -32,14 +32,8 @@ POLL_S = 0.05
 COMPLETING = ('device', 'pre-switchover', 'wait-unplug')
 UNCAPPED_BYTES_PER_S = 1 << 40
 
-os.makedirs(W, exist_ok=True)
-img = f'{W}/disk.img'
-subprocess.run(['truncate', '-s', '64M', img], check=True)
-cpus = sorted(os.sched_getaffinity(0))
-if len(cpus) < 2:
-    raise SystemExit('needs two cores: the vCPU gets one of its own')
-guest_cpu, host_cpus = cpus[-1], cpus[:-1]
-os.sched_setaffinity(0, host_cpus)  # every QEMU thread starts here; the vCPU moves
+img = scratch_image(W)
+guest_cpu = guest_core()  # every QEMU thread starts on the others; the vCPU moves
 
 
 def qemu(name, incoming=None):

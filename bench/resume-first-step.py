@@ -7,12 +7,11 @@
 # resolution). Needs root, QEMU and the test guest (scripts/guest/build.sh); about a minute:
 #
 #   flock /tmp/strait-heavy.lock python3 bench/resume-first-step.py
-import os, subprocess, sys, time
+import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from guestrig import QMP, heartbeats as hb, start_qemu
-W='/tmp/strait-resume-first-step'; os.makedirs(W, exist_ok=True)
-img=f'{W}/disk.img'
-subprocess.run(['truncate','-s','64M',img],check=True)
+from guestrig import QMP, heartbeats as hb, scratch_image, start_qemu
+W='/tmp/strait-resume-first-step'
+img=scratch_image(W)
 def qemu(name, incoming=None):
     return start_qemu(W, name, img, 60, incoming)
 def around(beats, t0, label):

@@ -11,10 +11,10 @@
 # threaded subtree), QEMU and the test guest (scripts/guest/build.sh); under a minute:
 #
 #   flock /tmp/strait-heavy.lock python3 bench/stun-cgroup-probe.py
-import os, statistics, subprocess, sys, time
+import os, statistics, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from guestrig import QMP, heartbeats, start_qemu  # noqa: E402
+from guestrig import QMP, guest_core, heartbeats, scratch_image, start_qemu  # noqa: E402
 
 W = '/tmp/strait-stun-cgroup-probe'
 CPU_HIERARCHY = '/sys/fs/cgroup/cpu'
@@ -29,13 +29,8 @@ QMP_EVERY_S = 0.25
 
 if not os.path.exists(f'{CPU_HIERARCHY}/tasks'):
     raise SystemExit(f'no v1 cpu cgroup hierarchy at {CPU_HIERARCHY}')
-os.makedirs(W, exist_ok=True)
-img = f'{W}/disk.img'
-subprocess.run(['truncate', '-s', '64M', img], check=True)
-cpus = sorted(os.sched_getaffinity(0))
-if len(cpus) < 2:
-    raise SystemExit('needs two cores: the vCPU gets one of its own')
-os.sched_setaffinity(0, cpus[:-1])
+img = scratch_image(W)
+vcpu_core = guest_core()
 
 
 def write(path, value):
@@ -53,7 +48,7 @@ try:
     q = QMP(f'{W}/guest.qmp')
     vcpus = [c['thread-id'] for c in q.cmd('query-cpus-fast')]
     for tid in vcpus:
-        os.sched_setaffinity(tid, [cpus[-1]])
+        os.sched_setaffinity(tid, [vcpu_core])
     while len(heartbeats(lines)) < 300:
         time.sleep(0.2)
     time.sleep(3)
