@@ -128,9 +128,8 @@ impl VcpuQuota {
         match quota_for(pct, self.threads.len() as u64) {
             None => self.write("cpu.cfs_quota_us", "-1")?,
             Some((period_us, quota_us)) => {
-                // Lift the quota first: a period change is checked against the quota in
-                // place, and an unlimited quota fits any period.
-                self.write("cpu.cfs_quota_us", "-1")?;
+                // Every quota used (at least 1 ms) fits every period used (10–100 ms), so
+                // the old quota under the new period is valid for the moment between.
                 self.write("cpu.cfs_period_us", &period_us.to_string())?;
                 self.write("cpu.cfs_quota_us", &quota_us.to_string())?;
             }
