@@ -8,6 +8,10 @@
 #
 #   A=c72c232 B=HEAD bench/downtime-ab.sh                  # 3 runs each, 214 ms, 200 Mbit/s
 #   A=main B=my-branch N=5 RTT_MS=100 bench/downtime-ab.sh
+#   A=HEAD B=HEAD B_ARGS="--throttle cgroup" bench/downtime-ab.sh   # one build, two options
+#
+# A_ARGS and B_ARGS are extra `strait demo` arguments for each variant (default none); a
+# variant's label is its revision, then its arguments with spaces as dashes.
 #
 # Writes bench/results/downtime-ab-<A>-<B>.jsonl (every report, tagged "variant") and
 # bench/results/downtime-ab-<A>-<B>.md (medians and ranges, with this command). Needs root.
@@ -47,22 +51,31 @@ build() {
   echo "$dir/strait"
 }
 
-label() { git rev-parse --short=7 "$1^{commit}"; }
-LA="$(label "$A")"
-LB="$(label "$B")"
+A_ARGS="${A_ARGS:-}"
+B_ARGS="${B_ARGS:-}"
+label() {
+  local l
+  l="$(git rev-parse --short=7 "$1^{commit}")"
+  [ -z "$2" ] || l="$l$(echo " $2" | tr -s ' ' '-' | tr -cd 'A-Za-z0-9._-')"
+  echo "$l"
+}
+LA="$(label "$A" "$A_ARGS")"
+LB="$(label "$B" "$B_ARGS")"
+[ "$LA" != "$LB" ] || { echo "A and B are the same build with the same arguments" >&2; exit 2; }
 BIN_A="$(build "$A")"
 BIN_B="$(build "$B")"
 NAME="downtime-ab-$LA-$LB"
 RUNS="$OUT/$NAME.jsonl"
 : > "$RUNS"
-COMMAND="A=$LA B=$LB N=$N RTT_MS=$RTT_MS RATE_MBIT=$RATE_MBIT WORKLOAD_S=$WORKLOAD_S bench/downtime-ab.sh"
+COMMAND="A=$(label "$A" "") B=$(label "$B" "")${A_ARGS:+ A_ARGS=\"$A_ARGS\"}${B_ARGS:+ B_ARGS=\"$B_ARGS\"} N=$N RTT_MS=$RTT_MS RATE_MBIT=$RATE_MBIT WORKLOAD_S=$WORKLOAD_S bench/downtime-ab.sh"
 
 run() {
-  local variant="$1" bin="$2" raw
+  local variant="$1" bin="$2" extra="$3" raw
   raw="$(mktemp)"
-  echo "== $variant: $bin demo --rtt-ms $RTT_MS --rate-mbit $RATE_MBIT" >&2
+  echo "== $variant: $bin demo --rtt-ms $RTT_MS --rate-mbit $RATE_MBIT $extra" >&2
+  # shellcheck disable=SC2086 # the extra arguments are words
   if flock "$LOCK" "$bin" demo --guest "$GUEST" --rtt-ms "$RTT_MS" --rate-mbit "$RATE_MBIT" \
-    --workload-s "$WORKLOAD_S" --json > "$raw"; then :; fi
+    --workload-s "$WORKLOAD_S" --json $extra > "$raw"; then :; fi
   # The report is the last line; a run that printed none is recorded as such.
   if tail -n1 "$raw" | jq -e . >/dev/null 2>&1; then
     tail -n1 "$raw" | jq -c --arg v "$variant" '. + {variant: $v}' >> "$RUNS"
@@ -74,8 +87,8 @@ run() {
 }
 
 for i in $(seq "$N"); do
-  if [ $((i % 2)) -eq 1 ]; then run "$LA" "$BIN_A"; run "$LB" "$BIN_B"
-  else run "$LB" "$BIN_B"; run "$LA" "$BIN_A"; fi
+  if [ $((i % 2)) -eq 1 ]; then run "$LA" "$BIN_A" "$A_ARGS"; run "$LB" "$BIN_B" "$B_ARGS"
+  else run "$LB" "$BIN_B" "$B_ARGS"; run "$LA" "$BIN_A" "$A_ARGS"; fi
 done
 
 # Median and range of one figure over the runs of one variant that passed.
@@ -101,9 +114,11 @@ done
         + " | \($ok | stat(.downtime.at_stop.memory_in_flight_bytes / 1e6))"
         + " | \($ok | stat(.downtime.at_stop.srtt_ms))"
         + " | \($ok | stat(.migration.total_s))"
-        + " | \($ok | stat(.workload.slowdown_pct)) |";
-    "| build | passed | switchover ms | guest gap ms | stood still ms | MB after the stop | MB in flight at the stop | srtt at the stop ms | total s | penalty % |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+        + " | \($ok | stat(.workload.slowdown_pct))"
+        + " | \($ok | stat(.throttle.peak_applied_pct))"
+        + " | \($ok | stat(.throttle.integral_pct_s / 100)) |";
+    "| build | passed | switchover ms | guest gap ms | stood still ms | MB after the stop | MB in flight at the stop | srtt at the stop ms | total s | penalty % | throttle peak % | CPU taken s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
     rows($a), rows($b)' "$RUNS"
   echo
   echo "Every report: [$NAME.jsonl]($NAME.jsonl)."

@@ -92,6 +92,13 @@ pub struct DemoArgs {
     /// migration's work does not run on the guest's core.
     #[arg(long)]
     pub share_cores: bool,
+    /// With `--system strait`: what slows the guest's vCPUs when it dirties memory faster
+    /// than the link carries it (`strait ctl migrate --throttle`): `vmm`, QEMU's
+    /// auto-converge, or `cgroup`, a CFS quota on the vCPU thread (needs root and a v1
+    /// `cpu` cgroup hierarchy).
+    #[arg(long, value_name = "vmm|cgroup", default_value = "vmm",
+          value_parser = clap::builder::PossibleValuesParser::new(crate::migration::stun::Actuator::NAMES))]
+    pub throttle: String,
 }
 
 /// `strait demo --system`.
@@ -429,6 +436,14 @@ pub enum CtlCommand {
         /// vCPU throttle alone makes QEMU converge, however long that takes.
         #[arg(long, value_name = "SECONDS")]
         converge_timeout_s: Option<u64>,
+        /// What slows the guest's vCPUs when it dirties memory faster than the link
+        /// carries it: `vmm` (QEMU's auto-converge, which applies a new value only at its
+        /// next trigger, seconds later) or `cgroup` (a CFS quota on the vCPU threads,
+        /// acting within a quarter second; needs a v1 `cpu` cgroup hierarchy and root,
+        /// and this engine on the VMM's host).
+        #[arg(long, value_name = "vmm|cgroup", default_value = "vmm",
+              value_parser = clap::builder::PossibleValuesParser::new(crate::migration::stun::Actuator::NAMES))]
+        throttle: String,
         /// Milliseconds between progress lines.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,

@@ -76,6 +76,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             dst_vmm,
             downtime_ms,
             converge_timeout_s,
+            throttle,
             interval_ms,
             no_wait,
         } => {
@@ -91,6 +92,7 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             if let Some(s) = converge_timeout_s {
                 a.insert("converge_timeout_s".into(), Value::from(*s));
             }
+            a.insert("throttle".into(), Value::String(throttle.clone()));
             return migrate(&args, a, (!no_wait).then_some(*interval_ms));
         }
         CtlCommand::MigrateCancel => ("migrate-cancel", serde_json::Map::new()),

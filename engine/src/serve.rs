@@ -13,6 +13,7 @@ use crate::cli::ServeArgs;
 use crate::control::{ControlError, ControlServer, ErrorCode, Handler, API_VERSION};
 use crate::migration::port::Port;
 use crate::migration::source::{MigratePlan, Migration, SourceSide};
+use crate::migration::stun::Actuator;
 use crate::migration::target::{Target, TargetParts};
 use crate::replication::capture::MirrorCapture;
 use crate::replication::driver::{
@@ -471,8 +472,8 @@ impl Handler for EngineHandler {
         };
         if let Some(k) = args.keys().find(|k| !MIGRATE_ARGS.contains(&k.as_str())) {
             return Err(invalid(&format!(
-                "`migrate` takes `vmm`, `to`, `dst_vmm`, `downtime_ms` and \
-                 `converge_timeout_s`, not `{k}`"
+                "`migrate` takes `vmm`, `to`, `dst_vmm`, `downtime_ms`, \
+                 `converge_timeout_s` and `throttle`, not `{k}`"
             )));
         }
         let vmm = string("vmm")?
@@ -505,6 +506,15 @@ impl Handler for EngineHandler {
                         ))
                     })?,
             ),
+        };
+        let actuator = match string("throttle")? {
+            None => Actuator::default(),
+            Some(name) => Actuator::parse(&name).ok_or_else(|| {
+                invalid(&format!(
+                    "`throttle` must be \"vmm\" (QEMU's auto-converge) or \"cgroup\" (a CFS \
+                     quota on the vCPU threads), not {name:?}"
+                ))
+            })?,
         };
         let to = string("to")?;
         if self.replica.is_some() {
@@ -564,6 +574,7 @@ impl Handler for EngineHandler {
             run_dir: self.run_dir.clone(),
             downtime_limit_ms,
             converge_timeout,
+            actuator,
         };
         let id = plan.id;
         let started = Migration::start(plan, side).map_err(|e| refused(e.to_string()))?;
@@ -658,7 +669,14 @@ const DOWNTIME_MS_MIN: u64 = 50;
 const DOWNTIME_MS_MAX: u64 = 60_000;
 
 /// The arguments `migrate` takes.
-const MIGRATE_ARGS: [&str; 5] = ["vmm", "to", "dst_vmm", "downtime_ms", "converge_timeout_s"];
+const MIGRATE_ARGS: [&str; 6] = [
+    "vmm",
+    "to",
+    "dst_vmm",
+    "downtime_ms",
+    "converge_timeout_s",
+    "throttle",
+];
 
 /// `converge_timeout_s` of `migrate`: the controller reads QEMU every 0.5 s, so a second is
 /// the shortest limit it can keep; a day is longer than anyone watches a guest throttled.
@@ -762,6 +780,7 @@ impl EngineHandler {
             },
             "bytes": { "memory": s.memory_bytes, "mirror": s.mirror_bytes, "bulk": s.bulk_bytes },
             "throttle": {
+                "actuator": s.actuator.name(),
                 "asked_pct": s.throttle.throttle_pct,
                 "needed_pct": s.throttle.needed_pct,
                 "applied_pct": s.applied_throttle_pct,

@@ -112,6 +112,7 @@ impl Vmm for QemuVmm {
             cpu_throttle: true,
             parameters: true,
             events: true,
+            vcpu_threads: true,
         }
     }
 
@@ -180,6 +181,10 @@ impl Vmm for QemuVmm {
             max_cpu_throttle_pct: Some(percent),
             ..MigrationParameters::default()
         })
+    }
+
+    fn vcpu_threads(&self) -> Result<Vec<i32>, VmmError> {
+        QemuVmm::vcpu_threads(self)
     }
 
     fn start_migration(&self, to: &MigrationUri) -> Result<(), VmmError> {

@@ -45,7 +45,10 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, thiserror::Error)]
 pub enum StunError {
     /// No v1 `cpu` controller is mounted (cgroup v2 only, or no cgroups at all).
-    #[error("no cgroup v1 `cpu` hierarchy is mounted (in {MOUNTINFO}); a vCPU quota needs one")]
+    #[error(
+        "no cgroup v1 `cpu` hierarchy is mounted (in {MOUNTINFO}, nor where the vCPU threads \
+         run); a vCPU quota needs one"
+    )]
     NoCpuHierarchy,
     /// Nothing to slow.
     #[error("no vCPU thread ids were given")]
@@ -68,55 +71,112 @@ pub enum StunError {
     },
 }
 
-/// vCPU threads in a cgroup of their own with a CFS quota: [`VcpuQuota::set_throttle`]
+/// vCPU threads in cgroups of their own with a CFS quota: [`VcpuQuota::set_throttle`]
 /// slows them at once.
+///
+/// Each thread's new cgroup is a child of the cgroup it was in (one child per distinct
+/// origin), not a sibling at the hierarchy's root: a limit the VM's manager put on the
+/// origin (libvirt's `vcpu_quota`, a systemd slice's `CPUQuota`) keeps applying on top,
+/// since the kernel enforces every ancestor's quota, so a migration never gives a guest
+/// more CPU than it had. It also makes the way back exact after a crash: the origin is the
+/// parent, so a later [`VcpuQuota::attach`] that finds a child left by a process that no
+/// longer runs lifts its quota and moves its threads up.
 #[derive(Debug)]
 pub struct VcpuQuota {
-    /// The cgroup made for the threads.
-    dir: PathBuf,
-    /// Each thread and the `tasks` file of the cgroup it came from.
-    threads: Vec<(i32, PathBuf)>,
+    groups: Vec<Group>,
     throttle_pct: u8,
     released: bool,
 }
 
+/// One cgroup made by a [`VcpuQuota`]: a child of `origin`, holding `tids`.
+#[derive(Debug)]
+struct Group {
+    origin: PathBuf,
+    dir: PathBuf,
+    tids: Vec<i32>,
+}
+
+/// The prefix of the cgroups this module makes, followed by the owner's process id.
+const GROUP_PREFIX: &str = "strait-stun-";
+
 impl VcpuQuota {
-    /// Moves `threads` (thread ids, such as QEMU's `query-cpus-fast` reports) into a new
-    /// cgroup under the v1 `cpu` hierarchy, not slowed yet.
+    /// Moves `threads` (thread ids, such as QEMU's `query-cpus-fast` reports) into new
+    /// cgroups under the v1 `cpu` hierarchy, each a child of the thread's own, not slowed
+    /// yet.
     pub fn attach(threads: &[i32]) -> Result<VcpuQuota, StunError> {
         if threads.is_empty() {
             return Err(StunError::NoThreads);
         }
-        let mountinfo = read(Path::new(MOUNTINFO))?;
-        let root = cpu_hierarchy(&mountinfo).ok_or(StunError::NoCpuHierarchy)?;
-        let mut origins = Vec::with_capacity(threads.len());
+        // `ip netns exec` (how the demo and the tests start the engines) gives a process a
+        // mount namespace of its own, with a fresh sysfs and none of the cgroup mounts.
+        // The VMM's process still sees the hierarchy: through its root, as it mounted it.
+        let root = match cpu_hierarchy(&read(Path::new(MOUNTINFO))?) {
+            Some(root) => root,
+            None => {
+                let vmm = format!("/proc/{}", threads[0]);
+                let mounts = read(&Path::new(&vmm).join("mountinfo"))?;
+                let mount = cpu_hierarchy(&mounts).ok_or(StunError::NoCpuHierarchy)?;
+                Path::new(&vmm)
+                    .join("root")
+                    .join(mount.strip_prefix("/").unwrap_or(&mount))
+            }
+        };
+        let mut groups: Vec<Group> = Vec::new();
         for &tid in threads {
             let cgroups = read(Path::new(&format!("/proc/{tid}/cgroup")))?;
             let cgroup = thread_cpu_cgroup(&cgroups).ok_or(StunError::NoThreadCgroup { tid })?;
-            origins.push((tid, root.join(cgroup.trim_start_matches('/')).join("tasks")));
+            let mut origin = root.join(cgroup.trim_start_matches('/'));
+            // A thread still in a cgroup left by an owner that is gone: that cgroup goes,
+            // and the thread counts as in its parent, where it came from.
+            if stale_owner(&origin).is_some() {
+                sweep(&origin);
+                if let Some(parent) = origin.parent().filter(|p| p.starts_with(&root)) {
+                    origin = parent.to_path_buf();
+                }
+            }
+            match groups.iter_mut().find(|g| g.origin == origin) {
+                Some(g) => g.tids.push(tid),
+                None => groups.push(Group {
+                    dir: PathBuf::new(),
+                    origin,
+                    tids: vec![tid],
+                }),
+            }
         }
-        let dir = root.join(format!(
-            "strait-stun-{}-{}",
+        let id = format!(
+            "{GROUP_PREFIX}{}-{}",
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir(&dir).map_err(|source| StunError::Io {
-            op: "create the cgroup",
-            path: dir.clone(),
-            source,
-        })?;
-        // From here on, drop undoes whatever was done.
+        );
+        // From here on, drop undoes whatever was done: a group is listed once its cgroup
+        // exists, and a thread once it was moved.
         let mut quota = VcpuQuota {
-            dir,
-            threads: Vec::new(),
+            groups: Vec::with_capacity(groups.len()),
             throttle_pct: 0,
             released: false,
         };
-        quota.write("cpu.cfs_period_us", &PERIOD_US.to_string())?;
-        quota.write("cpu.cfs_quota_us", "-1")?;
-        for (tid, origin) in origins {
-            quota.write("tasks", &tid.to_string())?;
-            quota.threads.push((tid, origin));
+        for planned in groups {
+            sweep_stale_children(&planned.origin);
+            let dir = planned.origin.join(&id);
+            fs::create_dir(&dir).map_err(|source| StunError::Io {
+                op: "create the cgroup",
+                path: dir.clone(),
+                source,
+            })?;
+            quota.groups.push(Group {
+                origin: planned.origin,
+                dir,
+                tids: Vec::new(),
+            });
+            let Some(group) = quota.groups.last_mut() else {
+                continue;
+            };
+            write(&group.dir, "cpu.cfs_period_us", &PERIOD_US.to_string())?;
+            write(&group.dir, "cpu.cfs_quota_us", "-1")?;
+            for tid in planned.tids {
+                write(&group.dir, "tasks", &tid.to_string())?;
+                group.tids.push(tid);
+            }
         }
         Ok(quota)
     }
@@ -125,13 +185,16 @@ impl VcpuQuota {
     /// together they may run `(100 − pct)`% of one core each.
     pub fn set_throttle(&mut self, pct: u8) -> Result<(), StunError> {
         let pct = pct.min(THROTTLE_MAX_PCT);
-        match quota_for(pct, self.threads.len() as u64) {
-            None => self.write("cpu.cfs_quota_us", "-1")?,
-            Some((period_us, quota_us)) => {
-                // Every quota used (at least 1 ms) fits every period used (10–100 ms), so
-                // the old quota under the new period is valid for the moment between.
-                self.write("cpu.cfs_period_us", &period_us.to_string())?;
-                self.write("cpu.cfs_quota_us", &quota_us.to_string())?;
+        for group in &self.groups {
+            match quota_for(pct, group.tids.len() as u64) {
+                None => write(&group.dir, "cpu.cfs_quota_us", "-1")?,
+                Some((period_us, quota_us)) => {
+                    // Every quota used (at least 1 ms) fits every period used (10–100
+                    // ms), so the old quota under the new period is valid for the moment
+                    // between.
+                    write(&group.dir, "cpu.cfs_period_us", &period_us.to_string())?;
+                    write(&group.dir, "cpu.cfs_quota_us", &quota_us.to_string())?;
+                }
             }
         }
         self.throttle_pct = pct;
@@ -143,13 +206,13 @@ impl VcpuQuota {
         self.throttle_pct
     }
 
-    /// The cgroup made for the threads.
-    pub fn cgroup(&self) -> &Path {
-        &self.dir
+    /// The cgroups made for the threads (one per cgroup the threads came from).
+    pub fn cgroups(&self) -> impl Iterator<Item = &Path> {
+        self.groups.iter().map(|g| g.dir.as_path())
     }
 
     /// Lifts the quota, moves every thread back to the cgroup it came from, and removes
-    /// the cgroup. A thread that has exited meanwhile is skipped.
+    /// the cgroups. A thread that has exited meanwhile is skipped.
     pub fn release(mut self) -> Result<(), StunError> {
         self.undo()
     }
@@ -159,39 +222,25 @@ impl VcpuQuota {
             return Ok(());
         }
         self.released = true;
-        let mut first_error = self.write("cpu.cfs_quota_us", "-1").err();
-        for (tid, origin) in &self.threads {
-            let moved = fs::write(origin, tid.to_string());
-            match moved {
-                Ok(()) => {}
-                // The thread is gone (its VMM exited): nothing to move.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(source) => {
-                    first_error.get_or_insert(StunError::Io {
-                        op: "move a vCPU thread back to",
-                        path: origin.clone(),
-                        source,
-                    });
+        let mut first_error = None;
+        for group in &self.groups {
+            if let Err(e) = write(&group.dir, "cpu.cfs_quota_us", "-1") {
+                first_error.get_or_insert(e);
+            }
+            for tid in &group.tids {
+                if let Err(e) = move_back(*tid, &group.origin) {
+                    first_error.get_or_insert(e);
                 }
             }
-        }
-        if let Err(source) = fs::remove_dir(&self.dir) {
-            first_error.get_or_insert(StunError::Io {
-                op: "remove the cgroup",
-                path: self.dir.clone(),
-                source,
-            });
+            if let Err(source) = fs::remove_dir(&group.dir) {
+                first_error.get_or_insert(StunError::Io {
+                    op: "remove the cgroup",
+                    path: group.dir.clone(),
+                    source,
+                });
+            }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    fn write(&self, file: &str, value: &str) -> Result<(), StunError> {
-        let path = self.dir.join(file);
-        fs::write(&path, value).map_err(|source| StunError::Io {
-            op: "write",
-            path,
-            source,
-        })
     }
 }
 
@@ -199,6 +248,77 @@ impl Drop for VcpuQuota {
     fn drop(&mut self) {
         if let Err(e) = self.undo() {
             tracing::warn!(error = %e, "could not undo the vCPU quota");
+        }
+    }
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), StunError> {
+    let path = dir.join(file);
+    fs::write(&path, value).map_err(|source| StunError::Io {
+        op: "write",
+        path,
+        source,
+    })
+}
+
+/// Moves `tid` into `origin`; a thread that is gone (its VMM exited) needs nothing.
+fn move_back(tid: i32, origin: &Path) -> Result<(), StunError> {
+    let tasks = origin.join("tasks");
+    match fs::write(&tasks, tid.to_string()) {
+        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(StunError::Io {
+            op: "move a vCPU thread back to",
+            path: tasks,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The process id in the name of a cgroup this module made, if that process no longer
+/// runs.
+fn stale_owner(dir: &Path) -> Option<u32> {
+    let name = dir.file_name()?.to_str()?;
+    let pid: u32 = name
+        .strip_prefix(GROUP_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()?;
+    let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+    (!alive).then_some(pid)
+}
+
+/// Undoes a cgroup a crashed owner left: lifts its quota, moves its threads to the parent
+/// (where they came from) and removes it. Best effort: what fails is logged, and the
+/// cgroup at worst stays, unlimited.
+fn sweep(dir: &Path) {
+    let Some(parent) = dir.parent() else {
+        return;
+    };
+    tracing::warn!(cgroup = %dir.display(), "undoing a vCPU quota its owner left behind");
+    if let Err(e) = write(dir, "cpu.cfs_quota_us", "-1") {
+        tracing::warn!(error = %e, "could not lift a stale vCPU quota");
+    }
+    let tasks = fs::read_to_string(dir.join("tasks")).unwrap_or_default();
+    for tid in tasks.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if let Err(e) = move_back(tid, parent) {
+            tracing::warn!(error = %e, "could not move a thread out of a stale vCPU quota");
+        }
+    }
+    if let Err(e) = fs::remove_dir(dir) {
+        tracing::warn!(error = %e, cgroup = %dir.display(), "could not remove a stale vCPU quota");
+    }
+}
+
+/// Sweeps the children of `origin` that owners which are gone left behind.
+fn sweep_stale_children(origin: &Path) {
+    let Ok(entries) = fs::read_dir(origin) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if dir.is_dir() && stale_owner(&dir).is_some() {
+            sweep(&dir);
         }
     }
 }
@@ -326,6 +446,24 @@ mod tests {
         assert_eq!(thread_cpu_cgroup("2:cpuacct:/a\n0::/b\n"), None);
         assert_eq!(thread_cpu_cgroup(""), None);
         assert_eq!(thread_cpu_cgroup("garbage"), None);
+    }
+
+    #[test]
+    fn only_cgroups_of_owners_that_are_gone_are_stale() {
+        let own = std::process::id();
+        assert_eq!(
+            stale_owner(Path::new(&format!("/c/{GROUP_PREFIX}{own}-0"))),
+            None
+        );
+        // Pid 1 always runs; a pid above the kernel's maximum (2^22) never does.
+        assert_eq!(stale_owner(Path::new("/c/strait-stun-1-3")), None);
+        assert_eq!(
+            stale_owner(Path::new("/c/strait-stun-99999999-3")),
+            Some(99_999_999)
+        );
+        for other in ["/c/machine", "/c/strait-stun-", "/c/strait-stun-x-1", "/"] {
+            assert_eq!(stale_owner(Path::new(other)), None, "{other}");
+        }
     }
 
     #[test]

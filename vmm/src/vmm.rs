@@ -33,6 +33,8 @@ pub struct VmmFeatures {
     pub parameters: bool,
     /// [`Vmm::next_event`] reports events (otherwise the waits poll).
     pub events: bool,
+    /// [`Vmm::vcpu_threads`] names the host threads that run the vCPUs.
+    pub vcpu_threads: bool,
 }
 
 /// Errors of a VMM driver.
@@ -128,6 +130,16 @@ pub trait Vmm: Send + Sync {
     /// takes effect at auto-converge's next trigger (see `docs/vmm.md`), so it needs
     /// `auto_converge` on.
     fn set_cpu_throttle(&self, percent: u8) -> Result<(), VmmError>;
+
+    /// The host thread ids that run the guest's vCPUs, for slowing them from outside the
+    /// VMM ([`crate::VcpuQuota`]) when the VMM's own throttle is too slow or missing. The
+    /// default: unsupported.
+    fn vcpu_threads(&self) -> Result<Vec<i32>, VmmError> {
+        Err(VmmError::Unsupported {
+            vmm: "this VMM",
+            what: "name its vCPU threads",
+        })
+    }
 
     /// Source: starts migrating to `to`; returns once the migration has started.
     fn start_migration(&self, to: &MigrationUri) -> Result<(), VmmError>;

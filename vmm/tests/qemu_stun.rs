@@ -1,6 +1,8 @@
 //! The vCPU quota against a real QEMU whose guest spins on its vCPU: the quota caps the
 //! vCPU thread's CPU time from the next second on, a deeper one caps it further, and
-//! releasing or dropping the quota puts the thread back in its own cgroup, unslowed.
+//! releasing or dropping the quota puts the thread back in its own cgroup, unslowed. A
+//! limit on the thread's own cgroup keeps applying under the quota, and a quota left by a
+//! process that died is undone by the next one.
 
 mod common;
 
@@ -85,12 +87,12 @@ fn vcpu_quota_caps_the_vcpu_thread_and_gives_it_back() {
         }
         other => other.expect("attach"),
     };
-    let cgroup = quota.cgroup().to_path_buf();
+    let cgroup = only_cgroup(&quota);
     let name = cgroup.file_name().expect("a cgroup folder name");
-    assert!(
-        cpu_cgroup(tid).ends_with(&*name.to_string_lossy()),
-        "the vCPU thread is in {} after attach, not {}",
+    assert_eq!(
         cpu_cgroup(tid),
+        Path::new(&home).join(name).to_string_lossy(),
+        "the vCPU thread is not in a child of its own cgroup after attach ({})",
         cgroup.display()
     );
     let unslowed = share(tid);
@@ -121,7 +123,7 @@ fn vcpu_quota_caps_the_vcpu_thread_and_gives_it_back() {
 
     // Dropped without a release (an error path): the same undoing.
     let mut quota = VcpuQuota::attach(&tids).expect("attach again");
-    let cgroup = quota.cgroup().to_path_buf();
+    let cgroup = only_cgroup(&quota);
     quota.set_throttle(95).expect("95%");
     drop(quota);
     assert!(
@@ -138,6 +140,114 @@ fn vcpu_quota_caps_the_vcpu_thread_and_gives_it_back() {
     assert!(
         dropped > 0.05 + 2.0 * SLACK,
         "dropped, yet the vCPU ran only {dropped:.2} of a core"
+    );
+}
+
+/// The one cgroup a quota made (the test's vCPU threads share one cgroup).
+fn only_cgroup(quota: &VcpuQuota) -> std::path::PathBuf {
+    let cgroups: Vec<_> = quota.cgroups().map(Path::to_path_buf).collect();
+    assert_eq!(cgroups.len(), 1, "{cgroups:?}");
+    cgroups[0].clone()
+}
+
+/// The mount point of the v1 hierarchy with the `cpu` controller (read here, not with the
+/// module's parser, so the test does not lean on the code it tests).
+fn cpu_mount() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let mut fs = fs.split_whitespace();
+        let is_cpu = fs.next()? == "cgroup" && fs.nth(1)?.split(',').any(|o| o == "cpu");
+        let fields: Vec<&str> = mount.split_whitespace().collect();
+        (is_cpu && fields.get(3) == Some(&"/")).then(|| fields[4].into())
+    })
+}
+
+/// A cgroup the test makes and removes (after moving its threads to the root).
+struct TestCgroup(std::path::PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let root = self.0.parent().expect("a parent").to_path_buf();
+        for dir in [self.0.join("strait-stun-99999999-0"), self.0.clone()] {
+            let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap_or_default();
+            for tid in tasks.lines() {
+                let _ = std::fs::write(root.join("tasks"), tid);
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+#[test]
+fn vcpu_quota_keeps_its_origins_limit_and_undoes_a_dead_owners_quota() {
+    if !require_qemu() {
+        return;
+    }
+    let Some(mount) = cpu_mount() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI has a v1 cpu hierarchy"
+        );
+        eprintln!("\n**********\n*** SKIPPED: no cgroup v1 cpu hierarchy here\n**********\n");
+        return;
+    };
+    let dir = test_dir("stun-nest");
+    let kernel = memory_dirtier(dir.path());
+    let kernel = kernel.to_str().expect("UTF-8 path");
+    let qemu = Qemu::start_with(dir.path(), "guest", Start::Running, &["-kernel", kernel]);
+    let vmm = common::connect(&qemu);
+    let tids = vmm.vcpu_threads().expect("query-cpus-fast");
+    let tid = tids[0];
+    let started = Instant::now();
+    while share(tid) <= 0.3 {
+        assert!(started.elapsed() < START_TIMEOUT, "the vCPU never spun");
+    }
+
+    // The VM's manager limits the vCPU to 60% of a core (as libvirt's vcpu_quota would).
+    let origin = TestCgroup(mount.join(format!("strait-test-origin-{}", std::process::id())));
+    std::fs::create_dir(&origin.0).expect("origin cgroup");
+    std::fs::write(origin.0.join("cpu.cfs_period_us"), "10000").expect("period");
+    std::fs::write(origin.0.join("cpu.cfs_quota_us"), "6000").expect("quota");
+    // A strait that died mid-migration left the thread in a child at 95%.
+    let stale = origin.0.join("strait-stun-99999999-0");
+    std::fs::create_dir(&stale).expect("stale cgroup");
+    std::fs::write(stale.join("cpu.cfs_period_us"), "20000").expect("period");
+    std::fs::write(stale.join("cpu.cfs_quota_us"), "1000").expect("quota");
+    std::fs::write(stale.join("tasks"), tid.to_string()).expect("move the thread");
+    let stuck = share(tid);
+
+    let mut quota = VcpuQuota::attach(&tids).expect("attach");
+    assert!(!stale.exists(), "the dead owner's cgroup is still there");
+    let cgroup = only_cgroup(&quota);
+    assert_eq!(cgroup.parent(), Some(origin.0.as_path()));
+    let origin_name = origin.0.file_name().expect("name").to_string_lossy();
+    let cgroup_name = cgroup.file_name().expect("name").to_string_lossy();
+    assert_eq!(cpu_cgroup(tid), format!("/{origin_name}/{cgroup_name}"));
+    // No throttle: the origin's 60% still holds.
+    let unslowed = share(tid);
+    quota.set_throttle(50).expect("50%");
+    let half = share(tid);
+    quota.release().expect("release");
+    assert_eq!(cpu_cgroup(tid), format!("/{origin_name}"));
+    let home = share(tid);
+    eprintln!(
+        "vCPU share of a core: {stuck:.2} left at 95% by a dead owner, {unslowed:.2} attached \
+         under a 60% origin, {half:.2} at 50%, {home:.2} home"
+    );
+    assert!(
+        stuck <= 0.05 + SLACK,
+        "the stale 95% quota did not hold: {stuck:.2}"
+    );
+    // Above the stale 5%: the dead owner's quota is gone; at most 60%: the origin's holds.
+    assert!(
+        (0.05 + 2.0 * SLACK..=0.6 + SLACK).contains(&unslowed),
+        "attached without a throttle under a 60% origin: {unslowed:.2}"
+    );
+    assert!(half <= 0.5 + SLACK, "50% throttle, yet {half:.2}");
+    assert!(
+        (0.05 + 2.0 * SLACK..=0.6 + SLACK).contains(&home),
+        "home under the 60% origin: {home:.2}"
     );
 }
 

@@ -182,7 +182,7 @@ impl Command {
                 "fence this source's disk (guest writes fail from now on); the destination is told once it holds every write"
             }
             Command::Migrate => {
-                "live-migrate the VM to the destination engine (progress in status): args {\"vmm\": \"qemu:QMP_SOCKET\", \"to\": \"ADDR:PORT\" (unless replicating already), \"dst_vmm\": \"qemu:QMP_SOCKET\", \"downtime_ms\": N, \"converge_timeout_s\": N} (last three optional)"
+                "live-migrate the VM to the destination engine (progress in status): args {\"vmm\": \"qemu:QMP_SOCKET\", \"to\": \"ADDR:PORT\" (unless replicating already), \"dst_vmm\": \"qemu:QMP_SOCKET\", \"downtime_ms\": N, \"converge_timeout_s\": N, \"throttle\": \"vmm\"|\"cgroup\"} (last four optional)"
             }
             Command::MigrateCancel => {
                 "roll the running migration back (honoured until the commit is sent)"

@@ -43,6 +43,7 @@ use strait_vmm::{QemuVmm, RunState, Vmm};
 
 use crate::cli::{CopyMode, DemoArgs, DemoSystem};
 use crate::control::ControlError;
+use crate::migration::stun::Actuator;
 use console::Verdict;
 use pin::CpuSplit;
 use report::{Recording, Report};
@@ -254,6 +255,8 @@ pub struct Plan {
     pub json: bool,
     /// The cores, unless `--share-cores` or a one-core machine (`pin.rs`).
     pub cpu_split: Option<CpuSplit>,
+    /// What applies strait's vCPU throttle (`--throttle`).
+    pub actuator: Actuator,
 }
 
 impl Plan {
@@ -274,6 +277,17 @@ impl Plan {
         if args.system == DemoSystem::Strait && args.copy_mode != CopyMode::Background {
             return Err(DemoError::InvalidArgs(
                 "--copy-mode is QEMU's mirror mode: it goes with --system qemu".into(),
+            ));
+        }
+        let actuator = Actuator::parse(&args.throttle).ok_or_else(|| {
+            DemoError::InvalidArgs(format!(
+                "--throttle {:?} is not vmm or cgroup",
+                args.throttle
+            ))
+        })?;
+        if args.system == DemoSystem::Qemu && actuator != Actuator::Vmm {
+            return Err(DemoError::InvalidArgs(
+                "--throttle is strait's: QEMU's own migration throttles with auto-converge".into(),
             ));
         }
         let system = match args.system {
@@ -313,6 +327,7 @@ impl Plan {
         };
         Ok(Plan {
             cpu_split,
+            actuator,
             system,
             guest,
             rtt_ms: args.rtt_ms,
@@ -499,6 +514,7 @@ fn drive(plan: &Plan, dir: &Path, interrupt: &Interrupt) -> Result<Recording, De
     let mut args = Map::new();
     args.insert("to".into(), json!(rig.backend.to));
     args.insert("vmm".into(), json!(rig.backend.src_vmm));
+    args.insert("throttle".into(), json!(plan.actuator.name()));
     let started = rig.backend.src.call("migrate", args)?;
     say(&format!(
         "migrate  id {} to {}, {:.1} s after the link came up",

@@ -264,6 +264,9 @@ pub struct Report {
     /// Heartbeats per second before the migration, during it, and in its memory phase.
     pub rates: (Option<f64>, Option<f64>, Option<f64>),
     pub throttle_peak: (f64, f64),
+    /// The applied throttle integrated over the timeline, in percent-seconds: a throttle
+    /// of 50% for 2 s is 100, one second of the guest's CPU taken.
+    pub throttle_integral_pct_s: f64,
     /// The lowest cap the controller put on the guest's disk writes, if it capped them.
     pub disk_cap_min: Option<f64>,
     pub checks: Vec<Check>,
@@ -287,6 +290,7 @@ impl Report {
         );
         let peak = |f: fn(&Row) -> f64| rows.iter().map(f).fold(0.0, f64::max);
         let throttle_peak = (peak(|r| r.throttle_pct), peak(|r| r.applied_throttle_pct));
+        let throttle_integral_pct_s = throttle_integral(&rows);
         let disk_cap_min = rows
             .iter()
             .map(|r| r.disk_cap_bytes_per_s)
@@ -301,6 +305,7 @@ impl Report {
             memory_phase,
             rates,
             throttle_peak,
+            throttle_integral_pct_s,
             disk_cap_min,
             checks,
             json: Value::Null,
@@ -380,8 +385,10 @@ impl Report {
                 "heartbeats_destination": rec.dst_heartbeats.len(),
             },
             "throttle": {
+                "actuator": m["throttle"]["actuator"],
                 "peak_asked_pct": self.throttle_peak.0,
                 "peak_applied_pct": self.throttle_peak.1,
+                "integral_pct_s": (self.throttle_integral_pct_s * 10.0).round() / 10.0,
                 "disk_cap_min_bytes_per_s": self.disk_cap_min,
             },
             "counter": {
@@ -564,9 +571,14 @@ impl Report {
         line(
             "throttle peak",
             format!(
-                "{:.0}% asked, {:.0}% applied by QEMU{}",
+                "{:.0}% asked, {:.0}% applied by {} ({:.1} s of the guest's CPU taken){}",
                 self.throttle_peak.0,
                 self.throttle_peak.1,
+                match j["throttle"]["actuator"].as_str() {
+                    Some("cgroup") => "the vCPU quota",
+                    _ => "QEMU",
+                },
+                self.throttle_integral_pct_s / 100.0,
                 self.disk_cap_min
                     .map(|c| format!(
                         "; the guest's disk writes capped at {}/s at the lowest",
@@ -868,10 +880,29 @@ fn at_stop_line(a: &Value) -> Option<String> {
     Some(text)
 }
 
+/// The applied throttle integrated over the timeline (each sample holds until the next),
+/// in percent-seconds.
+fn throttle_integral(rows: &[Row]) -> f64 {
+    rows.windows(2)
+        .map(|w| w[0].applied_throttle_pct * (w[1].t_s - w[0].t_s).max(0.0))
+        .sum()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_throttle_integral_holds_each_sample_until_the_next() {
+        let m = json!({
+            "timeline_columns": ["t_s", "applied_throttle_pct"],
+            "timeline": [[0.0, 0], [0.5, 50], [2.5, 90], [3.0, 0], [10.0, 0]],
+        });
+        // 50% for 2 s, then 90% for 0.5 s.
+        assert!((throttle_integral(&timeline(&m)) - 145.0).abs() < 1e-9);
+        assert_eq!(throttle_integral(&[]), 0.0);
+    }
 
     #[test]
     fn the_timeline_is_read_by_column_name() {

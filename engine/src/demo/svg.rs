@@ -656,6 +656,7 @@ mod tests {
         };
         let plan = Plan {
             cpu_split: None,
+            actuator: crate::migration::stun::Actuator::Vmm,
             system: crate::demo::System::Strait,
             guest: GuestFiles {
                 kernel: "k".into(),

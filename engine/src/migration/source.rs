@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use strait_net::StreamClass;
 use strait_vmm::{
     MigrationCapabilities, MigrationInfo, MigrationParameters, MigrationStatus, MigrationUri,
-    RunState, Vmm,
+    RunState, VcpuQuota, Vmm,
 };
 use tracing::{info, warn};
 
 use super::port::Port;
 use super::stream::{SourceEnd, StreamConfig, StreamHandle, StreamMonitor};
-use super::stun::{Demand, StunController, StunState, TICK};
+use super::stun::{Actuator, AppliedLog, Demand, StunController, StunState, TICK};
 use super::wire::{MigrationId, MigrationMessage};
 use super::{connect_vmm, MigrationError};
 use crate::replication::driver::SourceStatus;
@@ -132,6 +132,8 @@ pub struct MigratePlan {
     /// it the migration rolls back and the VM goes on here (`None`: no limit, the throttle
     /// alone makes QEMU converge).
     pub converge_timeout: Option<Duration>,
+    /// What applies the vCPU throttle.
+    pub actuator: Actuator,
 }
 
 /// Where a migration stands.
@@ -237,6 +239,9 @@ pub struct MigrateStatus {
     pub memory_remaining_bytes: u64,
     pub memory_total_bytes: u64,
     pub throttle: StunState,
+    /// What applies the throttle.
+    pub actuator: Actuator,
+    /// The throttle in force: QEMU's report, or the quota's.
     pub applied_throttle_pct: u8,
     pub expected_downtime_ms: Option<u64>,
     /// QEMU's measured downtime (from its `query-migrate` once completed).
@@ -283,6 +288,7 @@ impl Migration {
             memory_remaining_bytes: 0,
             memory_total_bytes: 0,
             throttle: StunState::default(),
+            actuator: plan.actuator,
             applied_throttle_pct: 0,
             expected_downtime_ms: None,
             vmm_downtime_ms: None,
@@ -295,6 +301,7 @@ impl Migration {
             timeline: Vec::new(),
         }));
         let cancel = Arc::new(AtomicBool::new(false));
+        let hold = plan.actuator.hold();
         let mut runner = Runner {
             budget: DowntimeBudget::new(plan.downtime_limit_ms),
             plan,
@@ -304,7 +311,9 @@ impl Migration {
             cancel: cancel.clone(),
             started: Instant::now(),
             stream: None,
-            stun: StunController::new(),
+            stun: StunController::with_hold(hold),
+            quota: None,
+            applied: AppliedLog::default(),
             meter: ClassMeter::default(),
             sample_every: 1,
             ticks: 0,
@@ -609,7 +618,7 @@ impl DiskMeter {
 /// Why a migration whose memory phase ran out of `limit` rolls back, with what QEMU had
 /// left: the figures a user weighs before trying again with a longer limit, a larger
 /// `downtime_ms` or a quieter guest.
-fn not_converged(limit: Duration, info: &MigrationInfo, throttle_asked: u8) -> String {
+fn not_converged(limit: Duration, info: &MigrationInfo, applied: u8, throttle_asked: u8) -> String {
     let (remaining, dirty) = info
         .ram
         .as_ref()
@@ -620,7 +629,7 @@ fn not_converged(limit: Duration, info: &MigrationInfo, throttle_asked: u8) -> S
         limit.as_secs(),
         remaining >> 20,
         dirty >> 20,
-        info.cpu_throttle_pct.unwrap_or(0),
+        applied,
         throttle_asked,
     )
 }
@@ -634,6 +643,11 @@ struct Runner {
     started: Instant,
     stream: Option<StreamHandle>,
     stun: StunController,
+    /// The quota on the vCPU threads while the memory phase runs ([`Actuator::Cgroup`]).
+    quota: Option<VcpuQuota>,
+    /// The quota's changes, to tell the controller what QEMU's dirty rate was measured
+    /// under.
+    applied: AppliedLog,
     meter: ClassMeter,
     /// QEMU's share of the downtime target, and what it was last told.
     budget: DowntimeBudget,
@@ -738,7 +752,10 @@ impl Runner {
                 s.memory_remaining_bytes = ram.remaining_bytes;
                 s.memory_total_bytes = ram.total_bytes;
             }
-            s.applied_throttle_pct = info.cpu_throttle_pct.unwrap_or(0);
+            s.applied_throttle_pct = match self.plan.actuator {
+                Actuator::Vmm => info.cpu_throttle_pct.unwrap_or(0),
+                Actuator::Cgroup => self.applied.current(),
+            };
             s.expected_downtime_ms = info.expected_downtime_ms.or(s.expected_downtime_ms);
             if info.downtime_ms.is_some() {
                 s.vmm_downtime_ms = info.downtime_ms;
@@ -774,7 +791,11 @@ impl Runner {
         self.set_phase(Phase::Offer);
         self.offer()?;
         self.set_phase(Phase::Memory);
-        self.memory_phase()?;
+        let memory = self.memory_phase();
+        // The vCPUs are stopped at `pre-switchover`, and after a failure the VM must run
+        // here unslowed: the quota ends with the memory phase, however it ended.
+        self.release_quota();
+        memory?;
         self.set_phase(Phase::Switchover);
         self.switchover()?;
         self.set_phase(Phase::Completing);
@@ -833,6 +854,56 @@ impl Runner {
         }
     }
 
+    /// Puts the vCPU threads back as they were, if a quota holds them.
+    fn release_quota(&mut self) {
+        if let Some(quota) = self.quota.take() {
+            match quota.release() {
+                Ok(()) => info!("vCPU quota released"),
+                Err(e) => warn!(error = %e, "could not undo the vCPU quota entirely"),
+            }
+        }
+        self.applied.set(Instant::now(), 0);
+    }
+
+    /// Attaches the quota to the VMM's vCPU threads ([`Actuator::Cgroup`]).
+    fn attach_quota(&mut self) -> Step<()> {
+        let refuse = |why: String| {
+            Stop::Rollback(format!(
+                "the cgroup vCPU throttle cannot be used: {why} (migrate with the VMM's \
+                 own throttle instead: `throttle` \"vmm\")"
+            ))
+        };
+        let threads = self.vmm.vcpu_threads().map_err(|e| refuse(e.to_string()))?;
+        let quota = VcpuQuota::attach(&threads).map_err(|e| refuse(e.to_string()))?;
+        info!(threads = ?threads, cgroups = ?quota.cgroups().collect::<Vec<_>>(), "vCPU quota attached");
+        self.quota = Some(quota);
+        self.applied.set(Instant::now(), 0);
+        Ok(())
+    }
+
+    /// Asks the actuator for `pct` (0: off); returns what was asked.
+    fn apply_throttle(&mut self, pct: u8) -> u8 {
+        match self.plan.actuator {
+            Actuator::Vmm => {
+                // QEMU cannot go below 1% once it throttled: "off" is 1%.
+                let want = pct.max(1);
+                if let Err(e) = self.vmm.set_cpu_throttle(want) {
+                    warn!(error = %e, "cannot set the vCPU throttle");
+                }
+                want
+            }
+            Actuator::Cgroup => {
+                if let Some(quota) = self.quota.as_mut() {
+                    match quota.set_throttle(pct) {
+                        Ok(()) => self.applied.set(Instant::now(), quota.throttle_pct()),
+                        Err(e) => warn!(error = %e, "cannot set the vCPU quota"),
+                    }
+                }
+                pct
+            }
+        }
+    }
+
     /// Phase 3: QEMU migrates into the stream until it holds at `pre-switchover`.
     fn memory_phase(&mut self) -> Step<()> {
         let vmm_err = |what: &str| {
@@ -843,7 +914,8 @@ impl Runner {
             .set_migration_capabilities(&MigrationCapabilities {
                 pause_before_switchover: true,
                 return_path: true,
-                auto_converge: true,
+                // With the quota, QEMU's own throttle stays out of the way.
+                auto_converge: self.plan.actuator == Actuator::Vmm,
                 events: true,
             })
             .map_err(vmm_err("setting the source VMM's capabilities"))?;
@@ -866,10 +938,14 @@ impl Runner {
                 ..MigrationParameters::default()
             })
             .map_err(vmm_err("setting the source VMM's parameters"))?;
-        // "Off" as QEMU can express it, until the controller asks for more.
-        self.vmm
-            .set_cpu_throttle(1)
-            .map_err(vmm_err("setting the vCPU throttle"))?;
+        match self.plan.actuator {
+            // "Off" as QEMU can express it, until the controller asks for more.
+            Actuator::Vmm => self
+                .vmm
+                .set_cpu_throttle(1)
+                .map_err(vmm_err("setting the vCPU throttle"))?,
+            Actuator::Cgroup => self.attach_quota()?,
+        }
         let port = self.port()?;
         let (_, link) = port
             .link()
@@ -890,7 +966,10 @@ impl Runner {
             .start_migration(&MigrationUri::Unix(socket))
             .map_err(vmm_err("starting the VMM's migration"))?;
         let memory_started = Instant::now();
-        let mut throttle_asked = 1u8;
+        let mut throttle_asked = match self.plan.actuator {
+            Actuator::Vmm => 1u8,
+            Actuator::Cgroup => 0,
+        };
         let mut switchover_rate = SwitchoverRate::default();
         let mut disk = DiskMeter::default();
         loop {
@@ -909,21 +988,32 @@ impl Runner {
                 .migration_info()
                 .map_err(vmm_err("reading the migration's progress"))?;
             let (disk_bytes_per_s, disk_capped) = disk.update(&self.replication()?);
+            let dirty_bytes_per_s = info.ram.as_ref().map_or(0, |r| r.dirty_bytes_per_s());
+            self.applied.observe_rate(Instant::now(), dirty_bytes_per_s);
+            let applied_throttle_pct = match self.plan.actuator {
+                Actuator::Vmm => info.cpu_throttle_pct.unwrap_or(0),
+                Actuator::Cgroup => self.applied.applied(),
+            };
             let demand = Demand {
-                dirty_bytes_per_s: info.ram.as_ref().map_or(0, |r| r.dirty_bytes_per_s()),
-                applied_throttle_pct: info.cpu_throttle_pct.unwrap_or(0),
+                dirty_bytes_per_s,
+                applied_throttle_pct,
                 disk_bytes_per_s,
                 disk_capped,
                 link_bytes_per_s: self.meter.rate_all(),
             };
             let decided = self.stun.tick(Instant::now(), demand);
-            let want = decided.throttle_pct.max(1);
+            let want = match self.plan.actuator {
+                Actuator::Vmm => decided.throttle_pct.max(1),
+                Actuator::Cgroup => decided.throttle_pct,
+            };
             if want != throttle_asked {
-                info!(percent = want, ?decided, "vCPU throttle");
-                if let Err(e) = self.vmm.set_cpu_throttle(want) {
-                    warn!(error = %e, "cannot set the vCPU throttle");
-                }
-                throttle_asked = want;
+                info!(
+                    percent = want,
+                    actuator = self.plan.actuator.name(),
+                    ?decided,
+                    "vCPU throttle"
+                );
+                throttle_asked = self.apply_throttle(want);
             }
             self.side.set_disk_rate_cap(decided.disk_cap_bytes_per_s);
             if let Some(rate) = switchover_rate.update(self.meter.rate_all()) {
@@ -973,7 +1063,12 @@ impl Runner {
                 .converge_timeout
                 .filter(|limit| memory_started.elapsed() >= *limit)
             {
-                return Err(Stop::Rollback(not_converged(limit, &info, throttle_asked)));
+                return Err(Stop::Rollback(not_converged(
+                    limit,
+                    &info,
+                    applied_throttle_pct,
+                    throttle_asked,
+                )));
             }
             if self.stream.as_ref().is_some_and(StreamHandle::is_finished) {
                 let why = match self.stream.take().map(StreamHandle::join) {

@@ -19,11 +19,13 @@
 //! to send as the one before; the disk's share becomes a cap on the guest's write rate.
 //!
 //! The throttle rises at once (the guest is outrunning the link now) and falls by at most
-//! [`STEP_DOWN_PCT`] per [`HOLD`] (QEMU applies a new value at auto-converge's next
-//! trigger, about 2 s later, see `docs/vmm.md`; moving faster would oscillate). Below
+//! [`STEP_DOWN_PCT`] per hold: [`HOLD`] when QEMU's auto-converge applies it (a new value
+//! lands at its next trigger, about 2 s later, see `docs/vmm.md`; moving faster would
+//! oscillate), [`HOLD_CGROUP`] when strait's own CFS quota does ([`Actuator`]). Below
 //! [`OFF_BELOW_PCT`] it is off. QEMU cannot go below 1% once throttling started, so the
-//! caller asks "off" as 1%.
+//! caller asks "off" as 1% of QEMU; the quota takes 0.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::replication::throttle::RATE_MIN_BYTES_PER_S;
@@ -59,6 +61,132 @@ pub const STEP_DOWN_PCT: u8 = 10;
 
 /// How long a throttle stays before it may fall: QEMU's trigger delay (about 2 s).
 pub const HOLD: Duration = Duration::from_secs(2);
+
+/// The same with strait's quota, which acts within a CFS period: one period of QEMU's
+/// dirty-rate measure (at least 1 s), so that a step down is seen in the rate before the
+/// next one is taken.
+pub const HOLD_CGROUP: Duration = Duration::from_secs(1);
+
+/// What slows the guest's vCPUs when the controller asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Actuator {
+    /// The VMM's own throttle (QEMU's auto-converge): no privilege needed, but it applies
+    /// a new value only at its next trigger, 1–8 s later in the sweep.
+    #[default]
+    Vmm,
+    /// A CFS quota on the vCPU threads ([`strait_vmm::VcpuQuota`]): acts within 0.25 s;
+    /// needs a v1 `cpu` cgroup hierarchy, the right to write to it, and the VMM's vCPU
+    /// thread ids (strait beside the VMM, on its host).
+    Cgroup,
+}
+
+impl Actuator {
+    /// The names the API and the command line take.
+    pub const NAMES: [&'static str; 2] = ["vmm", "cgroup"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Actuator::Vmm => "vmm",
+            Actuator::Cgroup => "cgroup",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Actuator> {
+        match name {
+            "vmm" => Some(Actuator::Vmm),
+            "cgroup" => Some(Actuator::Cgroup),
+            _ => None,
+        }
+    }
+
+    /// How long a throttle stays before it may fall with this actuator.
+    pub fn hold(self) -> Duration {
+        match self {
+            Actuator::Vmm => HOLD,
+            Actuator::Cgroup => HOLD_CGROUP,
+        }
+    }
+}
+
+/// Throttle changes an [`AppliedLog`] keeps: one per [`TICK`] at most, so 256 cover a pass
+/// of two minutes; a longer pass is averaged over its last two minutes.
+const APPLIED_CHANGES_MAX: usize = 256;
+
+/// The throttle that was in force over the period of QEMU's last dirty-rate measure, for
+/// an actuator that changes it in the middle of such a period (the quota). QEMU updates
+/// its dirty rate at a bitmap sync at least a second after the last update; the moments
+/// the reported rate changes mark those updates (to within a [`TICK`]), and the throttle
+/// averaged over time between the last two is what the rate was measured under. Without
+/// it, a throttle raised just before a measure that mostly preceded it would make the
+/// controller read the unthrottled demand as many times the truth, and over-throttle.
+#[derive(Debug, Default)]
+pub struct AppliedLog {
+    /// (since, percent), oldest first; the last entry is in force now.
+    changes: VecDeque<(Instant, u8)>,
+    /// The dirty rate last seen, and when it changed.
+    rate: Option<(u64, Instant)>,
+    /// The period of the last measure.
+    window: Option<(Instant, Instant)>,
+}
+
+impl AppliedLog {
+    /// The throttle changes to `pct` at `at`.
+    pub fn set(&mut self, at: Instant, pct: u8) {
+        if self.changes.back().is_some_and(|(_, p)| *p == pct) {
+            return;
+        }
+        if self.changes.len() >= APPLIED_CHANGES_MAX {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((at, pct));
+    }
+
+    /// The throttle in force now.
+    pub fn current(&self) -> u8 {
+        self.changes.back().map_or(0, |(_, p)| *p)
+    }
+
+    /// Takes in the dirty rate the VMM reports at `at`.
+    pub fn observe_rate(&mut self, at: Instant, dirty_bytes_per_s: u64) {
+        match self.rate {
+            Some((rate, _)) if rate == dirty_bytes_per_s => {}
+            Some((_, since)) => {
+                self.window = Some((since, at));
+                self.rate = Some((dirty_bytes_per_s, at));
+                // Changes before the window's start matter only as the value at its start.
+                while self.changes.len() >= 2
+                    && self.changes.get(1).is_some_and(|(t, _)| *t <= since)
+                {
+                    self.changes.pop_front();
+                }
+            }
+            None => self.rate = Some((dirty_bytes_per_s, at)),
+        }
+    }
+
+    /// The throttle averaged over the last measure's period, in percent; the one in force
+    /// until a period is known.
+    pub fn applied(&self) -> u8 {
+        let Some((start, end)) = self.window else {
+            return self.current();
+        };
+        // With its oldest changes dropped, the log covers only the end of the period.
+        let start = self.changes.front().map_or(start, |(t, _)| start.max(*t));
+        let span = end.saturating_duration_since(start).as_secs_f64();
+        if span <= 0.0 {
+            return self.current();
+        }
+        let mut weighted = 0.0;
+        for (i, (since, pct)) in self.changes.iter().enumerate() {
+            let until = self.changes.get(i + 1).map_or(end, |(t, _)| *t).min(end);
+            let from = (*since).max(start);
+            if until > from {
+                weighted += f64::from(*pct) * until.duration_since(from).as_secs_f64();
+            }
+        }
+        (weighted / span).round().clamp(0.0, 100.0) as u8
+    }
+}
 
 /// The lowest cap put on the guest's disk writes: the replication pacer's own slowest
 /// pace ([`RATE_MIN_BYTES_PER_S`], 8 MiB/s, a 64 KiB write every 8 ms). Below it the cap
@@ -110,15 +238,32 @@ pub struct StunState {
 }
 
 /// The controller. Pure: the caller feeds it rates and applies its answer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StunController {
     state: StunState,
     changed_at: Option<Instant>,
+    hold: Duration,
+}
+
+impl Default for StunController {
+    fn default() -> StunController {
+        StunController::new()
+    }
 }
 
 impl StunController {
+    /// A controller for QEMU's own throttle ([`HOLD`]).
     pub fn new() -> StunController {
-        StunController::default()
+        StunController::with_hold(HOLD)
+    }
+
+    /// A controller whose throttle may fall once per `hold`.
+    pub fn with_hold(hold: Duration) -> StunController {
+        StunController {
+            state: StunState::default(),
+            changed_at: None,
+            hold,
+        }
     }
 
     /// One look: the throttle to ask for (0: off) and the disk cap (0: none).
@@ -143,7 +288,7 @@ impl StunController {
         let current = self.state.throttle_pct;
         let held = self
             .changed_at
-            .is_none_or(|at| now.duration_since(at) >= HOLD);
+            .is_none_or(|at| now.duration_since(at) >= self.hold);
         let next = if needed > current {
             needed
         } else if needed < current && held {
@@ -302,6 +447,76 @@ mod tests {
             t += HOLD;
         }
         assert_eq!(seen, vec![80, 70, 60, 50, 40, 30, 20, 10, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn with_the_quota_it_falls_once_a_second() {
+        let mut c = StunController::with_hold(Actuator::Cgroup.hold());
+        let t0 = Instant::now();
+        assert_eq!(c.tick(t0, memory_only(100 * MB, 25 * MB)).throttle_pct, 90);
+        let calm = memory_only(MB, 25 * MB);
+        assert_eq!(c.tick(t0 + TICK, calm).throttle_pct, 90);
+        assert_eq!(c.tick(t0 + HOLD_CGROUP, calm).throttle_pct, 80);
+        assert_eq!(c.tick(t0 + HOLD_CGROUP + TICK, calm).throttle_pct, 80);
+        assert_eq!(c.tick(t0 + HOLD_CGROUP * 2, calm).throttle_pct, 70);
+    }
+
+    #[test]
+    fn actuator_names_round_trip() {
+        for name in Actuator::NAMES {
+            assert_eq!(Actuator::parse(name).map(Actuator::name), Some(name));
+        }
+        assert_eq!(Actuator::parse("cgroups"), None);
+        assert_eq!(Actuator::default(), Actuator::Vmm);
+    }
+
+    #[test]
+    fn applied_is_the_throttle_averaged_over_the_last_measure() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut log = AppliedLog::default();
+        assert_eq!(log.applied(), 0);
+        log.set(at(0), 0);
+        log.observe_rate(at(0), 100 * MB);
+        // Raised to 90% three quarters into a measure: the measure was under 22.5%.
+        log.set(at(750), 90);
+        assert_eq!(
+            log.applied(),
+            90,
+            "no measured period yet: the one in force"
+        );
+        log.observe_rate(at(1000), 80 * MB);
+        assert_eq!(log.applied(), 23);
+        assert_eq!(log.current(), 90);
+        // The same rate read again is the same measure.
+        log.observe_rate(at(1500), 80 * MB);
+        assert_eq!(log.applied(), 23);
+        // The next measure ran wholly at 90%.
+        log.observe_rate(at(2000), 10 * MB);
+        assert_eq!(log.applied(), 90);
+        // 90% for 0.5 s, then 50% for 1 s, then 0 for 0.5 s.
+        log.set(at(2500), 50);
+        log.set(at(3500), 0);
+        log.observe_rate(at(4000), 30 * MB);
+        assert_eq!(log.applied(), 48);
+        // Setting the same value twice is one change.
+        let changes = log.changes.len();
+        log.set(at(4100), 0);
+        assert_eq!(log.changes.len(), changes);
+    }
+
+    #[test]
+    fn the_applied_log_stays_bounded() {
+        let t0 = Instant::now();
+        let mut log = AppliedLog::default();
+        log.observe_rate(t0, 1);
+        for i in 0..(APPLIED_CHANGES_MAX as u64 * 4) {
+            log.set(t0 + TICK * (i as u32), (i % 2) as u8 * 50);
+        }
+        assert_eq!(log.changes.len(), APPLIED_CHANGES_MAX);
+        log.observe_rate(t0 + TICK * (APPLIED_CHANGES_MAX as u32 * 4), 2);
+        // Half the time at 50%, over the part the log still covers.
+        assert_eq!(log.applied(), 25);
     }
 
     #[test]
