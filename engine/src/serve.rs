@@ -790,6 +790,7 @@ impl EngineHandler {
                 "memory_share_bytes_per_s": s.throttle.memory_share_bytes_per_s,
                 "disk_share_bytes_per_s": s.throttle.disk_share_bytes_per_s,
                 "disk_cap_bytes_per_s": s.throttle.disk_cap_bytes_per_s,
+                "saturated": s.throttle.saturated,
             },
             "expected_downtime_ms": s.expected_downtime_ms,
             "vmm_downtime_ms": s.vmm_downtime_ms,

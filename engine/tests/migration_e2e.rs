@@ -261,6 +261,47 @@ fn run_state(qmp: &Path) -> RunState {
     QemuVmm::connect(qmp).unwrap().run_state().unwrap()
 }
 
+/// The source QEMU's vCPU thread and its `cpu` cgroup (from `/proc/TID/cgroup`).
+fn src_vcpu_cgroup(s: &Setup) -> (i32, String) {
+    let tids = QemuVmm::connect(&s.src_qmp)
+        .unwrap()
+        .vcpu_threads()
+        .unwrap();
+    assert_eq!(tids.len(), 1, "one vCPU: {tids:?}");
+    let text = std::fs::read_to_string(format!("/proc/{}/cgroup", tids[0])).unwrap();
+    let cgroup = text
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "cpu")
+                .then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("no cpu cgroup in {text}"));
+    (tids[0], cgroup)
+}
+
+/// With `throttle` "cgroup", after the memory phase however it ended: the vCPU thread is
+/// back in `home`, and no cgroup of strait's is left beside it.
+fn assert_quota_undone(s: &Setup, home: &str) {
+    let (tid, now) = src_vcpu_cgroup(s);
+    assert_eq!(now, home, "vCPU thread {tid} did not go home");
+    let dir = Path::new("/sys/fs/cgroup/cpu").join(home.trim_start_matches('/'));
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("strait-stun-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "quota cgroups left in {}: {left:?}",
+        dir.display()
+    );
+}
+
 /// Waits until the migration is in its memory phase with at least `bytes` of memory sent.
 fn wait_memory_phase(s: &Setup, bytes: u64) -> Value {
     let started = Instant::now();
@@ -501,6 +542,59 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
     );
 }
 
+/// The same migration with strait's vCPU quota as the throttle (`throttle` "cgroup"):
+/// QEMU's auto-converge stays off, the source vCPU thread sits in the quota's cgroup, a
+/// child of its own, during the memory phase, and goes home when it ends.
+#[test]
+fn qemu_migration_with_the_cgroup_throttle_commits_and_gives_the_vcpu_back() {
+    let Some(mut s) = setup(WORKLOAD_S) else {
+        return;
+    };
+    s.wait_workload();
+    let (tid, home) = src_vcpu_cgroup(&s);
+    let mut args = Map::new();
+    args.insert("throttle".into(), json!("cgroup"));
+    s.migrate_with(args);
+    wait_memory_phase(&s, 1);
+    let (_, during) = src_vcpu_cgroup(&s);
+    let parent = Path::new(&during)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned());
+    let name = Path::new(&during)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    assert_eq!(
+        parent.as_deref(),
+        Some(home.as_str()),
+        "vCPU thread {tid} in {during}"
+    );
+    assert!(
+        name.is_some_and(|n| n.starts_with("strait-stun-")),
+        "vCPU thread {tid} in {during} during the memory phase"
+    );
+    let caps = QemuVmm::connect(&s.src_qmp)
+        .unwrap()
+        .qmp()
+        .execute::<Value>("query-migrate-capabilities", None)
+        .unwrap();
+    let auto_converge = caps
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["capability"] == "auto-converge"))
+        .map(|c| c["state"].clone());
+    assert_eq!(auto_converge, Some(json!(false)), "{caps}");
+    let m = s.follow(MIGRATION_TIMEOUT);
+    eprintln!(
+        "throttle: {} (peak applied over the timeline: {:?}%)",
+        m["throttle"],
+        m["timeline"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|r| r[7].as_u64()).max())
+    );
+    assert_eq!(m["throttle"]["actuator"], json!("cgroup"), "{m}");
+    assert_migrated(&mut s, &m);
+    assert_quota_undone(&s, &home);
+}
+
 /// A cut shorter than the session's resume window in the memory phase: the session
 /// resumes underneath the stream and the migration completes.
 /// This one also forwards the destination's VMM from the source (`dst_vmm`), as a setup
@@ -564,18 +658,24 @@ fn qemu_migration_rolls_back_when_the_destination_qemu_dies() {
 }
 
 /// The memory phase outlasts `converge_timeout_s`: the migration rolls back, saying what
-/// QEMU had left, and the VM goes on on the source, as after any rollback.
+/// QEMU had left, and the VM goes on on the source, as after any rollback. The throttle
+/// here is strait's vCPU quota, which the rollback takes off.
 #[test]
 fn qemu_migration_rolls_back_when_memory_does_not_converge_in_time() {
     let Some(mut s) = setup(WORKLOAD_S) else {
         return;
     };
     s.wait_workload();
+    // With strait's own quota as the throttle: the rollback must also undo it.
+    let (_, home) = src_vcpu_cgroup(&s);
     let mut args = Map::new();
     args.insert("converge_timeout_s".into(), json!(CONVERGE_TIMEOUT_S));
+    args.insert("throttle".into(), json!("cgroup"));
     s.migrate_with(args);
     let m = s.follow(MIGRATION_TIMEOUT);
     eprintln!("rolled back: {}", m["error"]);
+    assert_eq!(m["throttle"]["actuator"], json!("cgroup"), "{m}");
+    assert_quota_undone(&s, &home);
     let error = m["error"].as_str().unwrap_or_default();
     assert!(
         error.contains(&format!("did not converge within {CONVERGE_TIMEOUT_S} s"))

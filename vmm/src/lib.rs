@@ -4,7 +4,7 @@
 //! watch a migration, switch over) through [`Vmm`]. [`QemuVmm`] implements it over QMP with
 //! the small synchronous client in [`qmp`]; `docs/vmm.md` describes the mapping and what a
 //! Cloud Hypervisor driver needs. [`VcpuQuota`] slows a guest's vCPU threads from outside
-//! any VMM, with a CFS quota (not used by the migration yet).
+//! any VMM, with a CFS quota (the migration's throttle with `throttle` "cgroup").
 //!
 //! Everything here is blocking and thread-based (the engine's control side runs on std
 //! threads): each QMP connection has one reader thread, and every wait has a timeout.

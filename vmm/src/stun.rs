@@ -1,16 +1,17 @@
 //! Slowing a guest's vCPU threads from outside the VMM: a CFS bandwidth quota on a cgroup
-//! of the kernel's v1 `cpu` controller that holds only those threads.
+//! of the kernel's v1 `cpu` controller that holds only those threads, a child of the
+//! cgroup they were in.
 //!
 //! QEMU's own throttle (auto-converge) applies a new value only at its next trigger, 1–8 s
 //! after it is asked in the migration sweep (`docs/vmm.md`, "The throttle"). A quota acts
 //! within the kernel's next period: measured with `bench/stun-cgroup-probe.py`, the first
 //! 0.25 s after a change already ran at the new rate, and QMP stayed responsive
-//! (`bench/results/stun-cgroup.md`). This module is that actuator; the migration does not
-//! use it yet.
+//! (`bench/results/stun-cgroup.md`). This module is that actuator; the migration uses it
+//! with `throttle` "cgroup" (`engine/src/migration/stun.rs`).
 //!
 //! The v1 `cpu` controller places single threads (its `tasks` file takes thread ids); in
 //! cgroup v2 that needs a threaded subtree, which is not handled here. The threads go back
-//! to the cgroup each was in, and the cgroup is removed, on [`VcpuQuota::release`] or on
+//! to the cgroup each was in, and the cgroups are removed, on [`VcpuQuota::release`] or on
 //! drop: a guest must never stay slowed after the migration that slowed it has ended,
 //! whatever the way it ended.
 

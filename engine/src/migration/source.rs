@@ -301,7 +301,7 @@ impl Migration {
             timeline: Vec::new(),
         }));
         let cancel = Arc::new(AtomicBool::new(false));
-        let hold = plan.actuator.hold();
+        let actuator = plan.actuator;
         let mut runner = Runner {
             budget: DowntimeBudget::new(plan.downtime_limit_ms),
             plan,
@@ -311,7 +311,7 @@ impl Migration {
             cancel: cancel.clone(),
             started: Instant::now(),
             stream: None,
-            stun: StunController::with_hold(hold),
+            stun: StunController::for_actuator(actuator),
             quota: None,
             applied: AppliedLog::default(),
             meter: ClassMeter::default(),
@@ -666,6 +666,11 @@ impl Runner {
     fn run(&mut self) {
         info!(id = self.plan.id, vmm = %self.vmm.describe(), "migration started");
         let outcome = self.migrate();
+        // The quota goes before anything else is decided: a rollback resumes the VM here,
+        // which must run unslowed. Not at the stop for the switchover: the vCPUs are
+        // stopped then, and moving threads between cgroups takes tens of milliseconds
+        // (the kernel waits for an RCU grace period), which the downtime would pay.
+        self.release_quota();
         let (phase, error) = match outcome {
             Ok(()) => (Phase::Done, None),
             Err(Stop::Rollback(why)) => {
@@ -791,11 +796,7 @@ impl Runner {
         self.set_phase(Phase::Offer);
         self.offer()?;
         self.set_phase(Phase::Memory);
-        let memory = self.memory_phase();
-        // The vCPUs are stopped at `pre-switchover`, and after a failure the VM must run
-        // here unslowed: the quota ends with the memory phase, however it ended.
-        self.release_quota();
-        memory?;
+        self.memory_phase()?;
         self.set_phase(Phase::Switchover);
         self.switchover()?;
         self.set_phase(Phase::Completing);
