@@ -543,8 +543,8 @@ fn qemu_vm_live_migrates_across_wanem_disk_and_memory() {
 }
 
 /// The same migration with strait's vCPU quota as the throttle (`throttle` "cgroup"):
-/// QEMU's own throttle stays at its floor, the source vCPU thread sits in the quota's
-/// cgroup, a child of its own, during the memory phase, and goes home when it ends.
+/// QEMU's auto-converge stays off, the source vCPU thread sits in the quota's cgroup, a
+/// child of its own, during the memory phase, and goes home when it ends.
 #[test]
 fn qemu_migration_with_the_cgroup_throttle_commits_and_gives_the_vcpu_back() {
     let Some(mut s) = setup(WORKLOAD_S) else {
@@ -572,13 +572,16 @@ fn qemu_migration_with_the_cgroup_throttle_commits_and_gives_the_vcpu_back() {
         name.is_some_and(|n| n.starts_with("strait-stun-")),
         "vCPU thread {tid} in {during} during the memory phase"
     );
-    // QEMU's own throttle stays at its floor: the quota does the slowing.
-    let params = QemuVmm::connect(&s.src_qmp)
+    let caps = QemuVmm::connect(&s.src_qmp)
         .unwrap()
         .qmp()
-        .execute::<Value>("query-migrate-parameters", None)
+        .execute::<Value>("query-migrate-capabilities", None)
         .unwrap();
-    assert_eq!(params["max-cpu-throttle"], json!(1), "{params}");
+    let auto_converge = caps
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["capability"] == "auto-converge"))
+        .map(|c| c["state"].clone());
+    assert_eq!(auto_converge, Some(json!(false)), "{caps}");
     let m = s.follow(MIGRATION_TIMEOUT);
     eprintln!(
         "throttle: {} (peak applied over the timeline: {:?}%)",
