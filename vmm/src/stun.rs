@@ -122,7 +122,8 @@ impl VcpuQuota {
                     .join(mount.strip_prefix("/").unwrap_or(&mount))
             }
         };
-        let mut groups: Vec<Group> = Vec::new();
+        // Each origin cgroup and the threads that go from it into a child.
+        let mut planned: Vec<(PathBuf, Vec<i32>)> = Vec::new();
         for &tid in threads {
             let cgroups = read(Path::new(&format!("/proc/{tid}/cgroup")))?;
             let cgroup = thread_cpu_cgroup(&cgroups).ok_or(StunError::NoThreadCgroup { tid })?;
@@ -135,13 +136,9 @@ impl VcpuQuota {
                     origin = parent.to_path_buf();
                 }
             }
-            match groups.iter_mut().find(|g| g.origin == origin) {
-                Some(g) => g.tids.push(tid),
-                None => groups.push(Group {
-                    dir: PathBuf::new(),
-                    origin,
-                    tids: vec![tid],
-                }),
+            match planned.iter_mut().find(|(o, _)| *o == origin) {
+                Some((_, tids)) => tids.push(tid),
+                None => planned.push((origin, vec![tid])),
             }
         }
         let id = format!(
@@ -152,29 +149,29 @@ impl VcpuQuota {
         // From here on, drop undoes whatever was done: a group is listed once its cgroup
         // exists, and a thread once it was moved.
         let mut quota = VcpuQuota {
-            groups: Vec::with_capacity(groups.len()),
+            groups: Vec::with_capacity(planned.len()),
             throttle_pct: 0,
             released: false,
         };
-        for planned in groups {
-            sweep_stale_children(&planned.origin);
-            let dir = planned.origin.join(&id);
+        for (origin, tids) in planned {
+            sweep_stale_children(&origin);
+            let dir = origin.join(&id);
             fs::create_dir(&dir).map_err(|source| StunError::Io {
                 op: "create the cgroup",
                 path: dir.clone(),
                 source,
             })?;
             quota.groups.push(Group {
-                origin: planned.origin,
+                origin,
                 dir,
-                tids: Vec::new(),
+                tids: Vec::with_capacity(tids.len()),
             });
             let Some(group) = quota.groups.last_mut() else {
                 continue;
             };
             write(&group.dir, "cpu.cfs_period_us", &PERIOD_US.to_string())?;
             write(&group.dir, "cpu.cfs_quota_us", "-1")?;
-            for tid in planned.tids {
+            for tid in tids {
                 write(&group.dir, "tasks", &tid.to_string())?;
                 group.tids.push(tid);
             }

@@ -882,16 +882,13 @@ impl Runner {
         Ok(())
     }
 
-    /// Asks the actuator for `pct` (0: off); returns what was asked.
-    fn apply_throttle(&mut self, pct: u8) -> u8 {
+    /// Asks the actuator for `pct` (at least its [`Actuator::off_pct`]).
+    fn apply_throttle(&mut self, pct: u8) {
         match self.plan.actuator {
             Actuator::Vmm => {
-                // QEMU cannot go below 1% once it throttled: "off" is 1%.
-                let want = pct.max(1);
-                if let Err(e) = self.vmm.set_cpu_throttle(want) {
+                if let Err(e) = self.vmm.set_cpu_throttle(pct) {
                     warn!(error = %e, "cannot set the vCPU throttle");
                 }
-                want
             }
             Actuator::Cgroup => {
                 if let Some(quota) = self.quota.as_mut() {
@@ -900,7 +897,6 @@ impl Runner {
                         Err(e) => warn!(error = %e, "cannot set the vCPU quota"),
                     }
                 }
-                pct
             }
         }
     }
@@ -967,10 +963,7 @@ impl Runner {
             .start_migration(&MigrationUri::Unix(socket))
             .map_err(vmm_err("starting the VMM's migration"))?;
         let memory_started = Instant::now();
-        let mut throttle_asked = match self.plan.actuator {
-            Actuator::Vmm => 1u8,
-            Actuator::Cgroup => 0,
-        };
+        let mut throttle_asked = self.plan.actuator.off_pct();
         let mut switchover_rate = SwitchoverRate::default();
         let mut disk = DiskMeter::default();
         loop {
@@ -1003,10 +996,7 @@ impl Runner {
                 link_bytes_per_s: self.meter.rate_all(),
             };
             let decided = self.stun.tick(Instant::now(), demand);
-            let want = match self.plan.actuator {
-                Actuator::Vmm => decided.throttle_pct.max(1),
-                Actuator::Cgroup => decided.throttle_pct,
-            };
+            let want = decided.throttle_pct.max(self.plan.actuator.off_pct());
             if want != throttle_asked {
                 info!(
                     percent = want,
@@ -1014,7 +1004,8 @@ impl Runner {
                     ?decided,
                     "vCPU throttle"
                 );
-                throttle_asked = self.apply_throttle(want);
+                self.apply_throttle(want);
+                throttle_asked = want;
             }
             self.side.set_disk_rate_cap(decided.disk_cap_bytes_per_s);
             if let Some(rate) = switchover_rate.update(self.meter.rate_all()) {

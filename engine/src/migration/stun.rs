@@ -116,6 +116,15 @@ impl Actuator {
         }
     }
 
+    /// The least throttle this actuator can be asked for once a migration started: QEMU
+    /// cannot go below 1% once it throttled, so its "off" is 1%; the quota's is 0.
+    pub fn off_pct(self) -> u8 {
+        match self {
+            Actuator::Vmm => 1,
+            Actuator::Cgroup => 0,
+        }
+    }
+
     /// How long a throttle stays before it may fall with this actuator.
     pub fn hold(self) -> Duration {
         match self {
