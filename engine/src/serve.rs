@@ -76,6 +76,16 @@ impl Server {
         if !args.disk.exists() {
             return Err(ServeError::MissingDisk(args.disk.clone()));
         }
+        // An engine killed mid-migration leaves its guest slowed by the vCPU quota in
+        // force (up to 95%); lift what dead engines left before anything else.
+        match strait_vmm::sweep_stale_quotas() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                cgroups = n,
+                "undid vCPU quotas that engines which no longer run left behind"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not look for vCPU quotas left behind"),
+        }
         let tls = match &args.tls_dir {
             Some(dir) => Some(Arc::new(TlsIdentity::load(dir).map_err(|source| {
                 ServeError::Tls {

@@ -22,5 +22,5 @@ pub use migration::{
     RamStats, RunState, VmmEvent, VmmEventKind,
 };
 pub use qemu::QemuVmm;
-pub use stun::{StunError, VcpuQuota};
+pub use stun::{sweep_stale_quotas, StunError, VcpuQuota};
 pub use vmm::{Vmm, VmmError, VmmFeatures, STATUS_POLL_INTERVAL};

@@ -97,8 +97,21 @@ struct Group {
     tids: Vec<i32>,
 }
 
-/// The prefix of the cgroups this module makes, followed by the owner's process id.
+/// The prefix of the cgroups this module makes. The name goes on with the owner's process
+/// id, the owner's start time (clock ticks since boot, field 22 of `/proc/PID/stat`) and a
+/// counter: `strait-stun-PID-START-N`. The start time tells the owner from a later process
+/// that reused its id. Names of the older form `strait-stun-PID-N` are still recognised.
 const GROUP_PREFIX: &str = "strait-stun-";
+
+/// How deep [`sweep_stale_quotas`] walks the hierarchy looking for cgroups left behind. Managers
+/// nest a few levels (systemd's `machine.slice/machine-qemu….scope/vcpu0` under libvirt is
+/// four); 16 covers any layout seen in practice and bounds the walk of a hostile or
+/// looping tree.
+const SWEEP_DEPTH_MAX: usize = 16;
+
+/// How many cgroups [`sweep_stale_quotas`] looks at before it gives up: a host with thousands of
+/// VMs has a few cgroups each; the bound keeps an engine's start from walking forever.
+const SWEEP_ENTRIES_MAX: usize = 100_000;
 
 impl VcpuQuota {
     /// Moves `threads` (thread ids, such as QEMU's `query-cpus-fast` reports) into new
@@ -141,9 +154,10 @@ impl VcpuQuota {
                 None => planned.push((origin, vec![tid])),
             }
         }
+        let own = std::process::id();
         let id = format!(
-            "{GROUP_PREFIX}{}-{}",
-            std::process::id(),
+            "{GROUP_PREFIX}{own}-{}-{}",
+            start_ticks(own).unwrap_or(0),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
         // From here on, drop undoes whatever was done: a group is listed once its cgroup
@@ -273,17 +287,85 @@ fn move_back(tid: i32, origin: &Path) -> Result<(), StunError> {
 }
 
 /// The process id in the name of a cgroup this module made, if that process no longer
-/// runs.
+/// runs: no process has that id, or the one that has it started at another time than the
+/// name says (the id was reused).
 fn stale_owner(dir: &Path) -> Option<u32> {
     let name = dir.file_name()?.to_str()?;
-    let pid: u32 = name
-        .strip_prefix(GROUP_PREFIX)?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()?;
-    let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+    let fields: Vec<&str> = name.strip_prefix(GROUP_PREFIX)?.split('-').collect();
+    let pid: u32 = fields.first()?.parse().ok()?;
+    // `PID-START-N`, or the older `PID-N` (no start time to compare).
+    let started: Option<u64> = match fields.len() {
+        3 => Some(fields[1].parse().ok()?),
+        2 => {
+            fields[1].parse::<u64>().ok()?;
+            None
+        }
+        _ => return None,
+    };
+    let alive = match started {
+        // 0: the owner could not read its own start time; the id alone decides.
+        Some(started) if started != 0 => start_ticks(pid) == Some(started),
+        _ => pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists(),
+    };
     (!alive).then_some(pid)
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/PID/stat`),
+/// or `None` if no such process runs.
+fn start_ticks(pid: u32) -> Option<u64> {
+    parse_start_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) is in parentheses and
+/// may hold spaces and parentheses itself, so the count starts after the last `)`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts with field 3 (the state): field 22 is the 20th of it.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Undoes every cgroup of the v1 `cpu` hierarchy this process can see that a `VcpuQuota`
+/// owner which no longer runs left behind (an engine killed mid-migration leaves the guest
+/// slowed by the quota in force, up to 95%). Returns how many were undone; `Ok(0)` also
+/// when no hierarchy is mounted here (an engine in a mount namespace of its own, as
+/// `ip netns exec` makes: the next [`VcpuQuota::attach`] there sweeps what it meets).
+///
+/// `strait serve` calls it as it starts. Best effort per cgroup, like the sweep in
+/// `attach`: a cgroup that cannot be undone is logged and left.
+pub fn sweep_stale_quotas() -> Result<usize, StunError> {
+    let Some(root) = cpu_hierarchy(&read(Path::new(MOUNTINFO))?) else {
+        return Ok(0);
+    };
+    let mut swept = 0;
+    let mut seen = 0;
+    let mut stack = vec![(root, 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > SWEEP_ENTRIES_MAX {
+                tracing::warn!(
+                    limit = SWEEP_ENTRIES_MAX,
+                    "the cpu hierarchy is too large to sweep for stale vCPU quotas whole"
+                );
+                return Ok(swept);
+            }
+            // Cgroups are folders; symbolic links are not followed.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let child = entry.path();
+            if stale_owner(&child).is_some() {
+                sweep(&child);
+                swept += 1;
+            } else if depth + 1 < SWEEP_DEPTH_MAX {
+                stack.push((child, depth + 1));
+            }
+        }
+    }
+    Ok(swept)
 }
 
 /// Undoes a cgroup a crashed owner left: lifts its quota, moves its threads to the parent
@@ -459,9 +541,54 @@ mod tests {
             stale_owner(Path::new("/c/strait-stun-99999999-3")),
             Some(99_999_999)
         );
-        for other in ["/c/machine", "/c/strait-stun-", "/c/strait-stun-x-1", "/"] {
+        for other in [
+            "/c/machine",
+            "/c/strait-stun-",
+            "/c/strait-stun-x-1",
+            "/c/strait-stun-1-x-1",
+            "/c/strait-stun-1-2-3-4",
+            "/",
+        ] {
             assert_eq!(stale_owner(Path::new(other)), None, "{other}");
         }
+    }
+
+    #[test]
+    fn an_owner_whose_id_was_reused_is_gone() {
+        let own = std::process::id();
+        let started = start_ticks(own).expect("our own start time");
+        let ours = format!("/c/{GROUP_PREFIX}{own}-{started}-0");
+        assert_eq!(stale_owner(Path::new(&ours)), None);
+        // The same id, another start: a later process reused the id of a dead owner.
+        let reused = format!("/c/{GROUP_PREFIX}{own}-{}-0", started + 1);
+        assert_eq!(stale_owner(Path::new(&reused)), Some(own));
+        let init = start_ticks(1).expect("pid 1 runs");
+        let init_name = format!("/c/{GROUP_PREFIX}1-{init}-7");
+        assert_eq!(stale_owner(Path::new(&init_name)), None);
+        // An owner that could not read its start time (0): the id alone decides.
+        assert_eq!(stale_owner(Path::new("/c/strait-stun-1-0-7")), None);
+        assert_eq!(
+            stale_owner(Path::new("/c/strait-stun-99999999-0-7")),
+            Some(99_999_999)
+        );
+    }
+
+    #[test]
+    fn reads_the_start_time_after_the_command_name() {
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[19] = "123456".into();
+        let rest = fields.join(" ");
+        assert_eq!(
+            parse_start_ticks(&format!("42 (qemu) {rest}")),
+            Some(123_456)
+        );
+        // A name with spaces and parentheses of its own.
+        assert_eq!(
+            parse_start_ticks(&format!("42 (a) b (c)) {rest}")),
+            Some(123_456)
+        );
+        assert_eq!(parse_start_ticks("42 (short) S 1 2"), None);
+        assert_eq!(parse_start_ticks("garbage"), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! vCPU thread's CPU time from the next second on, a deeper one caps it further, and
 //! releasing or dropping the quota puts the thread back in its own cgroup, unslowed. A
 //! limit on the thread's own cgroup keeps applying under the quota, and a quota left by a
-//! process that died is undone by the next one.
+//! process that died is undone by the next one, or by the sweep an engine runs as it
+//! starts.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{memory_dirtier, require_qemu, test_dir, Qemu, Start};
-use strait_vmm::{StunError, VcpuQuota};
+use strait_vmm::{sweep_stale_quotas, StunError, VcpuQuota};
 
 /// How long each share of a core is measured.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -163,18 +164,31 @@ fn cpu_mount() -> Option<std::path::PathBuf> {
     })
 }
 
+/// Held by the tests that plant a dead owner's cgroup: the sweep of one would undo the
+/// other's before it measured it.
+static STALE_PLANTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A cgroup the test makes and removes (after moving its threads to the root).
 struct TestCgroup(std::path::PathBuf);
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         let root = self.0.parent().expect("a parent").to_path_buf();
-        for dir in [self.0.join("strait-stun-99999999-0"), self.0.clone()] {
+        // Every cgroup under it, children before their parents.
+        let mut dirs = vec![self.0.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
             let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap_or_default();
             for tid in tasks.lines() {
                 let _ = std::fs::write(root.join("tasks"), tid);
             }
-            let _ = std::fs::remove_dir(&dir);
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -192,6 +206,7 @@ fn vcpu_quota_keeps_its_origins_limit_and_undoes_a_dead_owners_quota() {
         eprintln!("\n**********\n*** SKIPPED: no cgroup v1 cpu hierarchy here\n**********\n");
         return;
     };
+    let _planted = STALE_PLANTED.lock().unwrap_or_else(|e| e.into_inner());
     let dir = test_dir("stun-nest");
     let kernel = memory_dirtier(dir.path());
     let kernel = kernel.to_str().expect("UTF-8 path");
@@ -267,4 +282,57 @@ fn vcpu_quota_refuses_a_thread_that_does_not_exist() {
         }
         other => panic!("attach to a missing thread: {other:?}"),
     }
+}
+
+#[test]
+fn an_engine_start_sweeps_the_quota_a_dead_engine_left() {
+    let Some(mount) = cpu_mount() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI has a v1 cpu hierarchy"
+        );
+        eprintln!("\n**********\n*** SKIPPED: no cgroup v1 cpu hierarchy here\n**********\n");
+        return;
+    };
+    let _planted = STALE_PLANTED.lock().unwrap_or_else(|e| e.into_inner());
+    // A "guest" (a sleeping process) in its manager's cgroup, nested two levels down, and
+    // moved by an engine that died into a child at 95%. The name carries a start time no
+    // process has with that id: the owner is gone even if the id were reused.
+    let manager = TestCgroup(mount.join(format!("strait-test-sweep-{}", std::process::id())));
+    let vm = manager.0.join("vm");
+    std::fs::create_dir_all(&vm).expect("manager cgroups");
+    let stale = vm.join("strait-stun-99999999-12345-0");
+    std::fs::create_dir(&stale).expect("stale cgroup");
+    std::fs::write(stale.join("cpu.cfs_period_us"), "20000").expect("period");
+    std::fs::write(stale.join("cpu.cfs_quota_us"), "1000").expect("quota");
+    // A live owner's cgroup (ours, as `attach` names it) beside it stays.
+    let live = vm.join(format!("strait-stun-{}-0-0", std::process::id()));
+    std::fs::create_dir(&live).expect("live cgroup");
+    let mut guest = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("sleep");
+    let pid = i32::try_from(guest.id()).expect("pid");
+    std::fs::write(stale.join("tasks"), pid.to_string()).expect("move the guest");
+    let vm_name = format!(
+        "/{}/vm",
+        manager.0.file_name().expect("name").to_string_lossy()
+    );
+    assert_eq!(
+        cpu_cgroup(pid),
+        format!("{vm_name}/strait-stun-99999999-12345-0")
+    );
+
+    let swept = sweep_stale_quotas().expect("sweep");
+
+    let home = cpu_cgroup(pid);
+    let _ = guest.kill();
+    let _ = guest.wait();
+    assert!(swept >= 1, "nothing swept");
+    assert!(!stale.exists(), "the dead engine's cgroup is still there");
+    assert_eq!(
+        home, vm_name,
+        "the guest did not go back to its manager's cgroup"
+    );
+    assert!(live.exists(), "a live owner's cgroup was swept");
 }
