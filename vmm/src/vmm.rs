@@ -172,6 +172,9 @@ pub trait Vmm: Send + Sync {
 
     /// A number that changes when the VMM reports something; pair with
     /// [`wait_for_activity`](Vmm::wait_for_activity). The default never changes.
+    ///
+    /// Read it *before* the query whose answer decides to wait: an event that arrives
+    /// between that answer and a marker read after it would not end the wait.
     fn activity_marker(&self) -> Result<u64, VmmError> {
         Ok(0)
     }

@@ -977,6 +977,10 @@ impl Runner {
                 link.set_latency_bound(true);
                 link.stats().srtt_ns
             });
+            // Read before the query: an event that lands after the query (QEMU reaching
+            // `pre-switchover` while this tick runs) must end the wait below at once, or
+            // the stopped VM waits for the rest of a tick before `migrate-continue`.
+            let marker = self.vmm.activity_marker().unwrap_or(0);
             let info = self
                 .vmm
                 .migration_info()
@@ -1069,7 +1073,6 @@ impl Runner {
                 };
                 return Err(Stop::Rollback(format!("the memory stream failed: {why}")));
             }
-            let marker = self.vmm.activity_marker().unwrap_or(0);
             let _ = self.vmm.wait_for_activity(marker, TICK);
         }
     }
