@@ -30,7 +30,7 @@ use crate::{error_chain, StreamClass};
 
 mod sockopt;
 mod wire_bound;
-use sockopt::{size_send_buffer, wire_info};
+use sockopt::{congestion_control, set_congestion_control, size_send_buffer, wire_info};
 use wire_bound::WireBound;
 
 /// Bytes read from a socket at once: a few TLS records, and an eighth of a 1 MiB frame.
@@ -455,10 +455,14 @@ impl Link {
     /// stream: bytes queued in the sockets and the bottleneck go ahead of them. The
     /// price is a little throughput on a long fat path (measured at 1 Gbit/s and 214 ms:
     /// goodput 0.86-0.87 of the rate, against 0.90-0.94 without), so bulk work leaves it
-    /// off.
+    /// off. While it is on, the connections also run CUBIC instead of the host's
+    /// congestion control (`BOUNDED_CONGESTION`: BBR's PROBE_RTT stops them all at
+    /// once for half a second every 10 s under the bound), and get their own back after.
     pub fn set_latency_bound(&self, on: bool) {
         if self.shared.latency_bound.swap(on, Ordering::Relaxed) != on {
             info!(on, "latency bound on the link's connections");
+            // The writers switch their congestion control at their next look.
+            self.shared.cond.notify_all();
         }
     }
 
@@ -862,9 +866,75 @@ fn reader_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
     shared.cond.notify_all();
 }
 
+/// The congestion control a connection uses while the latency bound is on
+/// ([`Link::set_latency_bound`]).
+///
+/// BBR (the default on many hosts, and on these machines) enters PROBE_RTT when its
+/// lowest RTT has not been seen again for 10 s: the window falls to four packets until
+/// the flight drained and 200 ms more, about 0.55 s at 214 ms. Under the latency bound
+/// every connection keeps a small standing queue, so the lowest RTT is never seen again,
+/// and the connections, which took their lowest RTT at the same empty moment, all enter
+/// it together: the link stops for half a second every 10 s, with the bytes in the
+/// sockets stuck behind it. Measured with `ss -ti` during a migration at 214 ms (all four
+/// connections at `cwnd:4` from 98 to about 600 ms after the stop, 275-320 KB unsent in
+/// each), that was the switchover's slow mode (0.9-1.05 s against 0.37-0.55 s).
+/// CUBIC has no such probe; the bound keeps its queue to a quarter of the path's RTT,
+/// which a bottleneck of one bandwidth-delay product absorbs without loss.
+const BOUNDED_CONGESTION: &str = "cubic";
+
+/// What a writer did to its connection's congestion control.
+enum Congestion {
+    /// The host's choice, untouched.
+    Native,
+    /// Switched to [`BOUNDED_CONGESTION`] from the named one.
+    Bounded(String),
+    /// The switch failed (the kernel lacks it, a policy forbids it); not tried again
+    /// until the bound is off.
+    Refused,
+}
+
+impl Congestion {
+    /// Follows the latency bound: [`BOUNDED_CONGESTION`] while it is on, the connection's
+    /// own afterwards. Best effort: a failure keeps the host's choice, which only costs
+    /// the stalls described above.
+    fn follow(&mut self, sock: &TcpStream, conn: ConnId, bounded: bool) {
+        match (bounded, &*self) {
+            (true, Congestion::Native) => {
+                let own = congestion_control(sock).unwrap_or_default();
+                *self = if own == BOUNDED_CONGESTION {
+                    Congestion::Bounded(own)
+                } else {
+                    match set_congestion_control(sock, BOUNDED_CONGESTION) {
+                        Ok(()) => {
+                            debug!(conn = conn.0, from = %own, to = BOUNDED_CONGESTION, "congestion control");
+                            Congestion::Bounded(own)
+                        }
+                        Err(error) => {
+                            warn!(conn = conn.0, %error, to = BOUNDED_CONGESTION,
+                                "cannot switch the congestion control under the latency bound");
+                            Congestion::Refused
+                        }
+                    }
+                };
+            }
+            (false, Congestion::Bounded(own)) => {
+                if !own.is_empty() && own != BOUNDED_CONGESTION {
+                    if let Err(error) = set_congestion_control(sock, own) {
+                        debug!(conn = conn.0, %error, to = %own, "cannot restore the congestion control");
+                    }
+                }
+                *self = Congestion::Native;
+            }
+            (false, Congestion::Refused) => *self = Congestion::Native,
+            _ => {}
+        }
+    }
+}
+
 fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transport: &Transport) {
     let mut end_stream = false;
     let mut bound = WireBound::new();
+    let mut congestion = Congestion::Native;
     loop {
         let mut g = shared.lock();
         let bytes = loop {
@@ -878,9 +948,11 @@ fn writer_thread(shared: &Arc<Shared>, conn: ConnId, mut sock: TcpStream, transp
             // Without TCP_INFO the bound is not enforced; the in-flight bound still is.
             // The bound follows the connection's measures either way, so it is ready
             // when asked for.
+            let bounded = shared.latency_bound.load(Ordering::Relaxed);
+            congestion.follow(&sock, conn, bounded);
             let wire_full = wire_info(&sock).is_some_and(|info| {
                 let measured = bound.update(shared.now_ns(), &info);
-                let limit = if shared.latency_bound.load(Ordering::Relaxed) {
+                let limit = if bounded {
                     measured
                 } else {
                     CONN_WIRE_BYTES_MAX
@@ -970,4 +1042,28 @@ fn write_all(sock: &mut TcpStream, transport: &Transport, bytes: &[u8]) -> io::R
         records
     };
     sock.write_all(&records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sockopt::tests::connected;
+    use super::*;
+
+    #[test]
+    fn a_writer_uses_cubic_under_the_latency_bound_and_gives_the_connection_back() {
+        let (sock, _peer) = connected();
+        // Start from another algorithm than the bound's, whatever the host's default.
+        set_congestion_control(&sock, "reno").expect("reno");
+        let mut congestion = Congestion::Native;
+        congestion.follow(&sock, ConnId(0), false);
+        assert_eq!(congestion_control(&sock).expect("read"), "reno");
+        congestion.follow(&sock, ConnId(0), true);
+        assert_eq!(congestion_control(&sock).expect("read"), BOUNDED_CONGESTION);
+        // Looking again changes nothing.
+        congestion.follow(&sock, ConnId(0), true);
+        assert!(matches!(&congestion, Congestion::Bounded(own) if own == "reno"));
+        congestion.follow(&sock, ConnId(0), false);
+        assert_eq!(congestion_control(&sock).expect("read"), "reno");
+        assert!(matches!(congestion, Congestion::Native));
+    }
 }

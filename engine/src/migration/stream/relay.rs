@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strait_net::session::tcp::{Link, LinkError};
 use strait_net::StreamClass;
@@ -30,6 +30,10 @@ use super::{
 };
 
 /// The `Memory` class's index in the link's per-class statistics.
+/// A wait for the link this long is logged (debug): the link's pace normally lets the
+/// VMM's bytes through within a few milliseconds.
+const LONG_WAIT: Duration = Duration::from_millis(100);
+
 fn memory_index() -> usize {
     StreamClass::ALL
         .iter()
@@ -273,7 +277,19 @@ impl<'a> Relay<'a> {
             }
             thread::sleep(PACE_POLL);
         }
-        MonitorInner::add_ns(&self.monitor.held_back_ns, started.elapsed());
+        let waited = started.elapsed();
+        if waited >= LONG_WAIT {
+            let stats = self.link.stats();
+            let class = &stats.send[index];
+            tracing::debug!(
+                waited_ms = waited.as_millis() as u64,
+                sent = class.sent_bytes,
+                acked = class.acked_bytes,
+                backlog = class.backlog_bytes,
+                "the link took no memory bytes for a while"
+            );
+        }
+        MonitorInner::add_ns(&self.monitor.held_back_ns, waited);
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! The TCP socket options the link sets and reads: the send buffer, `TCP_NOTSENT_LOWAT`,
-//! and what `TCP_INFO` says is on the network.
+//! the congestion control, and what `TCP_INFO` says is on the network.
 
 use std::io;
 use std::net::TcpStream;
@@ -81,6 +81,59 @@ pub(super) fn wire_info(sock: &TcpStream) -> Option<WireInfo> {
     })
 }
 
+/// The longest congestion-control name the kernel knows (`TCP_CA_NAME_MAX`).
+const CA_NAME_MAX: usize = 16;
+
+/// The congestion control of the connection (`TCP_CONGESTION`), such as "bbr".
+pub(super) fn congestion_control(sock: &TcpStream) -> io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let mut name = [0u8; CA_NAME_MAX];
+    let mut len = CA_NAME_MAX as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by `sock`; `name` is writable for `len` bytes,
+    // and the kernel writes at most `len` bytes and updates it.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = (len as usize).min(CA_NAME_MAX);
+    let name = &name[..len];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(len);
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// Switches the connection's congestion control (`TCP_CONGESTION`); the kernel allows it
+/// on an established connection, keeping its window.
+pub(super) fn set_congestion_control(sock: &TcpStream, name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if name.is_empty() || name.len() >= CA_NAME_MAX {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: the fd is a live socket owned by `sock`; the value points at `name.len()`
+    // readable bytes, the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets an integer socket option; values above `c_int::MAX` are clamped to it.
 fn set_int_option(
     sock: &TcpStream,
@@ -105,5 +158,41 @@ fn set_int_option(
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A connected loopback socket (its peer kept alive beside it).
+    pub(crate) fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sock = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (peer, _) = listener.accept().expect("accept");
+        (sock, peer)
+    }
+
+    #[test]
+    fn reads_and_switches_the_congestion_control() {
+        let (sock, _peer) = connected();
+        let own = congestion_control(&sock).expect("TCP_CONGESTION");
+        assert!(!own.is_empty() && own.is_ascii(), "{own:?}");
+        // reno is always built in; cubic is every distribution's default.
+        for name in ["reno", "cubic", own.as_str()] {
+            set_congestion_control(&sock, name).expect(name);
+            assert_eq!(congestion_control(&sock).expect("read back"), name);
+        }
+    }
+
+    #[test]
+    fn refuses_a_congestion_control_that_does_not_exist() {
+        let (sock, _peer) = connected();
+        let own = congestion_control(&sock).expect("TCP_CONGESTION");
+        assert!(set_congestion_control(&sock, "no-such-cc").is_err());
+        assert!(set_congestion_control(&sock, "").is_err());
+        assert!(set_congestion_control(&sock, "a-name-far-too-long-for-it").is_err());
+        assert_eq!(congestion_control(&sock).expect("unchanged"), own);
     }
 }
