@@ -143,7 +143,15 @@ fn qemu_strait_demo_migrates_the_guest_across_wanem_and_reports_it() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("strait demo took {elapsed:?}; stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(output.status.success(), "exit status {}", output.status);
+    if !output.status.success() {
+        // The engines' and QEMUs' logs are in it: a failure here is kept to be read.
+        let kept = dir.keep();
+        panic!(
+            "exit status {}; the work folder is kept: {}",
+            output.status,
+            kept.display()
+        );
+    }
 
     // A progress line per second while it migrates, with the guest's heartbeats.
     let progress = stdout
